@@ -1,0 +1,172 @@
+"""ClientApp: a FedGAN agent trains G and D on its own partition each round."""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from logging import INFO, WARNING
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common.logger import log
+
+from fedgan_app.config import RunConfig
+from fedgan_app.data import ImageData, batch_iterator, load_partition, partition_spec
+from fedgan_app.metadata import TrainMetadata, encode_metadata, has_converged
+from fedgan_app.models import (
+    Discriminator,
+    GANConfig,
+    Generator,
+    pick_device,
+    unpack_gan,
+    pack_gan,
+)
+from fedgan_app.training import (
+    derive_seed,
+    discriminator_accuracy,
+    make_optimizers,
+    set_lr,
+    set_torch_threads,
+    train_gan,
+)
+
+app = ClientApp()
+
+OPT_KEYS = {"g": "adam-generator", "d": "adam-discriminator"}
+EVAL_MAX_IMAGES = 512
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train the received G and D for K local steps and reply with both."""
+    # Settings: the run's config, and this round's values from the server.
+    cfg = RunConfig.from_run_config(context.run_config)
+    round_cfg = msg.content["config"]
+    server_round = int(round_cfg["server-round"])
+    partition_id, data = _load_local_data(cfg, context)
+    device = pick_device(cfg.device)
+    set_torch_threads()
+
+    # Models from the global arrays; Adam state from this node's own state.
+    generator, discriminator = _build_models(cfg, data, msg.content["arrays"], device)
+    opt_g, opt_d = make_optimizers(
+        generator, discriminator, float(round_cfg["lr-generator"]),
+        float(round_cfg["lr-discriminator"]), (cfg.adam_beta1, cfg.adam_beta2),
+    )
+    _restore_optimizer(context, OPT_KEYS["g"], opt_g)
+    _restore_optimizer(context, OPT_KEYS["d"], opt_d)
+    # The server's schedule decides this round's learning rates.
+    set_lr(opt_g, float(round_cfg["lr-generator"]))
+    set_lr(opt_d, float(round_cfg["lr-discriminator"]))
+
+    # K local steps with RNG derived from (seed, round, partition id).
+    rng = torch.Generator().manual_seed(
+        derive_seed(int(round_cfg["seed"]), server_round, partition_id)
+    )
+    batches = batch_iterator(data, int(round_cfg["batch-size"]), rng)
+    stats = train_gan(generator, discriminator, opt_g, opt_d, batches,
+                      int(round_cfg["local-steps"]), cfg.latent_dim, device, rng)
+    _save_optimizer(context, OPT_KEYS["g"], opt_g)
+    _save_optimizer(context, OPT_KEYS["d"], opt_d)
+
+    # Reply: both nets, scalar metrics, and the pickled metadata.
+    meta = TrainMetadata(
+        partition_id=partition_id, server_round=server_round, num_examples=len(data),
+        label_histogram=data.label_histogram(), loss_d=stats.loss_d,
+        loss_g=stats.loss_g, d_x=stats.d_x, d_gz=stats.d_gz,
+        wall_time_s=float(stats.wall_time_s), steps=stats.steps,
+        converged=has_converged(stats.loss_g) and has_converged(stats.loss_d),
+        device=str(device),
+    )
+    metrics = MetricRecord({
+        "num-examples": len(data),
+        "loss-d": _mean(stats.loss_d), "loss-g": _mean(stats.loss_g),
+        "d-x": _mean(stats.d_x), "d-gz": _mean(stats.d_gz),
+        "wall-time-s": float(stats.wall_time_s),
+        "images-per-s": stats.images_seen / max(stats.wall_time_s, 1e-9),
+    })
+    log(INFO, "client %d round %d: %d steps in %.1fs, loss D %.3f G %.3f",
+        partition_id, server_round, stats.steps, stats.wall_time_s,
+        metrics["loss-d"], metrics["loss-g"])
+    content = RecordDict({"arrays": pack_gan(generator, discriminator),
+                          "metrics": metrics, "metadata": encode_metadata(meta)})
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Report how well the global D tells local real images from G's fakes."""
+    cfg = RunConfig.from_run_config(context.run_config)
+    server_round = int(msg.content["config"]["server-round"])
+    partition_id, data = _load_local_data(cfg, context)
+    device = pick_device(cfg.device)
+    set_torch_threads()
+    generator, discriminator = _build_models(cfg, data, msg.content["arrays"], device)
+    real = data.images[:EVAL_MAX_IMAGES]
+    rng = torch.Generator().manual_seed(
+        derive_seed(cfg.seed, server_round, partition_id, 1)
+    )
+    accuracy = discriminator_accuracy(generator, discriminator, real,
+                                      cfg.latent_dim, device, rng)
+    metrics = MetricRecord({"num-examples": int(real.size(0)), "d-accuracy": accuracy})
+    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+def _load_local_data(cfg: RunConfig, context: Context) -> tuple[int, ImageData]:
+    """Return this node's partition id and its (cached) partition."""
+    try:
+        partition_id = int(context.node_config["partition-id"])
+        num_partitions = int(context.node_config["num-partitions"])
+    except KeyError as exc:
+        raise ValueError(
+            "node_config needs 'partition-id' and 'num-partitions' (simulation sets "
+            "them; a SuperNode takes --node-config \"partition-id=0 num-partitions=2\")"
+        ) from exc
+    return partition_id, load_partition(partition_spec(cfg, num_partitions), partition_id)
+
+
+def _build_models(
+    cfg: RunConfig, data: ImageData, arrays: ArrayRecord, device: torch.device
+) -> tuple[Generator, Discriminator]:
+    """Build G and D for the data's image shape and load the global arrays."""
+    channels, size, _ = data.image_shape
+    gan_cfg = GANConfig(channels=channels, image_size=size, latent_dim=cfg.latent_dim)
+    generator, discriminator = Generator(gan_cfg), Discriminator(gan_cfg)
+    unpack_gan(arrays, generator, discriminator)
+    return generator.to(device), discriminator.to(device)
+
+
+def _save_optimizer(context: Context, key: str, optimizer: torch.optim.Optimizer) -> None:
+    """Keep an optimizer's state in context.state: tensors + param groups (JSON)."""
+    state = optimizer.state_dict()
+    tensors: OrderedDict[str, torch.Tensor] = OrderedDict()
+    for index, slots in state["state"].items():
+        for name, value in slots.items():
+            tensors[f"{index}.{name}"] = torch.as_tensor(value).detach().cpu()
+    context.state[key] = ArrayRecord(tensors)
+    groups = json.dumps(state["param_groups"])
+    context.state[key + "-groups"] = ConfigRecord({"json": groups})
+
+
+def _restore_optimizer(
+    context: Context, key: str, optimizer: torch.optim.Optimizer
+) -> None:
+    """Load an optimizer's state saved by `_save_optimizer`, if there is one."""
+    if key not in context.state.array_records:
+        return
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, tensor in context.state.array_records[key].to_torch_state_dict().items():
+        index, slot = name.split(".", 1)
+        state.setdefault(int(index), {})[slot] = tensor
+    groups = json.loads(context.state.config_records[key + "-groups"]["json"])
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
+    except (ValueError, KeyError, RuntimeError) as exc:
+        # A model shape change between rounds makes old moments meaningless.
+        log(WARNING, "ignoring saved optimizer state '%s': %s", key, exc)
+
+
+def _mean(values: list[float]) -> float:
+    """Mean of a non-empty list (0.0 for an empty one)."""
+    return float(sum(values) / len(values)) if values else 0.0

