@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -160,7 +161,7 @@ class _QualityJudge:
         self.cfg = cfg
         self.server_data = server_data
         self.spec = spec
-        self.cache_dir = Path(cfg.output_dir).expanduser().resolve() / ".evaluator-cache"
+        self.cache_dir = evaluator_cache_dir()
         self.tracker = tracker
         self._evaluator: Evaluator | None = None
 
@@ -203,6 +204,12 @@ class _QualityJudge:
             fakes.append(sample_images(generator, z, device))
         real = self.server_data.images[: self.cfg.eval_samples]
         return compute_quality(evaluator, real, torch.cat(fakes))
+
+
+def evaluator_cache_dir() -> Path:
+    """Where evaluator classifiers are cached: $FEDGAN_CACHE_DIR or ~/.cache/fedgan."""
+    root = os.environ.get("FEDGAN_CACHE_DIR") or Path.home() / ".cache" / "fedgan"
+    return Path(root).expanduser() / "evaluator"
 
 
 def _subset(images: torch.Tensor, n: int, seed: int) -> torch.Tensor:

@@ -123,6 +123,7 @@ class FedGAN(FedAvg):
             "replies-accepted": len(accepted),
             "replies-dropped": sum(drops.values()),
             "replies-failed": len(failed),
+            "num-examples-total": sum(m.num_examples for m in metas),
             **{f"dropped-{kind}": n for kind, n in drops.items()},
         }
         self.round_metadata[server_round] = metas

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,10 @@ from flwr.supercore.task_identity import TaskIdentity
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("WANDB_SILENT", "true")
+# One evaluator cache for the whole suite (training it takes tens of seconds).
+os.environ.setdefault(
+    "FEDGAN_CACHE_DIR", str(Path(__file__).resolve().parent.parent / ".cache" / "test")
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -56,6 +61,19 @@ class InProcessGrid(Grid):
             for i, node_id in enumerate(range(101, 101 + num_nodes))
         }
         self.calls: list[tuple[int, str]] = []
+
+    def set_run(self, run_id: int) -> None:
+        """Not used in process."""
+
+    @property
+    def run(self) -> Any:
+        """Not used in process."""
+        raise NotImplementedError
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
+                       group_id: str, ttl: float | None = None) -> Message:
+        """Build a message to a node (the strategies build Messages directly)."""
+        return Message(content=content, dst_node_id=dst_node_id, message_type=message_type)
 
     def get_node_ids(self) -> Iterable[int]:
         """Node ids of the in-process clients."""

@@ -91,15 +91,11 @@ def test_partitions_are_disjoint_and_cover_the_pool(partitioner: str) -> None:
     assert union.isdisjoint(_example_keys(server))
     assert len(server) == 1_000
     assert server.label_histogram() == [100] * 10  # stratified hold-out
-    if partitioner == "pathological":
-        # flwr-datasets may leave classes unassigned; those are wholly absent.
-        assert all(count in (0, 400) for count in pool.label_histogram())
-    else:
-        assert len(pool) + len(server) == TOTAL_MNIST
+    assert len(pool) + len(server) == TOTAL_MNIST
 
 
-def test_pathological_partitions_hold_exactly_two_classes() -> None:
-    """Each pathological client sees exactly classes_per_client digits."""
+def test_pathological_is_the_fedgan_paper_split() -> None:
+    """5 clients x 2 classes: disjoint class sets that together cover all 10."""
     # Prepare
     spec = PartitionSpec(partitioner="pathological", num_partitions=5, classes_per_client=2)
 
@@ -111,6 +107,18 @@ def test_pathological_partitions_hold_exactly_two_classes() -> None:
 
     # Assert
     assert [len(c) for c in classes] == [2] * 5
+    assert set().union(*classes) == set(range(10))
+    assert sum(len(c) for c in classes) == 10  # pairwise disjoint
+
+
+def test_pathological_with_more_clients_than_class_pairs_spreads_classes() -> None:
+    """7 clients x 2 classes: every class is used, none by more than 2 clients."""
+    spec = PartitionSpec(partitioner="pathological", num_partitions=7, classes_per_client=2)
+    owners = [0] * 10
+    for pid in range(7):
+        for c, n in enumerate(load_partition(spec, pid).label_histogram()):
+            owners[c] += n > 0
+    assert min(owners) >= 1 and max(owners) <= 2
 
 
 def test_dirichlet_is_skewed_and_iid_is_not() -> None:

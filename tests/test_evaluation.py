@@ -373,7 +373,7 @@ def test_cache_second_call_loads(
 def test_cache_different_key_retrains(mnist: dict[str, torch.Tensor], tmp_path: Path) -> None:
     """A changed key (dataset changed) trains a new evaluator into its own file."""
     # Prepare
-    images, labels = mnist["heldout_images"][:150], mnist["heldout_labels"][:150]
+    images, labels = mnist["heldout_images"][:60], mnist["heldout_labels"][:60]
     load_or_train_evaluator(tmp_path, "dataset-a|seed=0", images, labels, NUM_CLASSES, SEED)
 
     # Execute
@@ -396,7 +396,7 @@ def test_cache_corrupt_file_retrains_with_warning(
 ) -> None:
     """A corrupt cache file is ignored with a warning, retrained and rewritten; no crash."""
     # Prepare
-    images, labels = mnist["heldout_images"][:150], mnist["heldout_labels"][:150]
+    images, labels = mnist["heldout_images"][:60], mnist["heldout_labels"][:60]
     key = "corrupt|seed=0"
     cache_path(tmp_path, key).write_bytes(content)
 
@@ -421,7 +421,7 @@ def test_cache_foreign_file_under_our_name_retrains(
 ) -> None:
     """A valid cache file written for another key (renamed onto ours) is not trusted."""
     # Prepare
-    images, labels = mnist["heldout_images"][:150], mnist["heldout_labels"][:150]
+    images, labels = mnist["heldout_images"][:60], mnist["heldout_labels"][:60]
     load_or_train_evaluator(tmp_path, "other", images, labels, NUM_CLASSES, SEED)
     cache_path(tmp_path, "other").replace(cache_path(tmp_path, "mine"))
 

@@ -1,0 +1,84 @@
+"""Two clients, a few rounds, in process: the real ServerApp main and ClientApp."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import torch
+from flwr.app import Context, RecordDict
+
+from fedgan_app import client_app as client_module
+from fedgan_app.checkpoint import load_checkpoint
+from fedgan_app.client_app import OPT_KEYS
+from fedgan_app.server_app import main
+from tests.conftest import InProcessGrid
+
+
+def _server_context(run_config: dict) -> Context:
+    return Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                   run_config=dict(run_config))
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_two_clients_two_rounds_keep_adam_state(tiny_run_config: dict) -> None:
+    # Prepare: record each node's Adam step count as round 2 starts
+    grid = InProcessGrid(client_module.app, num_nodes=2, run_config=tiny_run_config)
+    steps_seen: dict[int, list[float]] = {}
+    original_restore = client_module._restore_optimizer
+
+    def spying_restore(context, key, optimizer):
+        original_restore(context, key, optimizer)
+        if key == OPT_KEYS["g"]:
+            steps = [float(s["step"]) for s in optimizer.state.values()]
+            steps_seen.setdefault(context.node_id, []).append(max(steps, default=0.0))
+
+    client_module._restore_optimizer = spying_restore
+    try:
+        # Execute
+        main(grid, _server_context(tiny_run_config))
+    finally:
+        client_module._restore_optimizer = original_restore
+
+    # Assert: round 1 starts with fresh Adam, round 2 continues its 3 steps
+    local_steps = tiny_run_config["local-steps"]
+    assert steps_seen == {101: [0.0, float(local_steps)], 102: [0.0, float(local_steps)]}
+    for context in grid.contexts.values():
+        moments = context.state.array_records[OPT_KEYS["d"]].to_torch_state_dict()
+        assert any(k.endswith("exp_avg_sq") for k in moments)
+        assert all(torch.isfinite(v).all() for v in moments.values())
+
+    run_dir = Path(tiny_run_config["output-dir"]) / "test-run"
+    rows = _read_csv(run_dir / "metrics.csv")
+    assert [r["round"] for r in rows] == ["1", "2"]
+    assert rows[1]["replies-accepted"] == "2.0" or float(rows[1]["replies-accepted"]) == 2
+    assert float(rows[1]["fid"]) > 0  # eval-every 2: quality on the last round
+    clients = _read_csv(run_dir / "clients.csv")
+    assert sorted((r["round"], r["partition-id"]) for r in clients) == [
+        ("1", "0"), ("1", "1"), ("2", "0"), ("2", "1")]
+    ckpt = load_checkpoint(run_dir / "checkpoints" / "latest.pt")
+    assert ckpt.server_round == 2
+    assert (run_dir / "checkpoints" / "best.pt").is_file()
+    assert (run_dir / "samples" / "round_0002.png").is_file()
+    assert (run_dir / "progress.gif").is_file()
+
+
+def test_a_client_failing_in_round_one_does_not_stop_the_run(tiny_run_config: dict) -> None:
+    # Prepare: node 102 raises in round 1 only
+    def fail(node_id, msg):
+        return node_id == 102 and msg.content["config"]["server-round"] == 1
+
+    grid = InProcessGrid(client_module.app, num_nodes=2, run_config=tiny_run_config,
+                         fail=fail)
+
+    # Execute
+    main(grid, _server_context(tiny_run_config))
+
+    # Assert
+    rows = _read_csv(Path(tiny_run_config["output-dir"]) / "test-run" / "metrics.csv")
+    assert float(rows[0]["replies-failed"]) == 1 and float(rows[0]["replies-accepted"]) == 1
+    assert float(rows[1]["replies-failed"]) == 0 and float(rows[1]["replies-accepted"]) == 2
