@@ -6,18 +6,12 @@ import csv
 from pathlib import Path
 
 import torch
-from flwr.app import Context, RecordDict
 
 from fedgan_app import client_app as client_module
 from fedgan_app.checkpoint import load_checkpoint
 from fedgan_app.client_app import OPT_KEYS
 from fedgan_app.server_app import main
-from tests.conftest import InProcessGrid
-
-
-def _server_context(run_config: dict) -> Context:
-    return Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
-                   run_config=dict(run_config))
+from tests.harness import InProcessGrid, server_context
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:
@@ -40,7 +34,7 @@ def test_two_clients_two_rounds_keep_adam_state(tiny_run_config: dict) -> None:
     client_module._restore_optimizer = spying_restore
     try:
         # Execute
-        main(grid, _server_context(tiny_run_config))
+        main(grid, server_context(tiny_run_config))
     finally:
         client_module._restore_optimizer = original_restore
 
@@ -76,7 +70,7 @@ def test_a_client_failing_in_round_one_does_not_stop_the_run(tiny_run_config: di
                          fail=fail)
 
     # Execute
-    main(grid, _server_context(tiny_run_config))
+    main(grid, server_context(tiny_run_config))
 
     # Assert
     rows = _read_csv(Path(tiny_run_config["output-dir"]) / "test-run" / "metrics.csv")

@@ -1,0 +1,98 @@
+"""An in-process Grid that runs the real ClientApp: for tests and benchmarks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from flwr.app import Context, Message, RecordDict
+from flwr.app.error import Error
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+# Messages built outside a Flower run need a task identity (STACK.md).
+TaskIdentity.task_id = 1
+TaskIdentity.run_id = 1
+TaskIdentity.node_id = 0  # the server's node id in process
+
+
+def server_context(run_config: dict[str, Any]) -> Context:
+    """A ServerApp Context carrying a run config."""
+    return Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                   run_config=dict(run_config))
+
+
+class InProcessGrid(Grid):
+    """A Grid whose nodes run a ClientApp in this process, one after another.
+
+    Each node keeps its own Context (so `context.state` persists across
+    rounds as in a real run). `fail` lets a test make a node raise in given
+    rounds; the reply is then an error Message, as Flower sends one.
+    """
+
+    def __init__(
+        self,
+        client_app: Callable[[Message, Context], Message],
+        num_nodes: int,
+        run_config: dict[str, Any],
+        fail: Callable[[int, Message], bool] | None = None,
+        tamper: Callable[[int, Message], Message] | None = None,
+    ) -> None:
+        self.client_app = client_app
+        self.fail = fail
+        self.tamper = tamper
+        self.contexts = {
+            node_id: Context(
+                run_id=1,
+                node_id=node_id,
+                node_config={"partition-id": i, "num-partitions": num_nodes},
+                state=RecordDict(),
+                run_config=dict(run_config),
+            )
+            for i, node_id in enumerate(range(101, 101 + num_nodes))
+        }
+        self.calls: list[tuple[int, str]] = []
+
+    def set_run(self, run_id: int) -> None:
+        """Not used in process."""
+
+    @property
+    def run(self) -> Any:
+        """Not used in process."""
+        raise NotImplementedError
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
+                       group_id: str, ttl: float | None = None) -> Message:
+        """Build a message to a node (the strategies build Messages directly)."""
+        return Message(content=content, dst_node_id=dst_node_id, message_type=message_type)
+
+    def get_node_ids(self) -> Iterable[int]:
+        """Node ids of the in-process clients."""
+        return list(self.contexts)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Not used: send_and_receive calls the ClientApp directly."""
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """Not used: send_and_receive calls the ClientApp directly."""
+        raise NotImplementedError
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        """Run the ClientApp for each message and collect the replies."""
+        replies = []
+        for msg in messages:
+            node_id = msg.metadata.dst_node_id
+            self.calls.append((node_id, msg.metadata.message_type))
+            try:
+                if self.fail is not None and self.fail(node_id, msg):
+                    raise RuntimeError(f"injected failure on node {node_id}")
+                reply = self.client_app(msg, self.contexts[node_id])
+            except Exception as exc:  # Flower turns ClientApp errors into error replies
+                reply = Message(Error(code=1, reason=repr(exc)), reply_to=msg)
+            if self.tamper is not None and not reply.has_error():
+                reply = self.tamper(node_id, reply)
+            replies.append(reply)
+        return replies
