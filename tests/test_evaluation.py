@@ -316,14 +316,12 @@ def test_precision_recall_chunking_matches_unchunked(
 def test_compute_quality_keys_and_speed(
     evaluator: Evaluator, mnist: dict[str, torch.Tensor]
 ) -> None:
-    """1,000 real vs 1,000 images gives exactly the five metrics in a few seconds."""
+    """1,000 real vs 1,000 images gives exactly the five metrics."""
     # Prepare
     real, fake = mnist["heldout_images"], _real_train(mnist)
 
     # Execute
-    start = time.perf_counter()
     quality = compute_quality(evaluator, real, fake)
-    seconds = time.perf_counter() - start
 
     # Assert
     assert tuple(quality) == QUALITY_KEYS
@@ -336,7 +334,6 @@ def test_compute_quality_keys_and_speed(
         < quality["fid"]
         < fid(evaluator, real, (fake + 0.3 * torch.randn_like(fake)).clamp(-1, 1))
     )
-    assert seconds < 20.0  # ~1.5 s alone on 2 cores; slack for a busy machine
 
 
 def test_cache_second_call_loads(
@@ -349,7 +346,6 @@ def test_cache_second_call_loads(
     first, first_accuracy, _, _ = trained
 
     # Execute
-    start = time.perf_counter()
     loaded, accuracy, trained_now = load_or_train_evaluator(
         cache_dir,
         KEY,
@@ -358,11 +354,9 @@ def test_cache_second_call_loads(
         NUM_CLASSES,
         SEED,
     )
-    seconds = time.perf_counter() - start
 
-    # Assert
+    # Assert: loaded, not retrained (speed belongs in benchmarks, not tests)
     assert not trained_now
-    assert seconds < 2.0
     assert accuracy == first_accuracy
     assert not loaded.training
     for name, tensor in first.state_dict().items():

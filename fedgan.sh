@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# fedgan: set up the environment, run the default federation, or run the tests.
+#
+#   ./fedgan.sh run [flwr run options]   train (default: 5 clients), then stop the SuperLink
+#   ./fedgan.sh test [pytest options]    run the test suite
+#   ./fedgan.sh setup                    only create/update .venv
+#
+# `run` uses its own Flower home (.flwr/ in this folder) and ports, so the
+# local SuperLink it starts has Flower's runtime dependency installer turned
+# off (it would otherwise reinstall torch into a per-run environment), and it
+# stops that SuperLink when the run ends, even on Ctrl-C.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+cd "$ROOT"
+VENV="${FEDGAN_VENV:-$ROOT/.venv}"
+PYTHON="${PYTHON:-python3.11}"
+command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
+
+setup() {
+  # Reinstall only when pyproject.toml changed since the last install.
+  local stamp="$VENV/.fedgan-installed" want
+  want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+  if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then return; fi
+  echo "fedgan: installing into $VENV (first time: a few minutes)" >&2
+  [[ -x "$VENV/bin/python" ]] || "$PYTHON" -m venv "$VENV"
+  "$VENV/bin/python" -m pip install --quiet --upgrade pip
+  # torch first, exact pin: pip then takes the local CPU wheel (STACK.md).
+  "$VENV/bin/python" -m pip install --quiet "torch==2.13.0"
+  "$VENV/bin/python" -m pip install --quiet -e ".[dev]"
+  echo "$want" >"$stamp"
+}
+
+flwr_env() {
+  export FLWR_HOME="${FLWR_HOME:-$ROOT/.flwr}"
+  export FLWR_LOCAL_SUPERLINK_HTTP_API_PORT="${FLWR_LOCAL_SUPERLINK_HTTP_API_PORT:-39291}"
+  export FLWR_LOCAL_CONTROL_API_PORT="${FLWR_LOCAL_CONTROL_API_PORT:-39293}"
+  export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
+  export FLWR_DISABLE_UPDATE_CHECK=1 FLWR_TELEMETRY_ENABLED=0
+  export RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=0 WANDB_SILENT=true
+}
+
+superlink_pid() {
+  # The flower-superlink process listening on our control API port, if any.
+  pgrep -f "flower-superlink.*--control-api-address 127.0.0.1:${FLWR_LOCAL_CONTROL_API_PORT} " || true
+}
+
+stop_superlink() {
+  local pid
+  pid="$(superlink_pid)"
+  [[ -n "$pid" ]] || return 0
+  echo "fedgan: stopping local SuperLink (pid $pid)" >&2
+  kill -TERM $pid 2>/dev/null || true
+  for _ in $(seq 50); do kill -0 $pid 2>/dev/null || return 0; sleep 0.2; done
+  kill -KILL $pid 2>/dev/null || true
+}
+
+run() {
+  setup
+  flwr_env
+  # shellcheck disable=SC1091
+  source "$VENV/bin/activate"
+  local had_superlink
+  had_superlink="$(superlink_pid)"
+  [[ -n "$had_superlink" ]] || trap stop_superlink EXIT
+  local federation=(--federation-config "num-supernodes=${FEDGAN_CLIENTS:-5} client-resources-num-cpus=1")
+  local log
+  log="$(mktemp)"
+  flwr run . --stream "${federation[@]}" "$@" 2>&1 | tee "$log"
+  # `flwr run --stream` exits 0 even when the ServerApp failed: ask for the status.
+  local run_id status
+  run_id="$(grep -oE 'started run [0-9]+' "$log" | grep -oE '[0-9]+' | head -1 || true)"
+  rm -f "$log"
+  if [[ -n "$run_id" ]]; then
+    status="$(flwr ls --run-id "$run_id" --format json | "$VENV/bin/python" -c \
+      'import json,sys; print(json.load(sys.stdin)["runs"][0]["status"])')"
+    echo "fedgan: run $run_id $status" >&2
+    [[ "$status" == "finished:completed" ]]
+  else
+    echo "fedgan: the run did not start (see the messages above)" >&2
+    return 1
+  fi
+}
+
+case "${1:-}" in
+  setup) setup ;;
+  run) shift; run "$@" ;;
+  test) shift; setup; exec "$VENV/bin/python" -m pytest "$@" ;;
+  *) sed -n '2,11p' "$0"; exit 2 ;;
+esac
