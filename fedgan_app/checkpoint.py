@@ -11,7 +11,9 @@ from a foreign file.
 from __future__ import annotations
 
 import os
+import pickle
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,8 +82,18 @@ def load_checkpoint(path: Path | str) -> Checkpoint:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated zip, pickle of foreign classes, ...
+        with warnings.catch_warnings():
+            # torch warns about the pickle protocol of foreign files; the error says it.
+            warnings.simplefilter("ignore", UserWarning)
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # Not torch's own text: it suggests weights_only=False, i.e. running the file.
+        raise CheckpointError(
+            f"checkpoint {path} is damaged or not a fedgan checkpoint: it does not "
+            f"hold only tensors and plain values ({_unpickler_detail(exc)}); nothing "
+            "in it was run"
+        ) from exc
+    except Exception as exc:  # truncated zip, text, ...
         raise CheckpointError(
             f"checkpoint {path} cannot be read ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else ''}); is it truncated or "
@@ -100,22 +112,71 @@ def load_checkpoint(path: Path | str) -> Checkpoint:
     ):
         raise CheckpointError(f"checkpoint {path} has no valid model state")
     server_round = raw.get("server_round")
-    if not isinstance(server_round, int) or server_round < 0:
+    if not isinstance(server_round, int) or isinstance(server_round, bool) or server_round < 0:
         raise CheckpointError(f"checkpoint {path} has an invalid round {server_round!r}")
+    # weights_only loading allows any dict/list/str/number: check each field's type,
+    # so a crafted file fails here and not rounds later inside training.
+    fields = {
+        "config": (raw.get("config") or {}, dict),
+        "best_metric": (raw.get("best_metric"), (int, float, type(None))),
+        "best_round": (raw.get("best_round"), (int, type(None))),
+        "wandb_run_id": (raw.get("wandb_run_id"), (str, type(None))),
+        "extra": (raw.get("extra") or {}, dict),
+    }
+    for name, (value, kinds) in fields.items():
+        if not isinstance(value, kinds) or isinstance(value, bool):
+            raise CheckpointError(
+                f"checkpoint {path} has an invalid {name} ({type(value).__name__})"
+            )
+    best_metric = fields["best_metric"][0]
     return Checkpoint(
         state=state,
         server_round=server_round,
-        config=dict(raw.get("config") or {}),
-        best_metric=raw.get("best_metric"),
-        best_round=raw.get("best_round"),
-        wandb_run_id=raw.get("wandb_run_id"),
-        extra=dict(raw.get("extra") or {}),
+        config=dict(fields["config"][0]),
+        best_metric=None if best_metric is None else float(best_metric),
+        best_round=fields["best_round"][0],
+        wandb_run_id=fields["wandb_run_id"][0],
+        extra=dict(fields["extra"][0]),
     )
+
+
+def check_state_matches(
+    checkpoint: Checkpoint, path: Path, reference: dict[str, tuple[int, ...]]
+) -> None:
+    """Raise CheckpointError unless the checkpoint's arrays fit the models built now.
+
+    `reference` maps each packed key to its shape. Dtypes are not compared:
+    averaging turns integer buffers (BatchNorm counters) into float64, and
+    `load_state_dict` casts them back.
+    """
+    keys, expected = set(checkpoint.state), set(reference)
+    if keys != expected:
+        missing = sorted(expected - keys)[:3]
+        extra = sorted(keys - expected)[:3]
+        raise CheckpointError(
+            f"checkpoint {path} does not fit the models of this run (missing {missing}, "
+            f"unexpected {extra}); was it written with other model settings?"
+        )
+    for key, shape in reference.items():
+        if tuple(checkpoint.state[key].shape) != tuple(shape):
+            raise CheckpointError(
+                f"checkpoint {path} does not fit the models of this run: '{key}' is "
+                f"{tuple(checkpoint.state[key].shape)}, expected {tuple(shape)} (check "
+                "'latent-dim' and 'dataset' against the checkpointed run)"
+            )
+
+
+def _unpickler_detail(exc: Exception) -> str:
+    """The reason torch's weights-only unpickler gives, without its advice."""
+    text = str(exc)
+    _, _, detail = text.partition("WeightsUnpickler error:")
+    lines = [line.strip() for line in (detail or text).splitlines() if line.strip()]
+    return lines[0].split(". Please")[0][:200] if lines else type(exc).__name__
 
 
 def resolve_resume_path(resume_from: str) -> Path:
     """Map the 'resume-from' setting (a file or a run folder) to a checkpoint file."""
-    path = Path(resume_from).expanduser()
+    path = Path(resume_from).expanduser().resolve()
     if path.is_dir():
         path = path / "checkpoints" / "latest.pt"
     if not path.is_file():

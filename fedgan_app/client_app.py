@@ -18,9 +18,9 @@ from fedgan_app.models import (
     Discriminator,
     GANConfig,
     Generator,
+    pack_gan,
     pick_device,
     unpack_gan,
-    pack_gan,
 )
 from fedgan_app.training import (
     derive_seed,

@@ -112,7 +112,9 @@ def decode_metadata(
     except MetadataError:
         raise
     except Exception as exc:  # truncated streams, bad opcodes, recursion, ...
-        raise MetadataError(f"metadata does not unpickle: {type(exc).__name__}: {exc}")
+        raise MetadataError(
+            f"metadata does not unpickle: {type(exc).__name__}: {exc}"
+        ) from None
     if type(meta) is not TrainMetadata:
         raise MetadataError(f"metadata is a {type(meta).__name__}, not TrainMetadata")
     _check_fields(meta)
@@ -151,7 +153,11 @@ def _check_fields(meta: TrainMetadata) -> None:
     ):
         raise MetadataError("metadata field 'wall_time_s' must be a finite float >= 0")
     hist = meta.label_histogram
-    if not (isinstance(hist, list) and len(hist) <= 10_000 and all(_is_int(x) and x >= 0 for x in hist)):
+    if not (
+        isinstance(hist, list)
+        and len(hist) <= 10_000
+        and all(_is_int(x) and x >= 0 for x in hist)
+    ):
         raise MetadataError("metadata field 'label_histogram' must be a list of ints >= 0")
     for name in ("loss_d", "loss_g", "d_x", "d_gz"):
         value = getattr(meta, name)

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 
 import torch
@@ -18,6 +18,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedgan_app.checkpoint import (
     Checkpoint,
+    CheckpointError,
+    check_state_matches,
     load_checkpoint,
     resolve_resume_path,
     save_checkpoint,
@@ -59,6 +61,8 @@ def main(grid: Grid, context: Context) -> None:
     initial = pack_gan(generator, discriminator)
     reference = initial
     if resume:
+        check_state_matches(resume, resolve_resume_path(cfg.resume_from),
+                            {k: tuple(v.shape) for k, v in reference.items()})
         initial = ArrayRecord(resume.state)
 
     # Outputs: one folder per run; resume appends to the checkpoint's folder.
@@ -126,15 +130,20 @@ def make_evaluate_fn(
             row.update(quality.evaluate(arrays, gan_cfg, device))
             row["eval-time-s"] = time.perf_counter() - t0
         improved = _maybe_best(state, row, server_round)
+        # The round's rows first, latest.pt last: latest.pt is the commit point. A
+        # crash before it leaves rows of this round that a resume drops and redoes;
+        # the reverse order could leave a checkpointed round without its row.
+        tracker.log_round(server_round, row)
         ckpt = Checkpoint(
             state=arrays.to_torch_state_dict(), server_round=server_round,
             config=cfg.to_dict(), best_metric=state.best_metric,
-            best_round=state.best_round, wandb_run_id=tracker.wandb_run_id,
+            best_round=state.best_round,
+            # Keep the id even when W&B failed to start in this (resumed) process.
+            wandb_run_id=tracker.wandb_run_id or (resume.wandb_run_id if resume else None),
         )
-        save_checkpoint(ckpt, ckpt_dir / "latest.pt")
         if improved:
             save_checkpoint(ckpt, ckpt_dir / "best.pt")
-        tracker.log_round(server_round, row)
+        save_checkpoint(ckpt, ckpt_dir / "latest.pt")
         _log_summary_line(server_round, cfg.num_server_rounds, row)
         if last:
             _log_final_summary(tracker, state, row, run_dir)
@@ -276,20 +285,62 @@ def _log_final_summary(tracker: RunTracker, state: _BestState,
     log(INFO, "final samples: %s", run_dir / "samples")
 
 
+# Settings a resumed run may change without changing what the run computes.
+RESUME_MAY_CHANGE = frozenset(
+    {"num-server-rounds", "resume-from", "output-dir", "run-name", "wandb-mode",
+     "wandb-project", "device", "round-timeout", "sample-every", "eval-every",
+     "eval-samples"}
+)
+
+
 def _load_resume(cfg: RunConfig) -> Checkpoint | None:
     """The checkpoint named by 'resume-from', or None for a fresh run."""
     if not cfg.resume_from:
         return None
     path = resolve_resume_path(cfg.resume_from)
     ckpt = load_checkpoint(path)
+    newest = _newest_round_beside(path)
+    if newest is not None and newest > ckpt.server_round:
+        # e.g. best.pt of round 5 in a run folder at round 10: resuming there would
+        # drop rounds 6..10 from its CSVs, samples and latest.pt.
+        raise ConfigError(
+            f"setting 'resume-from': {path} holds round {ckpt.server_round} but its run "
+            f"folder is already at round {newest} ({path.parent / 'latest.pt'}); "
+            "resuming there would overwrite the later rounds. Resume from the run "
+            "folder, or copy the checkpoint out of it to continue in a new run folder"
+        )
+    changed = sorted(
+        k for k, v in cfg.to_dict().items()
+        if k not in RESUME_MAY_CHANGE and k in ckpt.config and ckpt.config[k] != v
+    )
+    if changed:
+        log(WARNING, "resuming with settings that differ from the checkpoint's run: %s",
+            ", ".join(f"{k} {ckpt.config[k]!r} -> {cfg.to_dict()[k]!r}" for k in changed))
     log(INFO, "resuming from %s (after round %d)", path, ckpt.server_round)
     return ckpt
 
 
+def _newest_round_beside(path: Path) -> int | None:
+    """Round of the latest.pt beside a checkpoint in a run folder, if another one."""
+    latest = path.parent / "latest.pt"
+    if path.parent.name != "checkpoints" or latest == path or not latest.is_file():
+        return None
+    try:
+        return load_checkpoint(latest).server_round
+    except CheckpointError:
+        return None  # a broken latest.pt: resuming from another file is the way out
+
+
 def _run_dir(cfg: RunConfig, resume: Checkpoint | None) -> Path:
-    """The run's output folder; checks that it is writable."""
-    if resume is not None:
-        run_dir = resolve_resume_path(cfg.resume_from).parent.parent
+    """The run's output folder; checks that it is writable.
+
+    A resumed run appends to the folder its checkpoint lies in
+    (`<run>/checkpoints/x.pt`); a checkpoint kept anywhere else starts a new
+    folder from 'output-dir' and 'run-name'.
+    """
+    ckpt_path = resolve_resume_path(cfg.resume_from) if resume is not None else None
+    if ckpt_path is not None and ckpt_path.parent.name == "checkpoints":
+        run_dir = ckpt_path.parent.parent
     else:
         base = Path(cfg.output_dir).expanduser().resolve()
         name = cfg.run_name or datetime.now().strftime("%Y%m%d-%H%M%S")

@@ -128,7 +128,8 @@ class FedGAN(FedAvg):
         }
         self.round_metadata[server_round] = metas
         if self.sink is not None and metas:
-            self.sink.log_clients(server_round, [_client_row(m, msg) for m, msg in zip(metas, accepted)])
+            rows = [_client_row(m, msg) for m, msg in zip(metas, accepted, strict=True)]
+            self.sink.log_clients(server_round, rows)
         if len(accepted) < self.cfg.min_train_replies:
             log(WARNING, "round %d: %d valid replies < min-train-replies=%d; "
                 "keeping the previous global model", server_round, len(accepted),
@@ -151,6 +152,31 @@ class FedGAN(FedAvg):
         """Ask clients for D's accuracy on the global model (round shifted)."""
         return super().configure_evaluate(server_round + self.round_offset, arrays,
                                           config, grid)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Average clients' D accuracy; drop malformed replies instead of failing."""
+        server_round += self.round_offset
+        valid = []
+        for msg in replies:
+            if msg.has_error():
+                continue
+            records = msg.content.metric_records
+            metrics = records.get(METRICS_KEY) if len(records) == 1 else None
+            if metrics is not None and set(metrics) == {"num-examples", "d-accuracy"} and all(
+                isinstance(v, int | float) and math.isfinite(v) and v >= 0
+                for v in metrics.values()
+            ) and metrics["num-examples"] > 0:
+                valid.append(msg)
+            else:
+                log(WARNING, "round %d: dropped evaluate reply from node %d",
+                    server_round, msg.metadata.src_node_id)
+        metrics = super().aggregate_evaluate(server_round, valid) if valid else None
+        if metrics is not None:
+            row = self.round_metrics.setdefault(server_round, {})
+            row["client-d-accuracy"] = float(metrics["d-accuracy"])
+        return metrics
 
     def _validate(self, msg: Message) -> tuple[TrainMetadata | None, str | None]:
         """Return (metadata, None) for a usable reply, else (None, reason)."""
@@ -214,7 +240,7 @@ class FedGAN(FedAvg):
         norms = [_update_norm(m.content[ARRAYS_KEY], self._global) for m in accepted]
         limit = ratio * statistics.median(norms)
         kept_msgs, kept_metas = [], []
-        for msg, meta, norm in zip(accepted, metas, norms):
+        for msg, meta, norm in zip(accepted, metas, norms, strict=True):
             if norm > limit > 0:
                 drops["norm"] = drops.get("norm", 0) + 1
                 log(WARNING, "round %d: dropped reply from node %d: norm: update "

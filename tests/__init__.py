@@ -1,0 +1,1 @@
+"""fedgan test suite."""

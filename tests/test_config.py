@@ -48,7 +48,8 @@ def _bad_values(setting) -> list:
     if setting.choices:
         bad.append("not-a-choice")
     if setting.low is not None:
-        bad.append(setting.kind(setting.low - 1) if not setting.low_open else setting.kind(setting.low))
+        low = setting.low if setting.low_open else setting.low - 1
+        bad.append(setting.kind(low))
     if setting.high is not None:
         bad.append(setting.kind(setting.high + 1))
     if setting.kind is float:
@@ -93,3 +94,9 @@ def test_lr_schedule_decays_every_n_rounds() -> None:
 def test_run_name_must_be_plain_folder_name() -> None:
     with pytest.raises(ConfigError, match="'run-name'"):
         RunConfig.from_run_config({"run-name": "../escape"})
+
+
+def test_readme_documents_every_setting() -> None:
+    readme = (REPO_ROOT / "README.md").read_text()
+    for setting in SETTINGS:
+        assert f"| `{setting.key}` |" in readme, setting.key

@@ -47,6 +47,7 @@ def test_flwr_run_writes_every_output(flower: LocalFlower, tmp_path: Path) -> No
         rows = list(csv.DictReader(handle))
     assert [r["round"] for r in rows] == ["1", "2"]
     assert float(rows[-1]["fid"]) > 0 and float(rows[-1]["replies-accepted"]) == 2
+    assert 0 <= float(rows[-1]["client-d-accuracy"]) <= 1  # the evaluate handler ran
     with open(run_dir / "clients.csv", newline="") as handle:
         assert len(list(csv.DictReader(handle))) == 4  # 2 clients x 2 rounds
     assert iio.imread(run_dir / "progress.gif", index=None).shape[0] == 3

@@ -57,7 +57,7 @@ def test_pack_unpack_round_trip_is_exact_with_batchnorm_buffers() -> None:
     assert any(k.startswith(G_PREFIX) and "running_mean" in k for k in keys)
     assert any(k.startswith(D_PREFIX) and "num_batches_tracked" in k for k in keys)
     for src, dst in ((generator, target_g), (discriminator, target_d)):
-        for (name, a), b in zip(src.state_dict().items(), dst.state_dict().values()):
+        for (name, a), b in zip(src.state_dict().items(), dst.state_dict().values(), strict=True):
             assert torch.equal(a, b), name
             assert a.dtype == b.dtype
 

@@ -24,6 +24,7 @@ class ListSink:
         self.rows: dict[int, list[dict]] = {}
 
     def log_clients(self, server_round: int, rows: list[dict]) -> None:
+        """Keep the rows of a round."""
         self.rows[server_round] = rows
 
 
@@ -64,7 +65,7 @@ def test_weighted_average_equals_hand_computation() -> None:
     strategy, sink = _strategy()
     sizes = [100, 300, 600]
     arrays = [_client_arrays(seed) for seed in (1, 2, 3)]
-    replies = [_reply(10 + i, a, n) for i, (a, n) in enumerate(zip(arrays, sizes))]
+    replies = [_reply(10 + i, a, n) for i, (a, n) in enumerate(zip(arrays, sizes, strict=True))]
 
     # Execute
     aggregated, metrics = strategy.aggregate_train(1, replies)
@@ -72,7 +73,7 @@ def test_weighted_average_equals_hand_computation() -> None:
     # Assert: p_j = |R_j| / sum |R_k| on every array, BN buffers included
     weights = np.array(sizes) / sum(sizes)
     for key in aggregated.keys():
-        expected = sum(w * a[key].numpy() for w, a in zip(weights, arrays))
+        expected = sum(w * a[key].numpy() for w, a in zip(weights, arrays, strict=True))
         np.testing.assert_allclose(aggregated[key].numpy(), expected, rtol=1e-6, atol=1e-7)
     assert metrics["loss-d"] == pytest.approx(1.0)
     assert strategy.round_metrics[1]["num-examples-total"] == 1000
@@ -238,3 +239,24 @@ def test_configure_train_sends_schedule_and_settings() -> None:
     assert config["lr-generator"] == pytest.approx(2e-4 / 4)
     assert config["local-steps"] == 7 and config["seed"] == 42
     assert {m.metadata.dst_node_id for m in messages} == {1, 2}
+
+
+def _evaluate_reply(node_id: int, num_examples: int, accuracy: float) -> Message:
+    request = Message(content=RecordDict(), dst_node_id=node_id, message_type="evaluate")
+    metrics = MetricRecord({"num-examples": num_examples, "d-accuracy": accuracy})
+    return Message(content=RecordDict({"metrics": metrics}), reply_to=request)
+
+
+def test_aggregate_evaluate_weights_d_accuracy_and_drops_junk() -> None:
+    # Prepare: two honest replies and one with an unexpected key
+    strategy, _ = _strategy()
+    junk = _evaluate_reply(3, 100, 0.5)
+    junk.content["metrics"]["extra"] = 1.0
+    replies = [_evaluate_reply(1, 100, 0.9), _evaluate_reply(2, 300, 0.5), junk]
+
+    # Execute
+    metrics = strategy.aggregate_evaluate(4, replies)
+
+    # Assert
+    assert metrics["d-accuracy"] == pytest.approx(0.6)
+    assert strategy.round_metrics[4]["client-d-accuracy"] == pytest.approx(0.6)

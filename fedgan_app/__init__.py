@@ -1,0 +1,1 @@
+"""fedgan: federated DCGAN training with Flower (FedGAN)."""

@@ -1,0 +1,334 @@
+"""Crash and resume in process: the real ServerApp main and ClientApp, tiny configs.
+
+What a resume can and cannot reproduce: the server's side is fully in the
+checkpoint (G, D, round, best fid, W&B id; the fixed noise and every client RNG
+derive from `seed` and the round), but each client's Adam moments live in its
+`context.state` and never leave it (FedGAN agents keep their optimizer state).
+A resumed run is a new run with fresh contexts, so its clients restart Adam and
+the resumed model differs from an uninterrupted one. The tests therefore check:
+(a) the resumed first round starts from exactly the checkpointed arrays,
+(b) two resumes from one checkpoint give bit-identical models, and
+(c) with adam-beta1 = adam-beta2 = 0, where Adam keeps no memory (m = g,
+v = g^2, bias corrections 1), crash + resume equals the uninterrupted run bit
+for bit: everything else a round depends on does survive a resume.
+"""
+
+from __future__ import annotations
+
+import csv
+import pickle
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from fedgan_app import client_app as client_module
+from fedgan_app import server_app
+from fedgan_app.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+)
+from fedgan_app.config import ConfigError
+from tests.harness import InProcessGrid, server_context
+
+TRAIN = "train"
+
+
+class ServerCrash(Exception):
+    """Stands in for the ServerApp process dying."""
+
+
+class RecordingGrid(InProcessGrid):
+    """Records the arrays sent in each round; can crash as a round starts."""
+
+    def __init__(self, run_config: dict[str, Any], crash_in_round: int | None = None) -> None:
+        super().__init__(client_module.app, num_nodes=2, run_config=run_config)
+        self.crash_in_round = crash_in_round
+        self.sent: dict[int, dict[str, torch.Tensor]] = {}
+
+    def send_and_receive(self, messages, *, timeout=None):  # noqa: ANN001, ANN201
+        """Record the global arrays of a train round, crash if asked, else run."""
+        messages = list(messages)
+        for msg in messages:
+            if msg.metadata.message_type == TRAIN:
+                server_round = int(msg.content["config"]["server-round"])
+                self.sent.setdefault(server_round,
+                                     msg.content["arrays"].to_torch_state_dict())
+                if server_round == self.crash_in_round:
+                    raise ServerCrash(f"server died as round {server_round} started")
+        return super().send_and_receive(messages, timeout=timeout)
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    """Bit-identical: same keys, dtypes and values."""
+    assert list(a) == list(b)
+    for key in a:
+        assert a[key].dtype == b[key].dtype, key
+        assert torch.equal(a[key], b[key]), key
+
+
+def _run(run_config: dict[str, Any], crash_in_round: int | None = None) -> RecordingGrid:
+    """Run main on a fresh grid (a new run: fresh client contexts)."""
+    grid = RecordingGrid(run_config, crash_in_round)
+    if crash_in_round is None:
+        server_app.main(grid, server_context(run_config))
+    else:
+        with pytest.raises(ServerCrash):
+            server_app.main(grid, server_context(run_config))
+    return grid
+
+
+@pytest.fixture
+def resume_config(tiny_run_config: dict[str, Any]) -> dict[str, Any]:
+    """Tiny run config: 2 local steps, quality only after the last round."""
+    return {**tiny_run_config, "local-steps": 2, "eval-every": 100,
+            "fraction-evaluate": 0.0}
+
+
+def test_crash_after_round_two_then_resume_to_four(
+    resume_config: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: the server dies in round 3 after writing its rows and sample
+    # grid but before latest.pt (the worst moment: the rows exist, the commit
+    # does not). W&B offline, to check the run id survives.
+    config = {**resume_config, "num-server-rounds": 4, "wandb-mode": "offline"}
+    run_dir = Path(config["output-dir"]) / "test-run"
+    real_save = server_app.save_checkpoint
+
+    def dying_save(ckpt: Checkpoint, path: Path) -> None:
+        if ckpt.server_round == 3:
+            raise ServerCrash("server died before the round 3 checkpoint")
+        real_save(ckpt, path)
+
+    monkeypatch.setattr(server_app, "save_checkpoint", dying_save)
+    crashed = RecordingGrid(config)
+    with pytest.raises(ServerCrash):
+        server_app.main(crashed, server_context(config))
+    monkeypatch.setattr(server_app, "save_checkpoint", real_save)
+    at_crash = load_checkpoint(run_dir / "checkpoints" / "latest.pt")
+    assert at_crash.server_round == 2 and at_crash.wandb_run_id
+    assert [r["round"] for r in _read_csv(run_dir / "metrics.csv")] == ["1", "2", "3"]
+    copy = tmp_path / "copy" / "test-run"
+    shutil.copytree(run_dir, copy)
+
+    # Execute: resume from the run folder, and again from a copy of it
+    resumed = _run({**config, "resume-from": str(run_dir)})
+    _run({**config, "num-server-rounds": 3, "resume-from": str(copy),
+          "wandb-mode": "disabled"})
+
+    # Assert: every round exactly once, in order, in both CSVs
+    assert [r["round"] for r in _read_csv(run_dir / "metrics.csv")] == ["1", "2", "3", "4"]
+    clients = sorted((int(r["round"]), r["partition-id"])
+                     for r in _read_csv(run_dir / "clients.csv"))
+    assert clients == [(r, p) for r in (1, 2, 3, 4) for p in ("0", "1")]
+    pngs = sorted(p.name for p in (run_dir / "samples").glob("*.png"))
+    assert pngs == [f"round_{r:04d}.png" for r in range(5)]
+    assert (run_dir / "progress.gif").is_file()
+    final = load_checkpoint(run_dir / "checkpoints" / "latest.pt")
+    assert final.server_round == 4
+    # The same W&B run continues: the id in the checkpoints, and W&B's offline folders
+    assert final.wandb_run_id == at_crash.wandb_run_id
+    offline = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline) == 2 and all(n.endswith(at_crash.wandb_run_id) for n in offline)
+    # (a) the resumed round 3 starts from exactly the checkpointed arrays, which are
+    # the arrays the crashed run had sent in its round 3
+    _assert_same_state(resumed.sent[3], at_crash.state)
+    _assert_same_state(resumed.sent[3], crashed.sent[3])
+    # (b) two resumes from one checkpoint agree bit for bit after a round
+    _assert_same_state(load_checkpoint(copy / "checkpoints" / "latest.pt").state,
+                       resumed.sent[4])
+    assert not torch.equal(resumed.sent[4]["generator.net.0.weight"],
+                           resumed.sent[3]["generator.net.0.weight"])  # it trained
+
+
+def test_resume_equals_an_uninterrupted_run_when_adam_keeps_no_state(
+    resume_config: dict[str, Any], tmp_path: Path
+) -> None:
+    # Prepare: adam-beta1 = adam-beta2 = 0, the one setting where the clients'
+    # lost Adam moments cannot matter; the server dies as round 3 starts
+    config = {**resume_config, "num-server-rounds": 3, "adam-beta1": 0.0,
+              "adam-beta2": 0.0, "lr-generator": 1e-4, "lr-discriminator": 1e-4}
+    whole = {**config, "output-dir": str(tmp_path / "whole")}
+    split = {**config, "output-dir": str(tmp_path / "split")}
+    split_dir = tmp_path / "split" / "test-run"
+
+    # Execute
+    _run(whole)
+    _run(split, crash_in_round=3)
+    _run({**split, "resume-from": str(split_dir)})
+
+    # Assert: the same final G and D, bit for bit, and the same client losses
+    _assert_same_state(
+        load_checkpoint(tmp_path / "whole" / "test-run" / "checkpoints" / "latest.pt").state,
+        load_checkpoint(split_dir / "checkpoints" / "latest.pt").state,
+    )
+    whole_rows = _read_csv(tmp_path / "whole" / "test-run" / "clients.csv")
+    split_rows = _read_csv(split_dir / "clients.csv")
+    assert [(r["round"], r["loss-d"], r["loss-g"]) for r in whole_rows] == [
+        (r["round"], r["loss-d"], r["loss-g"]) for r in split_rows]
+
+
+# --- bad resume inputs: clear errors, nothing overwritten -------------------------
+
+def _fake_run(tmp_path: Path, server_round: int = 2) -> tuple[Path, bytes]:
+    """A run folder whose latest.pt is a valid checkpoint; returns (dir, its bytes)."""
+    run_dir = tmp_path / "outputs" / "test-run"
+    latest = run_dir / "checkpoints" / "latest.pt"
+    save_checkpoint(Checkpoint(state={"generator.w": torch.ones(2)},
+                               server_round=server_round, config={}), latest)
+    return run_dir, latest.read_bytes()
+
+
+def _resume_error(config: dict[str, Any], resume_from: Path | str) -> Exception:
+    """The exception main raises for a resume-from value."""
+    run_config = {**config, "num-server-rounds": 4, "resume-from": str(resume_from)}
+    grid = InProcessGrid(client_module.app, num_nodes=2, run_config=run_config)
+    with pytest.raises((CheckpointError, ConfigError)) as info:
+        server_app.main(grid, server_context(run_config))
+    assert grid.calls == []  # no client was asked to train
+    return info.value
+
+
+class _Hostile:
+    """Unpickling it would create a marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # noqa: ANN204
+        return (Path.touch, (self.marker,))
+
+
+def _foreign_files(folder: Path) -> dict[str, Path]:
+    """Files that are not fedgan checkpoints, each with a reason to be refused."""
+    folder.mkdir(parents=True, exist_ok=True)
+    marker = folder / "pwned"
+    files = {name: folder / f"{name}.pt" for name in
+             ("plain-dict", "text", "pickle-reduce", "torch-reduce", "bad-field")}
+    torch.save({"weights": torch.zeros(3)}, files["plain-dict"])
+    files["text"].write_text("round = 2\n")
+    with open(files["pickle-reduce"], "wb") as handle:
+        pickle.dump({"format": "fedgan-checkpoint", "x": _Hostile(marker)}, handle)
+    torch.save({"format": "fedgan-checkpoint", "x": _Hostile(marker)}, files["torch-reduce"])
+    bad = Checkpoint(state={"generator.w": torch.ones(2)}, server_round=1, config={})
+    torch.save({**bad.to_dict(), "best_metric": "0.1"}, files["bad-field"])
+    return files
+
+
+def test_foreign_or_truncated_files_are_refused_and_latest_is_untouched(
+    tiny_run_config: dict[str, Any], tmp_path: Path
+) -> None:
+    # Prepare
+    run_dir, latest_bytes = _fake_run(tmp_path)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(latest_bytes[: len(latest_bytes) // 2])
+    files = {"truncated": truncated, **_foreign_files(tmp_path / "foreign")}
+
+    for name, path in files.items():
+        # Execute
+        error = _resume_error(tiny_run_config, path)
+
+        # Assert: the error names the file; the run folder's latest.pt is intact
+        assert isinstance(error, CheckpointError), name
+        assert str(path) in str(error), (name, str(error))
+        assert (run_dir / "checkpoints" / "latest.pt").read_bytes() == latest_bytes
+    assert not (tmp_path / "foreign" / "pwned").exists()  # no code ran
+
+
+def test_truncated_latest_in_the_run_folder_is_refused_and_kept(
+    tiny_run_config: dict[str, Any], tmp_path: Path
+) -> None:
+    # Prepare
+    run_dir, latest_bytes = _fake_run(tmp_path)
+    latest = run_dir / "checkpoints" / "latest.pt"
+    latest.write_bytes(latest_bytes[:100])
+
+    # Execute
+    error = _resume_error(tiny_run_config, run_dir)
+
+    # Assert
+    assert isinstance(error, CheckpointError) and str(latest) in str(error)
+    assert latest.read_bytes() == latest_bytes[:100]
+    assert not (run_dir / "metrics.csv").exists()
+
+
+def test_missing_checkpoint_names_the_setting(tiny_run_config: dict[str, Any],
+                                              tmp_path: Path) -> None:
+    error = _resume_error(tiny_run_config, tmp_path / "nowhere")
+    assert "resume-from" in str(error) and "nowhere" in str(error)
+
+
+def test_resume_needs_more_rounds_than_the_checkpoint(tiny_run_config: dict[str, Any],
+                                                      tmp_path: Path) -> None:
+    # Prepare: a checkpoint of round 4, and num-server-rounds = 4
+    run_dir, latest_bytes = _fake_run(tmp_path, server_round=4)
+
+    # Execute
+    error = _resume_error(tiny_run_config, run_dir)
+
+    # Assert
+    assert isinstance(error, ConfigError) and "'num-server-rounds'" in str(error)
+    assert "round 4" in str(error)
+    assert (run_dir / "checkpoints" / "latest.pt").read_bytes() == latest_bytes
+
+
+def test_an_older_checkpoint_of_a_run_does_not_overwrite_its_later_rounds(
+    tiny_run_config: dict[str, Any], tmp_path: Path
+) -> None:
+    # Prepare: best.pt of round 1 beside latest.pt of round 3
+    run_dir, latest_bytes = _fake_run(tmp_path, server_round=3)
+    best = run_dir / "checkpoints" / "best.pt"
+    save_checkpoint(Checkpoint(state={"generator.w": torch.ones(2)}, server_round=1,
+                               config={}), best)
+
+    # Execute
+    error = _resume_error(tiny_run_config, best)
+
+    # Assert
+    assert isinstance(error, ConfigError) and "round 3" in str(error)
+    assert (run_dir / "checkpoints" / "latest.pt").read_bytes() == latest_bytes
+
+
+def test_a_checkpoint_of_other_models_is_refused(tiny_run_config: dict[str, Any],
+                                                 tmp_path: Path) -> None:
+    # Prepare: a checkpoint whose arrays do not fit the models (other latent-dim)
+    run_dir, latest_bytes = _fake_run(tmp_path)
+
+    # Execute
+    error = _resume_error(tiny_run_config, run_dir)
+
+    # Assert
+    assert isinstance(error, CheckpointError) and "does not fit" in str(error)
+    assert (run_dir / "checkpoints" / "latest.pt").read_bytes() == latest_bytes
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: torch.save writes half a file, then the process "dies"
+    run_dir, latest_bytes = _fake_run(tmp_path)
+    latest = run_dir / "checkpoints" / "latest.pt"
+
+    def half_save(obj: Any, handle: Any) -> None:
+        handle.write(latest_bytes[:50])
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", half_save)
+
+    # Execute
+    with pytest.raises(OSError):
+        save_checkpoint(Checkpoint(state={"generator.w": torch.zeros(2)}, server_round=3,
+                                   config={}), latest)
+
+    # Assert: the old checkpoint, and no temp file left beside it
+    assert latest.read_bytes() == latest_bytes
+    assert sorted(p.name for p in latest.parent.iterdir()) == ["latest.pt"]
