@@ -12,7 +12,7 @@ number of images: R rounds x N clients x K local steps x batch. Rows:
 * reference: real held-out images vs real training images (the ceiling).
 
 All rows are scored identically: 1000 generated images against the server
-split (1000 real images) in the app's cached evaluator classifier.
+split (1000 real images; 200 and 200 with --quick) in the app's cached evaluator classifier.
 
 Usage (from the repository root)::
 
@@ -34,7 +34,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +72,6 @@ from tests.harness import InProcessGrid, server_context  # noqa: E402
 
 NUM_CLIENTS = 5
 BATCH_SIZE = 64
-EVAL_SAMPLES = 1000
 GRID_IMAGES = 64
 DEVICE = torch.device("cpu")
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
@@ -94,6 +93,7 @@ class Budget:
 
     rounds: int
     local_steps: int
+    eval_samples: int = 1000  # generated (and real) images per quality score
 
     @property
     def total_steps(self) -> int:
@@ -135,7 +135,7 @@ def app_spec(seed: int, **settings: Any) -> PartitionSpec:
     return partition_spec(cfg, NUM_CLIENTS)
 
 
-def seed_context(seed: int) -> SeedContext:
+def seed_context(seed: int, eval_samples: int) -> SeedContext:
     """Load the server split and the evaluator exactly as server_app does."""
     server_data = load_server_split(app_spec(seed))
     # Same key as server_app._QualityJudge.evaluator: trained once, reused by the app.
@@ -152,15 +152,15 @@ def seed_context(seed: int) -> SeedContext:
     grid_rng = torch.Generator().manual_seed(derive_seed(seed, 0))
     return SeedContext(
         seed=seed,
-        real=server_data.images[:EVAL_SAMPLES],
+        real=server_data.images[:eval_samples],
         evaluator=evaluator,
-        eval_noise=torch.randn(EVAL_SAMPLES, GANConfig().latent_dim, generator=eval_rng),
+        eval_noise=torch.randn(eval_samples, GANConfig().latent_dim, generator=eval_rng),
         grid_noise=torch.randn(GRID_IMAGES, GANConfig().latent_dim, generator=grid_rng),
     )
 
 
 def score(ctx: SeedContext, generator: Generator) -> tuple[dict[str, float], np.ndarray]:
-    """Quality metrics of 1000 samples vs the server split, and the 8x8 grid."""
+    """Quality metrics of eval_samples samples vs the server split, and the 8x8 grid."""
     fakes = torch.cat([sample_images(generator, z, DEVICE) for z in ctx.eval_noise.split(500)])
     metrics = compute_quality(ctx.evaluator, ctx.real, fakes)
     grid = make_grid(sample_images(generator, ctx.grid_noise, DEVICE), nrow=8)
@@ -196,7 +196,8 @@ def run_reference(ctx: SeedContext) -> RowResult:
     metrics = compute_quality(ctx.evaluator, ctx.real, train_subset)
     grid = make_grid(ctx.real[:GRID_IMAGES], nrow=8)
     return RowResult(metrics, time.perf_counter() - start, 0, grid,
-                     note="held-out split (grid) vs 1000 train images")
+                     extra={"eval_samples": ctx.real.size(0)},
+                     note=f"held-out split (grid) vs {ctx.real.size(0)} train images")
 
 
 def run_centralized(ctx: SeedContext, budget: Budget) -> RowResult:
@@ -238,8 +239,10 @@ def run_fedgan(ctx: SeedContext, budget: Budget, label: str, out_root: Path) -> 
     run_config = {
         "num-server-rounds": budget.rounds, "local-steps": budget.local_steps,
         "batch-size": BATCH_SIZE, "seed": ctx.seed, "eval-every": budget.rounds,
-        "eval-samples": EVAL_SAMPLES, "output-dir": str(out_root), "run-name": run_name,
-        "wandb-mode": "disabled", "device": "cpu", **FEDGAN_SPLITS[label],
+        "eval-samples": budget.eval_samples, "output-dir": str(out_root),
+        "run-name": run_name, "wandb-mode": "disabled", "device": "cpu",
+        # Client-side D accuracy does not change training; off to save time.
+        "fraction-evaluate": 0.0, **FEDGAN_SPLITS[label],
     }
     shutil.rmtree(out_root / run_name, ignore_errors=True)  # a fresh run, never a mix
     grid = InProcessGrid(client_app.app, num_nodes=NUM_CLIENTS, run_config=run_config)
@@ -256,7 +259,7 @@ def run_fedgan(ctx: SeedContext, budget: Budget, label: str, out_root: Path) -> 
 
 def run_seed(seed: int, budget: Budget, out_root: Path) -> dict[str, RowResult]:
     """All rows for one seed."""
-    ctx = seed_context(seed)
+    ctx = seed_context(seed, budget.eval_samples)
     rows: dict[str, RowResult] = {ROW_ORDER[0]: run_reference(ctx)}
     steps: list[tuple[str, Callable[[], Any]]] = [
         ("centralized", lambda: run_centralized(ctx, budget)),
@@ -328,6 +331,7 @@ def findings(results: dict[int, dict[str, RowResult]]) -> str:
     clients_cov = [c["class-coverage"] for r in results.values()
                    for c in r[LOCAL_MEAN].extra["clients"]]
     patho = "FedGAN pathological 2/client"
+    n = next(iter(results.values()))[ROW_ORDER[0]].extra["eval_samples"]
     ratios = ", ".join(f"{row.removeprefix('FedGAN ')} {fid[row] / fid['centralized']:.2f}"
                        for row in FEDGAN_SPLITS)
     return (
@@ -342,7 +346,7 @@ def findings(results: dict[int, dict[str, RowResult]]) -> str:
         f"jobs running), so wall times are indicative only; a FedGAN row's wall time "
         f"also includes the app's server-side sampling, evaluation and checkpoints. "
         f"FID depends on the sample size: these numbers are comparable only with "
-        f"other 1000-vs-1000 sets in this evaluator's feature space, not with "
+        f"other equal-sized ({n}-vs-{n}) sets in this evaluator's feature space, not with "
         f"Inception FIDs from papers. The budget is small (see Setup), so absolute "
         f"quality is far from converged; the comparison is between rows at equal "
         f"images seen."
@@ -355,7 +359,7 @@ def write_markdown(path: Path, results: dict[int, dict[str, RowResult]], budget:
     seeds = list(results)
     text = f"""# Quality baselines: centralized vs local-only vs FedGAN
 
-Generated by `benchmarks/quality.py` on {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}.
+Generated by `benchmarks/quality.py` on {datetime.now(UTC):%Y-%m-%d %H:%M UTC}.
 
 Command: `{command}` (total wall time {elapsed / 60:.1f} min).
 
@@ -380,8 +384,8 @@ jobs (load average at start {load[0]}, at end {load[1]}), torch
   per client). Chosen so the whole benchmark fits ~45 min on this shared CPU.
 - Seeds: {", ".join(map(str, seeds))}. Each seed fixes the data split, the
   partitions, the initial weights (the same for every row) and the noise.
-- Metrics (`fedgan_app.evaluation.compute_quality`): {EVAL_SAMPLES} generated
-  images vs the {EVAL_SAMPLES} real server-split images, features of the app's
+- Metrics (`fedgan_app.evaluation.compute_quality`): {budget.eval_samples} generated
+  images vs the {budget.eval_samples} real server-split images, features of the app's
   cached evaluator classifier (same cache key as the ServerApp). Generated
   images come from the server's evaluation noise stream, grids from its fixed
   noise. The FedGAN model is the final global generator
@@ -448,12 +452,13 @@ def parse_args() -> argparse.Namespace:
     """Command-line options."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--rounds", type=int, default=10, help="R (default 10)")
-    parser.add_argument("--local-steps", type=int, default=12, help="K (default 12)")
+    parser.add_argument("--rounds", type=int, default=8, help="R (default 8)")
+    parser.add_argument("--local-steps", type=int, default=8, help="K (default 8)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads for every row, clients too (default 1)")
     parser.add_argument("--quick", action="store_true",
-                        help="dry run: seed 0, R=2, K=3, outputs under benchmarks/runs/")
+                        help="dry run: seed 0, R=2, K=2, 200 eval images, outputs under "
+                        "benchmarks/runs/quality-quick/")
     return parser.parse_args()
 
 
@@ -466,11 +471,11 @@ def main() -> None:
     """Run every row for every seed and write the report and the image."""
     args = parse_args()
     if args.quick:
-        args.seeds, args.rounds, args.local_steps = args.seeds[:1], 2, 3
+        args.seeds, args.rounds, args.local_steps = args.seeds[:1], 2, 2
     # The ClientApp sets its threads from OMP_NUM_THREADS (training.set_torch_threads).
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     torch.set_num_threads(args.threads)
-    budget = Budget(args.rounds, args.local_steps)
+    budget = Budget(args.rounds, args.local_steps, 200 if args.quick else 1000)
     out_dir = RUNS_DIR / "quality-quick" if args.quick else RESULTS_DIR
     runs_root = RUNS_DIR / ("quality-quick" if args.quick else "quality")
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,7 @@ from typing import Any
 import torch
 from flwr.common.logger import log
 
+from fedgan_app.checkpoint import atomic_torch_save
 from fedgan_app.evaluation import Evaluator, train_evaluator
 
 CACHE_FORMAT = "fedgan-evaluator-v1"
@@ -115,8 +114,7 @@ def _load(path: Path, key: str, expected_args: dict[str, int]) -> tuple[Evaluato
 
 
 def _save_atomic(path: Path, key: str, evaluator: Evaluator, accuracy: float) -> None:
-    """Write the evaluator to ``path`` through a temp file in the same folder and os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write the evaluator to ``path`` atomically (temp file, fsync, rename)."""
     payload = {
         "format": CACHE_FORMAT,
         "key": key,
@@ -124,13 +122,4 @@ def _save_atomic(path: Path, key: str, evaluator: Evaluator, accuracy: float) ->
         "state_dict": evaluator.state_dict(),
         "accuracy": accuracy,
     }
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as tmp_file:
-            torch.save(payload, tmp_file)
-            tmp_file.flush()
-            os.fsync(tmp_file.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    atomic_torch_save(payload, path)
