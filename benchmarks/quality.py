@@ -452,7 +452,7 @@ def parse_args() -> argparse.Namespace:
     """Command-line options."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--rounds", type=int, default=8, help="R (default 8)")
+    parser.add_argument("--rounds", type=int, default=10, help="R (default 10)")
     parser.add_argument("--local-steps", type=int, default=8, help="K (default 8)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads for every row, clients too (default 1)")
@@ -479,15 +479,18 @@ def main() -> None:
     out_dir = RUNS_DIR / "quality-quick" if args.quick else RESULTS_DIR
     runs_root = RUNS_DIR / ("quality-quick" if args.quick else "quality")
     out_dir.mkdir(parents=True, exist_ok=True)
+    runs_root.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/quality.py " + " ".join(sys.argv[1:])
     start_load, start = load_average(), time.perf_counter()
-    results = {seed: run_seed(seed, budget, runs_root) for seed in args.seeds}
-    elapsed = time.perf_counter() - start
-    write_markdown(out_dir / "quality.md", results, budget, command.strip(), elapsed,
-                   (start_load, load_average()))
-    write_image(out_dir / "quality.png", results[args.seeds[0]], args.seeds[0])
-    runs_root.mkdir(parents=True, exist_ok=True)
-    (runs_root / "results.json").write_text(json.dumps(to_json(results, budget), indent=2))
+    results: dict[int, dict[str, RowResult]] = {}
+    for seed in args.seeds:
+        results[seed] = run_seed(seed, budget, runs_root)
+        # Rewritten after every seed, so a long run leaves partial results behind.
+        elapsed = time.perf_counter() - start
+        write_markdown(out_dir / "quality.md", results, budget, command.strip(), elapsed,
+                       (start_load, load_average()))
+        write_image(out_dir / "quality.png", results[args.seeds[0]], args.seeds[0])
+        (runs_root / "results.json").write_text(json.dumps(to_json(results, budget), indent=2))
     print(f"done in {elapsed / 60:.1f} min: {out_dir / 'quality.md'}, "
           f"{out_dir / 'quality.png'}", flush=True)
 

@@ -421,21 +421,34 @@ def test_bad_input_fails_early_with_a_clear_error(
 # --- W&B failure ------------------------------------------------------------------
 
 
-WANDB_FAILURES = {
+# name -> (environment, the W&B exception named in the warning)
+WANDB_FAILURES: dict[str, tuple[dict[str, str], str]] = {
+    "malformed API key": ({"WANDB_API_KEY": "fake"}, "AuthenticationError"),
     # No network: W&B retries until its init timeout (90 s by default; the
-    # server passes no timeout, so the test shortens it through W&B's env var).
-    "online without network": {"WANDB_API_KEY": "x" * 40, "WANDB_INIT_TIMEOUT": "3"},
-    "malformed API key": {"WANDB_API_KEY": "fake"},
+    # server passes no timeout, so the test shortens it with W&B's env var).
+    "online without network": (
+        {"WANDB_API_KEY": "x" * 40, "WANDB_INIT_TIMEOUT": "3"}, "CommError"),
 }
+
+
+@pytest.fixture
+def fresh_wandb() -> Iterator[None]:
+    """W&B reads its environment once per process (wandb.setup); reset it around a test."""
+    import wandb
+
+    wandb.teardown()
+    yield
+    wandb.teardown()
 
 
 @pytest.mark.parametrize("name", list(WANDB_FAILURES))
 def test_wandb_failure_warns_once_and_the_run_completes(
     name: str, tiny_run_config: dict, monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, fresh_wandb: None,
 ) -> None:
     # Prepare
-    for key, value in WANDB_FAILURES[name].items():
+    environment, exception = WANDB_FAILURES[name]
+    for key, value in environment.items():
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("WANDB_MODE", raising=False)
     run_config = _config(tiny_run_config, **{"wandb-mode": "online",
@@ -448,7 +461,8 @@ def test_wandb_failure_warns_once_and_the_run_completes(
 
     # Assert: one warning, and every local output of the run is there
     warnings = [r.getMessage() for r in caplog.records if "W&B" in r.getMessage()]
-    assert len(warnings) == 1 and "W&B init failed" in warnings[0], warnings
+    assert len(warnings) == 1, warnings
+    assert f"W&B init failed ({exception}" in warnings[0]
     run_dir = _run_dir(run_config)
     rows = _read_csv(run_dir / "metrics.csv")
     assert [r["round"] for r in rows] == ["1"] and float(rows[0]["fid"]) > 0

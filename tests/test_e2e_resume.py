@@ -1,0 +1,153 @@
+"""End to end: SIGKILL the ServerApp of a `flwr run` mid-run, then resume in a new run.
+
+The first run is submitted without --stream; once its latest.pt holds round 2,
+the run's `flwr-simulation` process (ServerApp and the Ray clients in one
+process, under our own SuperLink) is killed with SIGKILL: no `finally`, no
+atexit, a real crash. A second `flwr run --stream` with `resume-from` must
+finish the rounds in the same run folder, each round exactly once.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import imageio.v3 as iio
+import pytest
+
+from fedgan_app.checkpoint import CheckpointError, load_checkpoint
+from tests.flwr_local import LocalFlower
+
+pytestmark = pytest.mark.e2e
+
+ROUNDS = 4
+KILL_AFTER_ROUND = 2
+APP_PROCESSES = ("flwr-simulation", "flwr-serverapp")
+
+
+@pytest.fixture
+def flower(tmp_path: Path) -> Iterator[LocalFlower]:
+    """A private Flower home; its SuperLink is stopped after the test."""
+    local = LocalFlower(tmp_path / "flwr-home")
+    try:
+        yield local
+    finally:
+        local.stop()
+    assert local.superlink_pids() == [], "SuperLink left running"
+
+
+def _process_table() -> dict[int, tuple[int, str]]:
+    """Map each process id to (parent id, command line)."""
+    out = subprocess.run(["ps", "-eo", "pid=,ppid=,args="], capture_output=True,
+                         text=True, check=True).stdout
+    table = {}
+    for line in out.splitlines():
+        pid, ppid, *args = line.split(maxsplit=2)
+        table[int(pid)] = (int(ppid), args[0] if args else "")
+    return table
+
+
+def _descendants(root: int, table: dict[int, tuple[int, str]]) -> list[int]:
+    """PIDs below `root` in the process tree."""
+    found, frontier = [], [root]
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, (ppid, _) in table.items() if ppid == parent]
+        found += children
+        frontier += children
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process runs (a zombie counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def _kill_server_app(flower: LocalFlower) -> None:
+    """SIGKILL the ServerApp process under our SuperLink; reap what it leaves."""
+    table = _process_table()
+    ours = [pid for link in flower.superlink_pids() for pid in _descendants(link, table)]
+    apps = [pid for pid in ours if any(name in table[pid][1] for name in APP_PROCESSES)]
+    assert len(apps) == 1, f"expected one ServerApp process under our SuperLink: {apps}"
+    below = _descendants(apps[0], table)  # Ray's processes, wandb-core
+    os.kill(apps[0], signal.SIGKILL)
+    # Ray and W&B follow their parent within seconds; kill what has not, by PID.
+    deadline = time.monotonic() + 20
+    while any(_alive(pid) for pid in [apps[0], *below]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in below:
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _wait_for_round(latest: Path, flower: LocalFlower, run_id: int,
+                    server_round: int, timeout: float = 240) -> None:
+    """Poll until latest.pt holds `server_round` (fail if the run ends first)."""
+    deadline = time.monotonic() + timeout
+    polls = 0
+    while time.monotonic() < deadline:
+        try:
+            if load_checkpoint(latest).server_round >= server_round:
+                return
+        except CheckpointError:
+            pass  # not written yet
+        polls += 1
+        if polls % 25 == 0:
+            assert not flower.status(run_id).startswith("finished"), "run ended early"
+        time.sleep(0.2)
+    raise TimeoutError(f"{latest} did not reach round {server_round} in {timeout}s")
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_sigkilled_server_resumes_in_a_new_run(flower: LocalFlower, tmp_path: Path) -> None:
+    # Prepare: a run of 4 rounds, killed once round 2 is checkpointed
+    out = tmp_path / "outputs"
+    run_dir = out / "e2e-resume"
+    config = (f"num-server-rounds={ROUNDS} local-steps=5 batch-size=32 eval-every=2 "
+              f"eval-samples=200 output-dir='{out}' run-name='e2e-resume' "
+              "wandb-mode='offline'")
+    t0 = time.monotonic()
+    first_id, _ = flower.run_app(config, nodes=2, stream=False)
+    print(f"submitted {time.monotonic() - t0:.1f}")
+    _wait_for_round(run_dir / "checkpoints" / "latest.pt", flower, first_id,
+                    KILL_AFTER_ROUND)
+    print(f"round 2 seen {time.monotonic() - t0:.1f}", flower.status(first_id))
+    _kill_server_app(flower)
+    print(f"killed {time.monotonic() - t0:.1f}", flower.status(first_id))
+    at_kill = load_checkpoint(run_dir / "checkpoints" / "latest.pt")
+    assert KILL_AFTER_ROUND <= at_kill.server_round < ROUNDS, "killed too late"
+    assert at_kill.wandb_run_id
+
+    # Execute: resume from the run folder in a new run
+    second_id, output = flower.run_app(f"{config} resume-from='{run_dir}'", nodes=2)
+
+    print(f"resumed {time.monotonic() - t0:.1f}", flower.status(first_id))
+    # Assert: completed, every round exactly once, the same W&B run continued
+    assert flower.status(second_id) == "finished:completed", output[-3000:]
+    assert second_id != first_id
+    assert f"after round {at_kill.server_round}" in output
+    rounds = [int(r["round"]) for r in _read_csv(run_dir / "metrics.csv")]
+    assert rounds == list(range(1, ROUNDS + 1))
+    clients = sorted((int(r["round"]), r["partition-id"])
+                     for r in _read_csv(run_dir / "clients.csv"))
+    assert clients == [(r, p) for r in range(1, ROUNDS + 1) for p in ("0", "1")]
+    final = load_checkpoint(run_dir / "checkpoints" / "latest.pt")
+    assert final.server_round == ROUNDS
+    assert final.wandb_run_id == at_kill.wandb_run_id
+    pngs = sorted(p.name for p in (run_dir / "samples").glob("round_*.png"))
+    assert pngs == [f"round_{r:04d}.png" for r in range(ROUNDS + 1)]
+    assert iio.imread(run_dir / "progress.gif", index=None).shape[0] == ROUNDS + 1
+    print("killed run status:", flower.status(first_id))
