@@ -1,8 +1,10 @@
 """One attacker among five FedGAN clients: fedavg vs median vs trimmed mean.
 
-Run by hand from the repository root (CPU, about 1 minute per run here):
+Run by hand from the repository root (CPU; on 2 shared cores about 80 s per
+run at 4 rounds x 10 local steps, 11 runs):
 
-    nice -n 5 .venv/bin/python benchmarks/robustness.py --rounds 6 --seeds 42
+    OMP_NUM_THREADS=1 nice -n 5 .venv/bin/python benchmarks/robustness.py \
+        --rounds 4 --local-steps 10 --seeds 42
 
 Every run is the real ServerApp `main` with the real ClientApp on an
 in-process grid of 5 nodes (tests/harness.py). Node 105 (partition 4) trains
@@ -143,13 +145,15 @@ def run_one(out_dir: Path, name: str, attack: str | None, aggregation: str,
 def write_report(path: Path, results: list[dict[str, Any]], args: argparse.Namespace,
                  total_s: float) -> None:
     """Write the markdown table (mean over seeds when there are several)."""
+    threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if os.environ.get(
+        "OMP_NUM_THREADS") else ""
     lines = [
         "# Robustness: one attacker among 5 clients",
         "",
         "Written by `benchmarks/robustness.py`; the findings at the end are by hand.",
         "",
         "```",
-        f"nice -n 5 .venv/bin/python benchmarks/robustness.py --rounds {args.rounds} "
+        f"{threads}nice -n 5 .venv/bin/python benchmarks/robustness.py --rounds {args.rounds} "
         f"--local-steps {args.local_steps} --seeds {' '.join(map(str, args.seeds))}",
         "```",
         "",
@@ -176,17 +180,15 @@ def write_report(path: Path, results: list[dict[str, Any]], args: argparse.Names
                 == (label, aggregation, ratio)]
         if not rows:
             continue
-
-        def mean(key: str) -> float:
-            return sum(r[key] for r in rows) / len(rows)
-
-        fid = f"{mean('fid'):.1f}"
+        mean = {k: sum(r[k] for r in rows) / len(rows)
+                for k in (*QUALITY, "dropped", "wall_s")}
+        fid = f"{mean['fid']:.1f}"
         if len(rows) > 1:
             fid += " (" + ", ".join(f"{r['fid']:.1f}" for r in rows) + ")"
         lines.append(
             f"| {label} | {aggregation} | {ratio:g} | {fid} | "
-            f"{mean('classifier-score'):.2f} | {mean('class-coverage'):.2f} | "
-            f"{sum(r['dropped'] for r in rows) / len(rows):g} | {mean('wall_s'):.0f} |"
+            f"{mean['classifier-score']:.2f} | {mean['class-coverage']:.2f} | "
+            f"{mean['dropped']:g} | {mean['wall_s']:.0f} |"
         )
     lines += ["", "## Findings", "", "(written by hand after the run)", ""]
     path.write_text("\n".join(lines))

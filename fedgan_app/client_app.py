@@ -130,8 +130,7 @@ def _build_models(
     cfg: RunConfig, data: ImageData, arrays: ArrayRecord, device: torch.device
 ) -> tuple[Generator, Discriminator]:
     """Build G and D for the data's image shape and load the global arrays."""
-    channels, size, _ = data.image_shape
-    gan_cfg = GANConfig(channels=channels, image_size=size, latent_dim=cfg.latent_dim)
+    gan_cfg = GANConfig.for_images(data.image_shape, cfg.latent_dim)
     generator, discriminator = Generator(gan_cfg), Discriminator(gan_cfg)
     unpack_gan(arrays, generator, discriminator)
     return generator.to(device), discriminator.to(device)

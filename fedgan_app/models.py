@@ -47,6 +47,16 @@ class GANConfig:
         if self.latent_dim < 1:
             raise ModelShapeError(f"latent_dim must be >= 1, got {self.latent_dim}")
 
+    @classmethod
+    def for_images(cls, image_shape: tuple[int, int, int], latent_dim: int) -> GANConfig:
+        """Size the GAN for (C, H, W) images; only square images are supported."""
+        channels, height, width = image_shape
+        if height != width:
+            raise ModelShapeError(
+                f"images must be square (e.g. 28x28 or 32x32), got {height}x{width}"
+            )
+        return cls(channels=channels, image_size=height, latent_dim=latent_dim)
+
     @property
     def base_size(self) -> int:
         """Side of the smallest feature map (7 for 28x28, 8 for 32x32)."""

@@ -36,6 +36,8 @@ from fedgan_app.training import derive_seed, sample_images
 app = ServerApp()
 
 GRID_IMAGES = 64
+# W&B online without network would otherwise block for its default 90 s.
+WANDB_INIT_TIMEOUT_S = 30.0
 QUALITY_KEYS = ("fid", "classifier-score", "class-coverage", "precision", "recall")
 
 
@@ -55,8 +57,7 @@ def main(grid: Grid, context: Context) -> None:
     # Data the server owns: its held-out split (never a client's partition).
     spec = partition_spec(cfg, num_partitions=max(1, len(list(grid.get_node_ids()))))
     server_data = load_server_split(spec)
-    channels, size, _ = server_data.image_shape
-    gan_cfg = GANConfig(channels=channels, image_size=size, latent_dim=cfg.latent_dim)
+    gan_cfg = GANConfig.for_images(server_data.image_shape, cfg.latent_dim)
     generator, discriminator = build_gan(gan_cfg, cfg.seed)
     initial = pack_gan(generator, discriminator)
     reference = initial
@@ -72,6 +73,7 @@ def main(grid: Grid, context: Context) -> None:
         wandb_project=cfg.wandb_project, run_name=run_dir.name,
         wandb_run_id=resume.wandb_run_id if resume else None,
         resume_after_round=start_round if resume else None,
+        wandb_init_timeout_s=WANDB_INIT_TIMEOUT_S,
     )
     log(INFO, "fedgan: writing outputs to %s", run_dir)
     try:
@@ -256,12 +258,14 @@ def _maybe_best(state: _BestState, row: dict[str, float], server_round: int) -> 
 
 def _log_summary_line(server_round: int, num_rounds: int, row: dict[str, float]) -> None:
     """One readable line per round in the run log."""
+    clients = (f"clients {int(row.get('replies-accepted', 0))} ok, "
+               f"{int(row.get('replies-dropped', 0))} dropped, "
+               f"{int(row.get('replies-failed', 0))} failed")
+    if row.get("replies-missing"):
+        clients += f", {int(row['replies-missing'])} late"
     text = (f"round {server_round}/{num_rounds}: loss D {row.get('loss-d', math.nan):.3f} "
             f"G {row.get('loss-g', math.nan):.3f} | D(x) {row.get('d-x', math.nan):.2f} "
-            f"D(G(z)) {row.get('d-gz', math.nan):.2f} | clients "
-            f"{int(row.get('replies-accepted', 0))} ok, "
-            f"{int(row.get('replies-dropped', 0))} dropped, "
-            f"{int(row.get('replies-failed', 0))} failed | "
+            f"D(G(z)) {row.get('d-gz', math.nan):.2f} | {clients} | "
             f"{row['round-time-s']:.1f}s")
     if "fid" in row:
         text += " | " + _format_quality(row)

@@ -70,6 +70,7 @@ class FedGAN(FedAvg):
             key: (tuple(arr.shape), str(arr.dtype)) for key, arr in reference.items()
         }
         self._global: dict[str, np.ndarray] = {}
+        self._sent = 0
         # Per-round counts and aggregated client metrics, read by the server.
         self.round_metrics: dict[int, dict[str, float]] = {}
         self.round_metadata: dict[int, list[TrainMetadata]] = {}
@@ -92,7 +93,9 @@ class FedGAN(FedAvg):
         )
         # Kept to measure each client's update against it.
         self._global = {k: v.numpy() for k, v in arrays.items()}
-        return super().configure_train(server_round, arrays, config, grid)
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self._sent = len(messages)  # replies missing after the timeout are counted
+        return messages
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -123,6 +126,7 @@ class FedGAN(FedAvg):
             "replies-accepted": len(accepted),
             "replies-dropped": sum(drops.values()),
             "replies-failed": len(failed),
+            "replies-missing": max(0, self._sent - len(replies)),
             "num-examples-total": sum(m.num_examples for m in metas),
             **{f"dropped-{kind}": n for kind, n in drops.items()},
         }

@@ -34,6 +34,10 @@ APP_PROCESSES = ("flwr-simulation", "flwr-serverapp")
 def flower(tmp_path: Path) -> Iterator[LocalFlower]:
     """A private Flower home; its SuperLink is stopped after the test."""
     local = LocalFlower(tmp_path / "flwr-home")
+    # One torch thread per process: on a busy machine, threads waiting for each
+    # other slow the server's evaluation several times (set before the SuperLink
+    # starts: its processes inherit it).
+    local.env["OMP_NUM_THREADS"] = "1"
     try:
         yield local
     finally:
@@ -81,7 +85,7 @@ def _kill_server_app(flower: LocalFlower) -> None:
     below = _descendants(apps[0], table)  # Ray's processes, wandb-core
     os.kill(apps[0], signal.SIGKILL)
     # Ray and W&B follow their parent within seconds; kill what has not, by PID.
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 5
     while any(_alive(pid) for pid in [apps[0], *below]) and time.monotonic() < deadline:
         time.sleep(0.2)
     for pid in below:
@@ -116,17 +120,13 @@ def test_sigkilled_server_resumes_in_a_new_run(flower: LocalFlower, tmp_path: Pa
     # Prepare: a run of 4 rounds, killed once round 2 is checkpointed
     out = tmp_path / "outputs"
     run_dir = out / "e2e-resume"
-    config = (f"num-server-rounds={ROUNDS} local-steps=5 batch-size=32 eval-every=2 "
-              f"eval-samples=200 output-dir='{out}' run-name='e2e-resume' "
+    config = (f"num-server-rounds={ROUNDS} local-steps=3 batch-size=32 eval-every=2 "
+              f"eval-samples=100 output-dir='{out}' run-name='e2e-resume' "
               "wandb-mode='offline'")
-    t0 = time.monotonic()
     first_id, _ = flower.run_app(config, nodes=2, stream=False)
-    print(f"submitted {time.monotonic() - t0:.1f}")
     _wait_for_round(run_dir / "checkpoints" / "latest.pt", flower, first_id,
                     KILL_AFTER_ROUND)
-    print(f"round 2 seen {time.monotonic() - t0:.1f}", flower.status(first_id))
     _kill_server_app(flower)
-    print(f"killed {time.monotonic() - t0:.1f}", flower.status(first_id))
     at_kill = load_checkpoint(run_dir / "checkpoints" / "latest.pt")
     assert KILL_AFTER_ROUND <= at_kill.server_round < ROUNDS, "killed too late"
     assert at_kill.wandb_run_id
@@ -134,7 +134,6 @@ def test_sigkilled_server_resumes_in_a_new_run(flower: LocalFlower, tmp_path: Pa
     # Execute: resume from the run folder in a new run
     second_id, output = flower.run_app(f"{config} resume-from='{run_dir}'", nodes=2)
 
-    print(f"resumed {time.monotonic() - t0:.1f}", flower.status(first_id))
     # Assert: completed, every round exactly once, the same W&B run continued
     assert flower.status(second_id) == "finished:completed", output[-3000:]
     assert second_id != first_id
@@ -150,4 +149,3 @@ def test_sigkilled_server_resumes_in_a_new_run(flower: LocalFlower, tmp_path: Pa
     pngs = sorted(p.name for p in (run_dir / "samples").glob("round_*.png"))
     assert pngs == [f"round_{r:04d}.png" for r in range(ROUNDS + 1)]
     assert iio.imread(run_dir / "progress.gif", index=None).shape[0] == ROUNDS + 1
-    print("killed run status:", flower.status(first_id))
