@@ -25,7 +25,13 @@ from fedgan_app.checkpoint import (
     save_checkpoint,
 )
 from fedgan_app.config import ConfigError, RunConfig
-from fedgan_app.data import ImageData, load_server_split, load_train_pool, partition_spec
+from fedgan_app.data import (
+    ImageData,
+    PartitionSpec,
+    load_server_split,
+    load_train_pool,
+    partition_spec,
+)
 from fedgan_app.evaluation import Evaluator, compute_quality
 from fedgan_app.evaluator_cache import load_or_train_evaluator
 from fedgan_app.models import GANConfig, Generator, build_gan, pack_gan, pick_device, split_state
@@ -96,7 +102,7 @@ def make_evaluate_fn(
     strategy: FedGAN,
     tracker: RunTracker,
     server_data: ImageData,
-    spec: object,
+    spec: PartitionSpec,
     run_dir: Path,
     resume: Checkpoint | None,
 ) -> Callable[[int, ArrayRecord], MetricRecord | None]:
@@ -104,7 +110,7 @@ def make_evaluate_fn(
     device = pick_device(cfg.device)
     noise = torch.randn(GRID_IMAGES, cfg.latent_dim,
                         generator=torch.Generator().manual_seed(derive_seed(cfg.seed, 0)))
-    quality = _QualityJudge(cfg, server_data, spec, run_dir, tracker)
+    quality = _QualityJudge(cfg, server_data, spec, tracker)
     state = _BestState(
         best_metric=resume.best_metric if resume else None,
         best_round=resume.best_round if resume else None,
@@ -167,8 +173,8 @@ class _BestState:
 class _QualityJudge:
     """Compute quality metrics of G with the cached evaluator classifier."""
 
-    def __init__(self, cfg: RunConfig, server_data: ImageData, spec: object,
-                 run_dir: Path, tracker: RunTracker) -> None:
+    def __init__(self, cfg: RunConfig, server_data: ImageData, spec: PartitionSpec,
+                 tracker: RunTracker) -> None:
         self.cfg = cfg
         self.server_data = server_data
         self.spec = spec
