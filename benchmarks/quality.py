@@ -71,7 +71,7 @@ from fedgan_app.training import (  # noqa: E402
 from tests.harness import InProcessGrid, server_context  # noqa: E402
 
 NUM_CLIENTS = 5
-BATCH_SIZE = 64
+BATCH_SIZE = 32  # the app's default; --batch-size overrides it for every row
 GRID_IMAGES = 64
 DEVICE = torch.device("cpu")
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
@@ -482,6 +482,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--rounds", type=int, default=10, help="R (default 10)")
     parser.add_argument("--local-steps", type=int, default=8, help="K (default 8)")
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE,
+                        help=f"batch size of every row (default {BATCH_SIZE}, the app's)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads for every row, clients too (default 1)")
     parser.add_argument("--quick", action="store_true",
@@ -498,6 +500,8 @@ def load_average() -> str:
 def main() -> None:
     """Run every row for every seed and write the report and the image."""
     args = parse_args()
+    global BATCH_SIZE  # one value for every row of this invocation
+    BATCH_SIZE = args.batch_size
     if args.quick:
         args.seeds, args.rounds, args.local_steps = args.seeds[:1], 2, 2
     # The ClientApp sets its threads from OMP_NUM_THREADS (training.set_torch_threads).
