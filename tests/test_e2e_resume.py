@@ -25,7 +25,6 @@ from tests.flwr_local import LocalFlower
 
 pytestmark = pytest.mark.e2e
 
-ROUNDS = 4
 KILL_AFTER_ROUND = 2
 APP_PROCESSES = ("flwr-simulation", "flwr-serverapp")
 
@@ -117,35 +116,39 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
 
 
 def test_sigkilled_server_resumes_in_a_new_run(flower: LocalFlower, tmp_path: Path) -> None:
-    # Prepare: a run of 4 rounds, killed once round 2 is checkpointed
+    # Prepare: a run that cannot finish before the kill (1,000 rounds; on an idle
+    # machine 4 tiny rounds end before the poll sees round 2), killed once round 2
+    # is checkpointed
     out = tmp_path / "outputs"
     run_dir = out / "e2e-resume"
-    config = (f"num-server-rounds={ROUNDS} local-steps=3 batch-size=32 eval-every=2 "
+    config = (f"local-steps=3 batch-size=32 eval-every=2 "
               f"eval-samples=100 output-dir='{out}' run-name='e2e-resume' "
               "wandb-mode='offline'")
-    first_id, _ = flower.run_app(config, nodes=2, stream=False)
+    first_id, _ = flower.run_app(f"num-server-rounds=1000 {config}", nodes=2, stream=False)
     _wait_for_round(run_dir / "checkpoints" / "latest.pt", flower, first_id,
                     KILL_AFTER_ROUND)
     _kill_server_app(flower)
     at_kill = load_checkpoint(run_dir / "checkpoints" / "latest.pt")
-    assert KILL_AFTER_ROUND <= at_kill.server_round < ROUNDS, "killed too late"
+    assert at_kill.server_round >= KILL_AFTER_ROUND
     assert at_kill.wandb_run_id
+    rounds_total = at_kill.server_round + 2  # two more rounds after the resume
 
     # Execute: resume from the run folder in a new run
-    second_id, output = flower.run_app(f"{config} resume-from='{run_dir}'", nodes=2)
+    second_id, output = flower.run_app(
+        f"num-server-rounds={rounds_total} {config} resume-from='{run_dir}'", nodes=2)
 
     # Assert: completed, every round exactly once, the same W&B run continued
     assert flower.status(second_id) == "finished:completed", output[-3000:]
     assert second_id != first_id
     assert f"after round {at_kill.server_round}" in output
     rounds = [int(r["round"]) for r in _read_csv(run_dir / "metrics.csv")]
-    assert rounds == list(range(1, ROUNDS + 1))
+    assert rounds == list(range(1, rounds_total + 1))
     clients = sorted((int(r["round"]), r["partition-id"])
                      for r in _read_csv(run_dir / "clients.csv"))
-    assert clients == [(r, p) for r in range(1, ROUNDS + 1) for p in ("0", "1")]
+    assert clients == [(r, p) for r in range(1, rounds_total + 1) for p in ("0", "1")]
     final = load_checkpoint(run_dir / "checkpoints" / "latest.pt")
-    assert final.server_round == ROUNDS
+    assert final.server_round == rounds_total
     assert final.wandb_run_id == at_kill.wandb_run_id
     pngs = sorted(p.name for p in (run_dir / "samples").glob("round_*.png"))
-    assert pngs == [f"round_{r:04d}.png" for r in range(ROUNDS + 1)]
-    assert iio.imread(run_dir / "progress.gif", index=None).shape[0] == ROUNDS + 1
+    assert pngs == [f"round_{r:04d}.png" for r in range(rounds_total + 1)]
+    assert iio.imread(run_dir / "progress.gif", index=None).shape[0] == rounds_total + 1
