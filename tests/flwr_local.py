@@ -84,26 +84,50 @@ class LocalFlower:
         return [int(p) for p in proc.stdout.split()]
 
     def stop(self) -> None:
-        """SIGTERM our SuperLink (and so its simulation), then wait for it."""
-        pids = self.superlink_pids()
-        for pid in pids:
+        """SIGTERM our SuperLink, then SIGKILL whatever of its tree is left.
+
+        A simulation process can outlive its SuperLink (it is re-parented to
+        init), e.g. after a failed test; only PIDs from our own tree are killed.
+        """
+        links = self.superlink_pids()
+        table = process_table()
+        tree = [pid for link in links for pid in descendants(link, table)]
+        for pid in links:
             os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + 15
-        while pids and time.monotonic() < deadline:
-            pids = [p for p in pids if _alive(p)]
+        while any(alive(p) for p in links + tree) and time.monotonic() < deadline:
             time.sleep(0.2)
-        for pid in pids:
-            os.kill(pid, signal.SIGKILL)
+        for pid in links + tree:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
-def _alive(pid: int) -> bool:
-    """Whether a process exists (and is not a zombie we could reap)."""
+def process_table() -> dict[int, tuple[int, str]]:
+    """Map each process id to (parent id, command line)."""
+    out = subprocess.run(["ps", "-ww", "-eo", "pid=,ppid=,args="], capture_output=True,
+                         text=True, check=True).stdout
+    table = {}
+    for line in out.splitlines():
+        pid, ppid, *args = line.split(maxsplit=2)
+        table[int(pid)] = (int(ppid), args[0] if args else "")
+    return table
+
+
+def descendants(root: int, table: dict[int, tuple[int, str]]) -> list[int]:
+    """PIDs below `root` in the process tree."""
+    found, frontier = [], [root]
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, (ppid, _) in table.items() if ppid == parent]
+        found += children
+        frontier += children
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Whether a process runs (a zombie counts as gone)."""
     try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
         return False
-    return True

@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import os
 import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +20,7 @@ import imageio.v3 as iio
 import pytest
 
 from fedgan_app.checkpoint import CheckpointError, load_checkpoint
-from tests.flwr_local import LocalFlower
+from tests.flwr_local import LocalFlower, alive, descendants, process_table
 
 pytestmark = pytest.mark.e2e
 
@@ -44,51 +43,20 @@ def flower(tmp_path: Path) -> Iterator[LocalFlower]:
     assert local.superlink_pids() == [], "SuperLink left running"
 
 
-def _process_table() -> dict[int, tuple[int, str]]:
-    """Map each process id to (parent id, command line)."""
-    out = subprocess.run(["ps", "-eo", "pid=,ppid=,args="], capture_output=True,
-                         text=True, check=True).stdout
-    table = {}
-    for line in out.splitlines():
-        pid, ppid, *args = line.split(maxsplit=2)
-        table[int(pid)] = (int(ppid), args[0] if args else "")
-    return table
-
-
-def _descendants(root: int, table: dict[int, tuple[int, str]]) -> list[int]:
-    """PIDs below `root` in the process tree."""
-    found, frontier = [], [root]
-    while frontier:
-        parent = frontier.pop()
-        children = [pid for pid, (ppid, _) in table.items() if ppid == parent]
-        found += children
-        frontier += children
-    return found
-
-
-def _alive(pid: int) -> bool:
-    """Whether a process runs (a zombie counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-
-
 def _kill_server_app(flower: LocalFlower) -> None:
     """SIGKILL the ServerApp process under our SuperLink; reap what it leaves."""
-    table = _process_table()
-    ours = [pid for link in flower.superlink_pids() for pid in _descendants(link, table)]
+    table = process_table()
+    ours = [pid for link in flower.superlink_pids() for pid in descendants(link, table)]
     apps = [pid for pid in ours if any(name in table[pid][1] for name in APP_PROCESSES)]
     assert len(apps) == 1, f"expected one ServerApp process under our SuperLink: {apps}"
-    below = _descendants(apps[0], table)  # Ray's processes, wandb-core
+    below = descendants(apps[0], table)  # Ray's processes, wandb-core
     os.kill(apps[0], signal.SIGKILL)
     # Ray and W&B follow their parent within seconds; kill what has not, by PID.
     deadline = time.monotonic() + 5
-    while any(_alive(pid) for pid in [apps[0], *below]) and time.monotonic() < deadline:
+    while any(alive(pid) for pid in [apps[0], *below]) and time.monotonic() < deadline:
         time.sleep(0.2)
     for pid in below:
-        if _alive(pid):
+        if alive(pid):
             os.kill(pid, signal.SIGKILL)
 
 
