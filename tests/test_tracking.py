@@ -229,9 +229,7 @@ def test_wandb_init_failure_warns_once_and_keeps_local_outputs(
     tracker.finish()
 
     # Assert
-    warnings = [
-        r for r in caplog.records if r.levelno == logging.WARNING and "W&B" in r.getMessage()
-    ]
+    warnings = _wandb_warnings(caplog)
     assert len(warnings) == 1
     assert "W&B init failed" in warnings[0].getMessage()
     assert tracker.wandb_run_id is None
@@ -256,9 +254,7 @@ def test_wandb_online_without_server_warns_once(
     tracker.finish()
 
     # Assert
-    warnings = [
-        r for r in caplog.records if r.levelno == logging.WARNING and "W&B" in r.getMessage()
-    ]
+    warnings = _wandb_warnings(caplog)
     assert len(warnings) == 1
     assert tracker.wandb_run_id is None
     assert len(_read_csv(run_dir / "metrics.csv")[1]) == 1
@@ -282,9 +278,7 @@ def test_wandb_failure_mid_run_warns_once_and_keeps_local_outputs(
     tracker.finish()
 
     # Assert
-    warnings = [
-        r for r in caplog.records if r.levelno == logging.WARNING and "W&B" in r.getMessage()
-    ]
+    warnings = _wandb_warnings(caplog)
     assert len(warnings) == 1
     assert "W&B log failed" in warnings[0].getMessage()
     assert tracker.wandb_run_id is not None  # the run exists and can still be resumed
@@ -310,3 +304,10 @@ def test_log_event_counts_join_next_round_and_summary(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "run" / "summary.json").read_text()) == {
         "total-dropped-replies": 3
     }
+
+
+def _wandb_warnings(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    """The W&B warnings the tracker logged."""
+    return [
+        r for r in caplog.records if r.levelno == logging.WARNING and "W&B" in r.getMessage()
+    ]
