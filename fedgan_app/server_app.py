@@ -52,7 +52,8 @@ def main(grid: Grid, context: Context) -> None:
     """Run FedGAN for the configured rounds and write every output."""
     # Settings, checked before anything else happens.
     cfg = RunConfig.from_run_config(context.run_config)
-    resume = _load_resume(cfg)
+    resume_path = resolve_resume_path(cfg.resume_from) if cfg.resume_from else None
+    resume = _load_resume(cfg, resume_path) if resume_path else None
     start_round = resume.server_round if resume else 0
     if start_round >= cfg.num_server_rounds:
         raise ConfigError(
@@ -68,12 +69,12 @@ def main(grid: Grid, context: Context) -> None:
     initial = pack_gan(generator, discriminator)
     reference = initial
     if resume:
-        check_state_matches(resume, resolve_resume_path(cfg.resume_from),
+        check_state_matches(resume, resume_path,
                             {k: tuple(v.shape) for k, v in reference.items()})
         initial = ArrayRecord(resume.state)
 
     # Outputs: one folder per run; resume appends to the checkpoint's folder.
-    run_dir = _run_dir(cfg, resume)
+    run_dir = _run_dir(cfg, resume_path)
     tracker = RunTracker(
         run_dir, cfg.to_dict(), wandb_mode=cfg.wandb_mode,
         wandb_project=cfg.wandb_project, run_name=run_dir.name,
@@ -303,11 +304,8 @@ RESUME_MAY_CHANGE = frozenset(
 )
 
 
-def _load_resume(cfg: RunConfig) -> Checkpoint | None:
-    """The checkpoint named by 'resume-from', or None for a fresh run."""
-    if not cfg.resume_from:
-        return None
-    path = resolve_resume_path(cfg.resume_from)
+def _load_resume(cfg: RunConfig, path: Path) -> Checkpoint:
+    """Load the checkpoint named by 'resume-from' (resolved to `path`) and check it."""
     ckpt = load_checkpoint(path)
     newest = _newest_round_beside(path)
     if newest is not None and newest > ckpt.server_round:
@@ -341,14 +339,13 @@ def _newest_round_beside(path: Path) -> int | None:
         return None  # a broken latest.pt: resuming from another file is the way out
 
 
-def _run_dir(cfg: RunConfig, resume: Checkpoint | None) -> Path:
+def _run_dir(cfg: RunConfig, ckpt_path: Path | None) -> Path:
     """The run's output folder; checks that it is writable.
 
     A resumed run appends to the folder its checkpoint lies in
     (`<run>/checkpoints/x.pt`); a checkpoint kept anywhere else starts a new
     folder from 'output-dir' and 'run-name'.
     """
-    ckpt_path = resolve_resume_path(cfg.resume_from) if resume is not None else None
     if ckpt_path is not None and ckpt_path.parent.name == "checkpoints":
         run_dir = ckpt_path.parent.parent
     else:
