@@ -72,15 +72,20 @@ def train_gan(
     latent_dim: int,
     device: torch.device,
     rng: torch.Generator,
+    proximal_mu: float = 0.0,
 ) -> LocalStats:
     """Run `steps` adversarial steps (non-saturating GAN loss, BCE with logits).
 
     Each step updates D on a real batch and a fake batch, then G to make D
     call its fakes real. Noise comes from `rng` (a CPU generator) so a client's
-    round is reproducible from (seed, round, partition id).
+    round is reproducible from (seed, round, partition id). With
+    `proximal_mu` > 0 each loss gets FedProx's term mu/2 * ||w - w_global||^2,
+    w_global being the weights the call started from (the received model).
     """
     generator.train()
     discriminator.train()
+    anchor_g = _anchor(generator) if proximal_mu > 0 else None
+    anchor_d = _anchor(discriminator) if proximal_mu > 0 else None
     loss_d_hist, loss_g_hist, d_x_hist, d_gz_hist = [], [], [], []
     images_seen = 0
     start = time.perf_counter()
@@ -98,12 +103,16 @@ def train_gan(
         loss_d = F.binary_cross_entropy_with_logits(
             logits_real, ones
         ) + F.binary_cross_entropy_with_logits(logits_fake, zeros)
+        if anchor_d is not None:
+            loss_d = loss_d + proximal_term(discriminator, anchor_d, proximal_mu)
         opt_d.zero_grad(set_to_none=True)
         loss_d.backward()
         opt_d.step()
 
         # G step, non-saturating: maximize log D(G(z)).
         loss_g = F.binary_cross_entropy_with_logits(discriminator(fake), ones)
+        if anchor_g is not None:
+            loss_g = loss_g + proximal_term(generator, anchor_g, proximal_mu)
         opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         opt_g.step()
@@ -122,6 +131,17 @@ def train_gan(
         steps=steps,
         images_seen=images_seen,
     )
+
+
+def _anchor(module: nn.Module) -> list[torch.Tensor]:
+    """Detached copies of a module's parameters (FedProx's w_global)."""
+    return [p.detach().clone() for p in module.parameters()]
+
+
+def proximal_term(module: nn.Module, anchor: list[torch.Tensor], mu: float) -> torch.Tensor:
+    """FedProx's mu/2 * ||w - w_anchor||^2 over a module's parameters (not buffers)."""
+    total = sum((p - a).pow(2).sum() for p, a in zip(module.parameters(), anchor, strict=True))
+    return 0.5 * mu * total
 
 
 @torch.no_grad()
