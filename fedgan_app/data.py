@@ -229,8 +229,8 @@ def load_train_pool(spec: PartitionSpec) -> ImageData:
 
 def batch_iterator(
     data: ImageData, batch_size: int, generator: torch.Generator
-) -> Iterator[torch.Tensor]:
-    """Yield image batches forever, reshuffling with ``generator`` every pass.
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (images, labels) batches forever, reshuffling with ``generator`` every pass.
 
     Batches are cut from a stream of consecutive random permutations, so every
     batch has exactly ``batch_size`` images and the first
@@ -240,7 +240,7 @@ def batch_iterator(
     Parameters
     ----------
     data : ImageData
-        Source of the images.
+        Source of the images and labels.
     batch_size : int
         Images per batch, >= 1.
     generator : torch.Generator
@@ -248,8 +248,8 @@ def batch_iterator(
 
     Yields
     ------
-    torch.Tensor
-        ``(B, C, H, W)`` images.
+    tuple[torch.Tensor, torch.Tensor]
+        ``(B, C, H, W)`` images and their ``(B,)`` labels.
 
     """
     if batch_size < 1:
@@ -259,13 +259,15 @@ def batch_iterator(
         raise DataError("cannot draw batches from an empty dataset")
     if num_examples < batch_size:
         while True:
-            yield data.images[torch.randperm(num_examples, generator=generator)]
+            order = torch.randperm(num_examples, generator=generator)
+            yield data.images[order], data.labels[order]
     pending = torch.empty(0, dtype=torch.int64)
     while True:
         # Carry the tail of one pass into the next so no batch is short.
         pending = torch.cat([pending, torch.randperm(num_examples, generator=generator)])
         while pending.numel() >= batch_size:
-            yield data.images[pending[:batch_size]]
+            index = pending[:batch_size]
+            yield data.images[index], data.labels[index]
             pending = pending[batch_size:]
 
 

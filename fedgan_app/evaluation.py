@@ -14,13 +14,21 @@ server's held-out split is the feature extractor:
 - ``class-coverage``: how many classes the generator produces, counting only
   confidently classified samples.
 - ``precision`` / ``recall``: the k-NN manifold estimator of Kynkaanniemi et
-  al. (2019) in the same feature space.
+  al. (2019) in the same feature space; ``density`` / ``coverage``: Naeem et
+  al.'s (2020) fix for it (a collapsed generator inside one real outlier's big
+  k-NN ball scores high precision but low density and coverage). All four
+  come from the authors' ``prdc`` package.
+- conditional generators: ``conditional-accuracy`` (the share of images
+  generated for class c that the evaluator calls c), overall and per class,
+  and a per-class fid.
 
 Pure torch: no Flower I/O, no files, no logging.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 from collections.abc import Callable
 
 import torch
@@ -37,8 +45,21 @@ CONFIDENCE_THRESHOLD = 0.9
 MIN_FAIR_SHARE = 0.5
 # Images per forward pass / rows per distance block: bounds memory, not results.
 BATCH_SIZE = 500
-CHUNK_SIZE = 1024
-QUALITY_KEYS = ("fid", "classifier-score", "class-coverage", "precision", "recall")
+QUALITY_KEYS = ("fid", "classifier-score", "class-coverage", "precision", "recall",
+                "density", "coverage")
+NEAREST_K = 5  # k of the k-NN manifold metrics (prdc's and the papers' default)
+# Everything that defines the evaluator besides its data: part of its cache key,
+# so changing any of it retrains the evaluator instead of reusing a stale one.
+# Bump "architecture" whenever Evaluator's layers change.
+EVALUATOR_RECIPE = {
+    "architecture": "conv32-pool-conv64-pool-fc128(pre-relu features)-dropout0.3-fc",
+    "epochs": 30,
+    "optimizer": "adam",
+    "lr": 1e-3,
+    "batch-size": 64,
+    "max-shift": 2,
+    "holdout-fraction": 0.2,
+}
 
 
 class Evaluator(nn.Module):
@@ -157,8 +178,8 @@ def train_evaluator(
     labels: torch.Tensor,
     num_classes: int,
     seed: int,
-    epochs: int = 30,
-    holdout_fraction: float = 0.2,
+    epochs: int = EVALUATOR_RECIPE["epochs"],
+    holdout_fraction: float = EVALUATOR_RECIPE["holdout-fraction"],
 ) -> tuple[Evaluator, float]:
     """Train on (1-holdout) of the given split; return (eval-mode model, held-out accuracy).
 
@@ -207,11 +228,12 @@ def train_evaluator(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Evaluator(images.shape[1], images.shape[-1], num_classes)
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        optimizer = torch.optim.Adam(model.parameters(), lr=EVALUATOR_RECIPE["lr"])
         model.train()
         for _ in range(epochs):
-            for batch in torch.randperm(x_train.shape[0], generator=generator).split(64):
-                x = _random_shift(x_train[batch], 2, generator)
+            order = torch.randperm(x_train.shape[0], generator=generator)
+            for batch in order.split(EVALUATOR_RECIPE["batch-size"]):
+                x = _random_shift(x_train[batch], EVALUATOR_RECIPE["max-shift"], generator)
                 loss = F.cross_entropy(model(x), y_train[batch])
                 optimizer.zero_grad()
                 loss.backward()
@@ -300,46 +322,23 @@ def class_coverage(
     return int((counts >= min_fair_share * n / num_classes).sum())
 
 
-def _kth_neighbour_radii(feats: torch.Tensor, k: int) -> torch.Tensor:
-    """Distance from each row to its k-th nearest other row (N,), in row chunks."""
-    radii = [
-        # k + 1: the smallest distance of each row is to itself (0).
-        torch.cdist(chunk, feats).kthvalue(k + 1, dim=1).values
-        for chunk in feats.split(CHUNK_SIZE)
-    ]
-    return torch.cat(radii)
+def manifold_metrics(
+    real_feats: torch.Tensor, fake_feats: torch.Tensor, k: int = NEAREST_K
+) -> dict[str, float]:
+    """Precision, recall (Kynkaanniemi 2019), density and coverage (Naeem 2020) via prdc.
 
-
-def _fraction_in_manifold(
-    queries: torch.Tensor, support: torch.Tensor, radii: torch.Tensor
-) -> float:
-    """Fraction of ``queries`` within the k-NN ball of at least one ``support`` point."""
-    inside = [
-        (torch.cdist(chunk, support) <= radii.unsqueeze(0)).any(dim=1)
-        for chunk in queries.split(CHUNK_SIZE)
-    ]
-    return torch.cat(inside).double().mean().item()
-
-
-def precision_recall(
-    real_feats: torch.Tensor, fake_feats: torch.Tensor, k: int = 5
-) -> tuple[float, float]:
-    """Improved precision and recall (Kynkaanniemi et al. 2019) of fake vs real features (N, F).
-
-    Precision: the fraction of fake samples inside the real manifold (union of
-    balls around each real sample reaching its k-th nearest real neighbour).
-    Recall: the fraction of real samples inside the fake manifold, built the
-    same way. Each side needs more than ``k`` samples.
+    Real and fake features are (N, F); each side needs more than ``k`` rows.
     """
     for name, feats in (("real", real_feats), ("fake", fake_feats)):
         if feats.dim() != 2 or feats.shape[0] <= k:
             raise ValueError(
                 f"{name} features must be (N, F) with N > k={k}, got {tuple(feats.shape)}"
             )
-    real, fake = real_feats.double(), fake_feats.double()
-    precision = _fraction_in_manifold(fake, real, _kth_neighbour_radii(real, k))
-    recall = _fraction_in_manifold(real, fake, _kth_neighbour_radii(fake, k))
-    return precision, recall
+    from prdc import compute_prdc  # imported here: scikit-learn is slow to import
+
+    with contextlib.redirect_stdout(io.StringIO()):  # prdc prints the set sizes
+        values = compute_prdc(real_feats.double().numpy(), fake_feats.double().numpy(), k)
+    return {key: float(values[key]) for key in ("precision", "recall", "density", "coverage")}
 
 
 @torch.no_grad()
@@ -356,13 +355,42 @@ def compute_quality(
 
     """
     fake_probs = predict_probs(evaluator, fake)
-    precision, recall = precision_recall(
+    manifold = manifold_metrics(
         extract_features(evaluator, real), extract_features(evaluator, fake), k
     )
     return {
         "fid": fid(evaluator, real, fake),
         "classifier-score": classifier_score(fake_probs),
         "class-coverage": float(class_coverage(fake_probs)),
-        "precision": precision,
-        "recall": recall,
+        **manifold,
     }
+
+
+@torch.no_grad()
+def conditional_quality(
+    evaluator: Evaluator,
+    real: torch.Tensor,
+    real_labels: torch.Tensor,
+    fake: torch.Tensor,
+    fake_labels: torch.Tensor,
+) -> dict[str, float]:
+    """Per-class quality of a conditional generator's images (N,C,H,W) in [-1,1].
+
+    Returns ``conditional-accuracy`` (share of fakes the evaluator assigns to
+    the class they were generated for), ``conditional-accuracy/<c>`` per
+    class, and ``fid/<c>``: the fid of class c's fakes against class c's real
+    images (small per-class samples make it biased upwards: compare runs with
+    the same eval-samples only). A class with fewer than 2 images on either
+    side gets no fid.
+    """
+    predicted = predict_probs(evaluator, fake).argmax(dim=1)
+    hits = predicted == fake_labels.to(predicted.device)
+    row = {"conditional-accuracy": hits.double().mean().item()}
+    for c in range(evaluator.num_classes):
+        mine = fake_labels == c
+        if mine.any():
+            row[f"conditional-accuracy/{c}"] = hits[mine].double().mean().item()
+        real_c = real[real_labels == c]
+        if mine.sum() >= 2 and real_c.size(0) >= 2:
+            row[f"fid/{c}"] = fid(evaluator, real_c, fake[mine])
+    return row

@@ -1,14 +1,17 @@
 """On-disk cache of the trained quality evaluator: the only file I/O of evaluation.
 
 The cache file name derives from a hash of the caller's key (dataset name +
-split definition + seed), and the key is stored in the file and checked on
-load, so a changed dataset or split never reuses a stale evaluator. Files are
+split definition + seed) joined with the evaluator's own recipe
+(`evaluation.EVALUATOR_RECIPE`: architecture and training settings), and
+that full key is stored in the file and checked on load, so a changed
+dataset, split or evaluator recipe never reuses a stale evaluator. Files are
 written atomically; an unreadable or foreign file is logged and replaced.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from pathlib import Path
@@ -18,14 +21,19 @@ import torch
 from flwr.common.logger import log
 
 from fedgan_app.checkpoint import atomic_torch_save
-from fedgan_app.evaluation import Evaluator, train_evaluator
+from fedgan_app.evaluation import EVALUATOR_RECIPE, Evaluator, train_evaluator
 
 CACHE_FORMAT = "fedgan-evaluator-v1"
 
 
+def full_key(key: str) -> str:
+    """The caller's key (data, split, seed) joined with the evaluator's recipe."""
+    return f"{key}|evaluator={json.dumps(EVALUATOR_RECIPE, sort_keys=True)}"
+
+
 def cache_path(cache_dir: Path, key: str) -> Path:
-    """Return the cache file for ``key``: ``evaluator-<sha256(key)[:16]>.pt``."""
-    digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
+    """Return the cache file for ``key``: ``evaluator-<sha256(full key)[:16]>.pt``."""
+    digest = hashlib.sha256(full_key(key).encode("utf-8")).hexdigest()[:16]
     return Path(cache_dir) / f"evaluator-{digest}.pt"
 
 
@@ -57,6 +65,7 @@ def load_or_train_evaluator(
 
     """
     path = cache_path(cache_dir, key)
+    key = full_key(key)
     expected_args = {
         "in_channels": int(images.shape[1]),
         "image_size": int(images.shape[-1]),

@@ -1,78 +1,118 @@
-"""DCGAN generator and discriminator, and packing both into one ArrayRecord.
+"""DCGAN generator and discriminator (optionally class-conditional), and packing.
 
 The nets follow pytorch/examples' DCGAN recipe (normal(0, 0.02) init,
-BatchNorm, ReLU in G, LeakyReLU in D, tanh output) scaled down for 28x28 and
-32x32 images: two stride-2 layers take a (H/4)x(H/4) map to HxW. No Flower
-I/O, no files, no logging here.
+BatchNorm and ReLU in G, LeakyReLU in D, tanh output) scaled for 28x28 and
+32x32 images: two stride-2 layers take a (H/4)x(H/4) map to HxW. Settings
+choose the widths, D's normalisation (BatchNorm or spectral norm) and, for a
+conditional GAN, how D sees the class (ACGAN's auxiliary classifier or a
+projection discriminator). No Flower I/O, no files, no logging here.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from flwr.app import ArrayRecord
 from torch import nn
+from torch.nn.utils import parametrizations
 
 G_PREFIX = "generator."
 D_PREFIX = "discriminator."
+D_NORMS = ("batchnorm", "spectral")
+CONDITIONINGS = ("acgan", "projection")
+
+
+class RunConfigLike(Protocol):
+    """The model settings of a `fedgan_app.config.RunConfig` (no import of config here)."""
+
+    latent_dim: int
+    g_width: int
+    d_width: int
+    d_norm: str
+    conditional: bool
+    conditioning: str
 
 
 class ModelShapeError(ValueError):
-    """The image shape is one the DCGAN cannot be built for."""
+    """The image shape or a model setting is one the DCGAN cannot be built for."""
 
 
 @dataclass(frozen=True)
 class GANConfig:
-    """Shape settings of the GAN pair (no globals read by the models)."""
+    """Shape and architecture settings of the GAN pair (no globals read by the models)."""
 
     channels: int = 1
     image_size: int = 28
     latent_dim: int = 100
     g_width: int = 32  # ngf: G's widest layer has 4 * g_width feature maps
-    d_width: int = 64  # ndf
+    d_width: int = 64  # ndf: D's widest layer has 2 * d_width feature maps
+    d_norm: str = "batchnorm"  # or "spectral": spectral norm on every D layer, no BN
+    num_classes: int = 0  # > 0: class-conditional G and D
+    conditioning: str = "acgan"  # how a conditional D uses the label
 
     def __post_init__(self) -> None:
-        """Reject shapes the two stride-2 stages cannot produce."""
+        """Reject shapes the two stride-2 stages cannot produce, and unknown options."""
         if self.channels not in (1, 3):
-            raise ModelShapeError(
-                f"images must have 1 or 3 channels, got {self.channels}"
-            )
+            raise ModelShapeError(f"images must have 1 or 3 channels, got {self.channels}")
         if self.image_size % 4 != 0 or not 8 <= self.image_size <= 64:
             raise ModelShapeError(
                 f"image size must be a multiple of 4 between 8 and 64 (e.g. 28 or "
                 f"32), got {self.image_size}"
             )
-        if self.latent_dim < 1:
-            raise ModelShapeError(f"latent_dim must be >= 1, got {self.latent_dim}")
+        if self.latent_dim < 1 or self.g_width < 1 or self.d_width < 1:
+            raise ModelShapeError(
+                f"latent_dim, g_width and d_width must be >= 1, got {self.latent_dim}, "
+                f"{self.g_width}, {self.d_width}"
+            )
+        if self.d_norm not in D_NORMS:
+            raise ModelShapeError(f"d_norm must be one of {D_NORMS}, got {self.d_norm!r}")
+        if self.num_classes < 0 or self.num_classes == 1:
+            raise ModelShapeError(
+                f"num_classes must be 0 (unconditional) or >= 2, got {self.num_classes}"
+            )
+        if self.conditioning not in CONDITIONINGS:
+            raise ModelShapeError(
+                f"conditioning must be one of {CONDITIONINGS}, got {self.conditioning!r}"
+            )
 
     @classmethod
-    def for_images(cls, image_shape: tuple[int, int, int], latent_dim: int) -> GANConfig:
+    def for_images(
+        cls, image_shape: tuple[int, int, int], latent_dim: int, **arch: object
+    ) -> GANConfig:
         """Size the GAN for (C, H, W) images; only square images are supported."""
         channels, height, width = image_shape
         if height != width:
             raise ModelShapeError(
                 f"images must be square (e.g. 28x28 or 32x32), got {height}x{width}"
             )
-        return cls(channels=channels, image_size=height, latent_dim=latent_dim)
+        return cls(channels=channels, image_size=height, latent_dim=latent_dim, **arch)
 
     @property
     def base_size(self) -> int:
         """Side of the smallest feature map (7 for 28x28, 8 for 32x32)."""
         return self.image_size // 4
 
+    @property
+    def conditional(self) -> bool:
+        """Whether G and D take class labels."""
+        return self.num_classes > 0
+
 
 class Generator(nn.Module):
-    """Map z (N, latent_dim) to images (N, C, H, W) in [-1, 1]."""
+    """Map z (N, latent_dim) [and labels (N,)] to images (N, C, H, W) in [-1, 1]."""
 
     def __init__(self, cfg: GANConfig) -> None:
         super().__init__()
         w, s = cfg.g_width, cfg.base_size
         self.latent_dim = cfg.latent_dim
+        self.num_classes = cfg.num_classes
+        # A conditional G sees z concatenated with the label's one-hot code.
         self.net = nn.Sequential(
-            # z as (latent_dim) x 1 x 1
-            nn.ConvTranspose2d(cfg.latent_dim, w * 4, s, 1, 0, bias=False),
+            # (latent_dim + num_classes) x 1 x 1
+            nn.ConvTranspose2d(cfg.latent_dim + cfg.num_classes, w * 4, s, 1, 0, bias=False),
             nn.BatchNorm2d(w * 4),
             nn.ReLU(True),
             # (w*4) x s x s
@@ -85,56 +125,101 @@ class Generator(nn.Module):
             # C x 4s x 4s
         )
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        """Generate images from noise of shape (N, latent_dim)."""
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Generate images from noise (N, latent_dim) and, if conditional, labels (N,)."""
+        if self.num_classes:
+            if labels is None:
+                raise ValueError("a conditional generator needs labels")
+            onehot = nn.functional.one_hot(labels, self.num_classes).to(z.dtype)
+            z = torch.cat([z, onehot], dim=1)
         return self.net(z.view(z.size(0), -1, 1, 1))
 
 
 class Discriminator(nn.Module):
-    """Map images (N, C, H, W) to one real-vs-fake logit each, shape (N,)."""
+    """Map images (N, C, H, W) [and labels] to a real-vs-fake logit each, shape (N,).
+
+    A conditional D either has ACGAN's auxiliary head (`class_logits` gives
+    (N, num_classes) from the same features; `forward` ignores the labels) or
+    is a projection discriminator (the logit adds <embed(y), features>).
+    """
 
     def __init__(self, cfg: GANConfig) -> None:
         super().__init__()
         w, s = cfg.d_width, cfg.base_size
+        spectral = cfg.d_norm == "spectral"
+        norm = _spectral if spectral else _identity
         self.net = nn.Sequential(
             # C x 4s x 4s
-            nn.Conv2d(cfg.channels, w, 4, 2, 1, bias=False),
+            norm(nn.Conv2d(cfg.channels, w, 4, 2, 1, bias=spectral)),
             nn.LeakyReLU(0.2, inplace=True),
             # w x 2s x 2s
-            nn.Conv2d(w, w * 2, 4, 2, 1, bias=False),
-            nn.BatchNorm2d(w * 2),
+            norm(nn.Conv2d(w, w * 2, 4, 2, 1, bias=spectral)),
+            *([] if spectral else [nn.BatchNorm2d(w * 2)]),
             nn.LeakyReLU(0.2, inplace=True),
             # (w*2) x s x s
-            nn.Conv2d(w * 2, 1, s, 1, 0, bias=False),
-            # 1 x 1 x 1: a logit, no sigmoid (BCE-with-logits is stabler)
         )
+        # 1 x 1 x 1: a logit, no sigmoid (BCE-with-logits and hinge take logits)
+        self.head = norm(nn.Conv2d(w * 2, 1, s, 1, 0, bias=False))
+        self.num_classes = cfg.num_classes
+        self.conditioning = cfg.conditioning if cfg.num_classes else ""
+        if self.conditioning == "acgan":
+            self.aux = norm(nn.Conv2d(w * 2, cfg.num_classes, s, 1, 0, bias=True))
+        elif self.conditioning == "projection":
+            self.embed = norm(nn.Embedding(cfg.num_classes, w * 2 * s * s))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Return logits of shape (N,)."""
-        return self.net(x).view(-1)
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last feature map, (N, 2*d_width, s, s)."""
+        return self.net(x)
+
+    def logits(self, h: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Real-vs-fake logits (N,) from features `h`."""
+        out = self.head(h).view(-1)
+        if self.conditioning == "projection":
+            if labels is None:
+                raise ValueError("a projection discriminator needs labels")
+            out = out + (self.embed(labels) * h.flatten(1)).sum(dim=1)
+        return out
+
+    def class_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """ACGAN's class logits (N, num_classes) from features `h`."""
+        return self.aux(h).flatten(1)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Return real-vs-fake logits of shape (N,)."""
+        return self.logits(self.features(x), labels)
+
+
+def _spectral(module: nn.Module) -> nn.Module:
+    """Wrap a layer in spectral normalisation (Miyato et al. 2018)."""
+    return parametrizations.spectral_norm(module)
+
+
+def _identity(module: nn.Module) -> nn.Module:
+    """Leave a layer as it is."""
+    return module
 
 
 def weights_init(module: nn.Module) -> None:
     """DCGAN init: conv weights ~ N(0, 0.02), BatchNorm weight ~ N(1, 0.02), bias 0."""
-    name = type(module).__name__
-    if "Conv" in name:
-        nn.init.normal_(module.weight, 0.0, 0.02)
-    elif "BatchNorm" in name:
+    if isinstance(module, nn.Conv2d | nn.ConvTranspose2d | nn.Embedding):
+        weight = module.parametrizations.weight.original if hasattr(
+            module, "parametrizations") else module.weight
+        nn.init.normal_(weight, 0.0, 0.02)
+        if getattr(module, "bias", None) is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.BatchNorm2d):
         nn.init.normal_(module.weight, 1.0, 0.02)
         nn.init.zeros_(module.bias)
 
 
 def build_gan(cfg: GANConfig, seed: int) -> tuple[Generator, Discriminator]:
     """Build G and D with DCGAN init; the same seed gives the same weights."""
-    rng_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
+    with torch.random.fork_rng(devices=[]):
+        # Leave the caller's global RNG as it was.
+        torch.manual_seed(seed)
         generator, discriminator = Generator(cfg), Discriminator(cfg)
         generator.apply(weights_init)
         discriminator.apply(weights_init)
-    finally:
-        # Leave the caller's global RNG as it was.
-        torch.random.set_rng_state(rng_state)
     return generator, discriminator
 
 
@@ -143,7 +228,8 @@ def pack_gan(generator: nn.Module, discriminator: nn.Module) -> ArrayRecord:
     state: OrderedDict[str, torch.Tensor] = OrderedDict()
     for prefix, net in ((G_PREFIX, generator), (D_PREFIX, discriminator)):
         for key, tensor in net.state_dict().items():
-            state[prefix + key] = tensor.detach().cpu()
+            # contiguous: a channels_last copy serialises in the standard layout
+            state[prefix + key] = tensor.detach().cpu().contiguous()
     return ArrayRecord(state)
 
 
@@ -174,6 +260,62 @@ def unpack_gan(
     discriminator.load_state_dict(d_state, strict=True)
 
 
+def buffer_keys(generator: nn.Module, discriminator: nn.Module) -> frozenset[str]:
+    """Packed keys of buffers (BatchNorm statistics, spectral-norm vectors): not gradients."""
+    return frozenset(
+        prefix + name
+        for prefix, net in ((G_PREFIX, generator), (D_PREFIX, discriminator))
+        for name, _ in net.named_buffers()
+    )
+
+
+def batchnorm_stat_keys(state_keys: list[str] | frozenset[str]) -> frozenset[str]:
+    """Keys of BatchNorm running statistics among packed/state_dict keys."""
+    suffixes = (".running_mean", ".running_var", ".num_batches_tracked")
+    return frozenset(k for k in state_keys if k.endswith(suffixes))
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(
+    generator: Generator,
+    num_batches: int = 16,
+    batch_size: int = 64,
+    seed: int = 0,
+    device: torch.device | None = None,
+) -> None:
+    """Recompute G's BatchNorm running statistics for its current weights, from noise.
+
+    G's activations depend on z (and labels) only, so the server can measure
+    exact population statistics without any data ("precise BN"): reset the
+    statistics, run `num_batches` seeded noise batches in train mode with a
+    cumulative average, and return to eval mode. Needed after averaging
+    (the clients' statistics belong to their pre-average weights), for an
+    EMA generator, and when clients keep their statistics local.
+    """
+    layers = [m for m in generator.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not layers:
+        return
+    device = device or next(generator.parameters()).device
+    momenta = [m.momentum for m in layers]
+    for layer in layers:
+        layer.reset_running_stats()
+        layer.momentum = None  # cumulative moving average over the batches
+    rng = torch.Generator().manual_seed(seed)
+    generator.train()
+    try:
+        for _ in range(num_batches):
+            z = torch.randn(batch_size, generator.latent_dim, generator=rng).to(device)
+            labels = None
+            if generator.num_classes:
+                labels = torch.randint(0, generator.num_classes, (batch_size,),
+                                       generator=rng).to(device)
+            generator(z, labels)
+    finally:
+        for layer, momentum in zip(layers, momenta, strict=True):
+            layer.momentum = momentum
+        generator.eval()
+
+
 def pick_device(name: str) -> torch.device:
     """Resolve the 'device' setting: 'auto' picks CUDA when it is available."""
     if name == "auto":
@@ -181,3 +323,15 @@ def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("setting 'device' is 'cuda' but no CUDA device is available")
     return torch.device(name)
+
+
+def gan_config(
+    settings: RunConfigLike, image_shape: tuple[int, int, int], num_classes: int
+) -> GANConfig:
+    """The GANConfig a run's settings ask for, sized for its images and classes."""
+    return GANConfig.for_images(
+        image_shape, settings.latent_dim, g_width=settings.g_width,
+        d_width=settings.d_width, d_norm=settings.d_norm,
+        num_classes=num_classes if settings.conditional else 0,
+        conditioning=settings.conditioning,
+    )

@@ -34,7 +34,15 @@ from fedgan_app.data import (
 )
 from fedgan_app.evaluation import Evaluator, compute_quality
 from fedgan_app.evaluator_cache import load_or_train_evaluator
-from fedgan_app.models import GANConfig, Generator, build_gan, pack_gan, pick_device, split_state
+from fedgan_app.models import (
+    GANConfig,
+    Generator,
+    build_gan,
+    gan_config,
+    pack_gan,
+    pick_device,
+    split_state,
+)
 from fedgan_app.strategy import FedGAN
 from fedgan_app.tracking import RunTracker, make_grid
 from fedgan_app.training import derive_seed, sample_images
@@ -64,7 +72,7 @@ def main(grid: Grid, context: Context) -> None:
     # Data the server owns: its held-out split (never a client's partition).
     spec = partition_spec(cfg, num_partitions=max(1, len(list(grid.get_node_ids()))))
     server_data = load_server_split(spec)
-    gan_cfg = GANConfig.for_images(server_data.image_shape, cfg.latent_dim)
+    gan_cfg = gan_config(cfg, server_data.image_shape, server_data.num_classes)
     generator, discriminator = build_gan(gan_cfg, cfg.seed)
     initial = pack_gan(generator, discriminator)
     reference = initial
@@ -219,7 +227,8 @@ class _QualityJudge:
         for start in range(0, self.cfg.eval_samples, 500):
             n = min(500, self.cfg.eval_samples - start)
             z = torch.randn(n, gan_cfg.latent_dim, generator=rng)
-            fakes.append(sample_images(generator, z, device))
+            labels = _grid_labels(n, gan_cfg.num_classes, start)
+            fakes.append(sample_images(generator, z, device, labels))
         real = self.server_data.images[: self.cfg.eval_samples]
         return compute_quality(evaluator, real, torch.cat(fakes))
 
@@ -248,8 +257,16 @@ def _generator_from(arrays: ArrayRecord, gan_cfg: GANConfig,
 def _log_grid(tracker: RunTracker, arrays: ArrayRecord, gan_cfg: GANConfig,
               noise: torch.Tensor, device: torch.device, server_round: int) -> None:
     """Sample the fixed noise and save the grid for this round."""
-    images = sample_images(_generator_from(arrays, gan_cfg, device), noise, device)
+    labels = _grid_labels(noise.size(0), gan_cfg.num_classes)
+    images = sample_images(_generator_from(arrays, gan_cfg, device), noise, device, labels)
     tracker.log_samples(server_round, make_grid(images, nrow=8))
+
+
+def _grid_labels(n: int, num_classes: int, start: int = 0) -> torch.Tensor | None:
+    """Balanced labels 0, 1, ..., C-1, 0, ... for a conditional G (None otherwise)."""
+    if num_classes == 0:
+        return None
+    return torch.arange(start, start + n) % num_classes
 
 
 def _maybe_best(state: _BestState, row: dict[str, float], server_round: int) -> bool:

@@ -317,10 +317,17 @@ def test_batch_iterator_shapes_determinism_and_coverage() -> None:
     replay = [next(run_b) for _ in range(batches_per_pass)]
 
     # Assert
-    assert all(b.shape == (batch_size, 1, 28, 28) for b in first_pass)
-    assert all(torch.equal(a, b) for a, b in zip(first_pass, replay, strict=True))
-    seen = {row.numpy().tobytes() for b in first_pass for row in b}
+    assert all(b.shape == (batch_size, 1, 28, 28) for b, _ in first_pass)
+    assert all(y.shape == (batch_size,) for _, y in first_pass)
+    assert all(torch.equal(a, b) and torch.equal(ya, yb)
+               for (a, ya), (b, yb) in zip(first_pass, replay, strict=True))
+    seen = {row.numpy().tobytes() for b, _ in first_pass for row in b}
     assert seen == {row.numpy().tobytes() for row in data.images}
+    # Each image keeps its own label.
+    label_of = {row.numpy().tobytes(): int(y) for row, y in zip(data.images, data.labels,
+                                                                 strict=True)}
+    assert all(label_of[row.numpy().tobytes()] == int(y)
+               for b, ys in first_pass for row, y in zip(b, ys, strict=True))
 
 
 def test_batch_iterator_small_data_yields_whole_shuffled_set() -> None:
@@ -331,9 +338,10 @@ def test_batch_iterator_small_data_yields_whole_shuffled_set() -> None:
 
     # Execute
     batches = batch_iterator(small, 64, torch.Generator().manual_seed(1))
-    first, second = next(batches), next(batches)
+    (first, first_labels), (second, _) = next(batches), next(batches)
 
     # Assert
     assert first.shape == second.shape == (10, 1, 28, 28)
+    assert sorted(first_labels.tolist()) == sorted(small.labels.tolist())
     assert not torch.equal(first, second)  # reshuffled each pass
     assert {r.numpy().tobytes() for r in first} == {r.numpy().tobytes() for r in small.images}

