@@ -110,8 +110,14 @@ class FedGAN(FedAvg):
         accepted: list[Message] = []
         metas: list[TrainMetadata] = []
         drops: dict[str, int] = {}
-        for msg in (m for m in replies if not m.has_error()):
+        # One clients.csv row per reply, keyed by id(message), in arrival order.
+        rows: dict[int, dict[str, Any]] = {}
+        for msg in replies:
+            if msg.has_error():
+                rows[id(msg)] = _failed_row(msg)
+                continue
             meta, reason = self._validate(msg)
+            rows[id(msg)] = _client_row(msg, meta, reason)
             if reason is None:
                 accepted.append(msg)
                 metas.append(meta)
@@ -120,7 +126,7 @@ class FedGAN(FedAvg):
                 drops[kind] = drops.get(kind, 0) + 1
                 log(WARNING, "round %d: dropped reply from node %d: %s",
                     server_round, msg.metadata.src_node_id, reason)
-        accepted, metas = self._screen_norms(server_round, accepted, metas, drops)
+        accepted, metas = self._screen_norms(server_round, accepted, metas, drops, rows)
 
         counts = {
             "replies-accepted": len(accepted),
@@ -131,9 +137,12 @@ class FedGAN(FedAvg):
             **{f"dropped-{kind}": n for kind, n in drops.items()},
         }
         self.round_metadata[server_round] = metas
-        if self.sink is not None and metas:
-            rows = [_client_row(m, msg) for m, msg in zip(metas, accepted, strict=True)]
-            self.sink.log_clients(server_round, rows)
+        if len(accepted) >= self.cfg.min_train_replies:
+            total = sum(m.num_examples for m in metas)
+            for msg, meta in zip(accepted, metas, strict=True):
+                rows[id(msg)]["weight"] = meta.num_examples / total
+        if self.sink is not None and rows:
+            self.sink.log_clients(server_round, list(rows.values()))
         if len(accepted) < self.cfg.min_train_replies:
             log(WARNING, "round %d: %d valid replies < min-train-replies=%d; "
                 "keeping the previous global model", server_round, len(accepted),
@@ -236,6 +245,7 @@ class FedGAN(FedAvg):
         accepted: list[Message],
         metas: list[TrainMetadata],
         drops: dict[str, int],
+        rows: dict[int, dict[str, Any]],
     ) -> tuple[list[Message], list[TrainMetadata]]:
         """Drop updates whose norm is far beyond the median client's."""
         ratio = self.cfg.max_update_norm_ratio
@@ -247,9 +257,11 @@ class FedGAN(FedAvg):
         for msg, meta, norm in zip(accepted, metas, norms, strict=True):
             if norm > limit > 0:
                 drops["norm"] = drops.get("norm", 0) + 1
-                log(WARNING, "round %d: dropped reply from node %d: norm: update "
-                    "norm %.3g > %.3g x median %.3g", server_round,
-                    msg.metadata.src_node_id, norm, ratio, limit / ratio)
+                reason = (f"norm: update norm {norm:.3g} > {ratio:g} x median "
+                          f"{limit / ratio:.3g}")
+                rows[id(msg)].update(status="dropped", reason=reason)
+                log(WARNING, "round %d: dropped reply from node %d: %s", server_round,
+                    msg.metadata.src_node_id, reason)
             else:
                 kept_msgs.append(msg)
                 kept_metas.append(meta)
@@ -277,11 +289,22 @@ def _update_norm(arrays: ArrayRecord, global_arrays: dict[str, np.ndarray]) -> f
     return math.sqrt(total)
 
 
-def _client_row(meta: TrainMetadata, msg: Message) -> dict[str, Any]:
-    """Flatten one client's metadata into a clients.csv row."""
-    tail = max(1, min(10, meta.steps))
-    return {
+def _client_row(msg: Message, meta: TrainMetadata | None,
+                reason: str | None) -> dict[str, Any]:
+    """One clients.csv row of a reply: its status, and its metadata when it decoded.
+
+    The weight is filled in later, once the accepted replies are known.
+    """
+    row: dict[str, Any] = {
         "node-id": msg.metadata.src_node_id,
+        "status": "accepted" if reason is None else "dropped",
+        "reason": reason or "",
+        "weight": 0.0,
+    }
+    if meta is None:
+        return row
+    tail = max(1, min(10, meta.steps))
+    row.update({
         "partition-id": meta.partition_id,
         "num-examples": meta.num_examples,
         "steps": meta.steps,
@@ -292,8 +315,16 @@ def _client_row(meta: TrainMetadata, msg: Message) -> dict[str, Any]:
         "wall-time-s": meta.wall_time_s,
         "converged": int(meta.converged),
         "classes": sum(1 for n in meta.label_histogram if n > 0),
+        "label-histogram": ";".join(str(n) for n in meta.label_histogram),
         "device": meta.device,
-    }
+    })
+    return row
+
+
+def _failed_row(msg: Message) -> dict[str, Any]:
+    """The clients.csv row of an error reply: only its node id is known."""
+    return {"node-id": msg.metadata.src_node_id, "status": "failed",
+            "reason": f"error: {msg.error.reason}", "weight": 0.0}
 
 
 def _mean(values: list[float]) -> float:

@@ -150,7 +150,13 @@ def test_hostile_metadata_in_a_whole_run_never_runs_and_is_counted(
         assert _num(row, "replies-dropped") == 1 and _num(row, "dropped-metadata") == 1
         assert _num(row, "replies-accepted") == 1
     clients = _read_csv(run_dir / "clients.csv")
-    assert {r["partition-id"] for r in clients} == {"0"}  # the hostile node left no row
+    accepted = [r for r in clients if r["status"] == "accepted"]
+    dropped = [r for r in clients if r["status"] == "dropped"]
+    assert {r["partition-id"] for r in accepted} == {"0"}
+    # The hostile node's rows say why, and nothing of its payload is in them
+    assert [(r["round"], r["node-id"], r["partition-id"], r["weight"]) for r in dropped] == [
+        ("1", "102", "", "0.0"), ("2", "102", "", "0.0")]
+    assert all(r["reason"].startswith("metadata: forbidden global") for r in dropped)
     _assert_finite_checkpoint(run_dir, 2)
     logged = [row for row in _wandb_history(run_dir) if "global/replies-dropped" in row]
     assert [(r["round"], r["global/replies-dropped"], r["global/dropped-metadata"])

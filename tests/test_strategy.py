@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app.error import Error
 
 from fedgan_app.config import RunConfig
 from fedgan_app.metadata import METADATA_KEY, encode_metadata
@@ -78,7 +79,12 @@ def test_weighted_average_equals_hand_computation() -> None:
     assert metrics["loss-d"] == pytest.approx(1.0)
     assert strategy.round_metrics[1]["num-examples-total"] == 1000
     assert strategy.round_metrics[1]["replies-accepted"] == 3
-    assert [row["partition-id"] for row in sink.rows[1]] == [10, 11, 12]
+    rows = sink.rows[1]
+    assert [row["partition-id"] for row in rows] == [10, 11, 12]
+    assert [row["status"] for row in rows] == ["accepted"] * 3
+    assert [row["weight"] for row in rows] == pytest.approx([0.1, 0.3, 0.6])
+    assert all(row["reason"] == "" for row in rows)
+    assert rows[0]["label-histogram"] == ";".join(["80"] * 10)
 
 
 def _nan_arrays() -> ArrayRecord:
@@ -143,7 +149,11 @@ def test_bad_reply_is_dropped_and_counted(name: str) -> None:
     assert all(np.isfinite(a.numpy()).all() for a in aggregated.values())
     assert strategy.round_metrics[1]["replies-dropped"] == 1
     assert strategy.round_metrics[1]["replies-accepted"] == 2
-    assert len(sink.rows[1]) == 2
+    # clients.csv: every reply has a row; the dropped one says why, with weight 0
+    rows = sink.rows[1]
+    assert [row["status"] for row in rows] == ["accepted", "accepted", "dropped"]
+    assert [row["weight"] for row in rows] == pytest.approx([0.25, 0.75, 0.0])
+    assert rows[2]["node-id"] == 20 and rows[2]["reason"]
 
 
 def test_hostile_metadata_reply_is_dropped_and_nothing_runs(tmp_path: Path) -> None:
@@ -163,11 +173,29 @@ def test_hostile_metadata_reply_is_dropped_and_nothing_runs(tmp_path: Path) -> N
 
 
 def test_too_few_valid_replies_keeps_previous_model() -> None:
-    strategy, _ = _strategy(min_train_replies=2)
+    strategy, sink = _strategy(min_train_replies=2)
     aggregated, _ = strategy.aggregate_train(1, [_reply(10, _client_arrays(1), 100),
                                                   _reply(11, _nan_arrays(), 100)])
     assert aggregated is None
     assert strategy.round_metrics[1]["replies-accepted"] == 1
+    # Nothing was aggregated: no client has a weight
+    assert [(r["status"], r["weight"]) for r in sink.rows[1]] == [
+        ("accepted", 0.0), ("dropped", 0.0)]
+
+
+def test_a_failed_reply_gets_a_row_with_only_its_node_id() -> None:
+    # Prepare
+    strategy, sink = _strategy()
+    request = Message(content=RecordDict(), dst_node_id=30, message_type="train")
+    failed = Message(Error(code=1, reason="boom"), reply_to=request)
+
+    # Execute
+    strategy.aggregate_train(1, [_reply(10, _client_arrays(1), 100), failed])
+
+    # Assert
+    row = sink.rows[1][1]
+    assert row == {"node-id": 30, "status": "failed", "reason": "error: boom",
+                   "weight": 0.0}
 
 
 def _scaled(arrays: ArrayRecord, base: ArrayRecord, factor: float) -> ArrayRecord:
@@ -182,7 +210,7 @@ def _scaled(arrays: ArrayRecord, base: ArrayRecord, factor: float) -> ArrayRecor
 
 def test_update_norm_screen_drops_a_boosted_update() -> None:
     # Prepare: the strategy remembers the global model it sent
-    strategy, _ = _strategy()
+    strategy, sink = _strategy()
     base = _reference()
     strategy._global = {k: v.numpy() for k, v in base.items()}
     honest = [_scaled(_client_arrays(s), base, 0.01) for s in (1, 2, 3)]
@@ -195,6 +223,10 @@ def test_update_norm_screen_drops_a_boosted_update() -> None:
 
     # Assert
     assert strategy.round_metrics[1]["dropped-norm"] == 1
+    dropped = [row for row in sink.rows[1] if row["status"] == "dropped"]
+    assert len(dropped) == 1 and dropped[0]["node-id"] == 20
+    assert dropped[0]["reason"].startswith("norm: update norm ")
+    assert dropped[0]["partition-id"] == 20 and dropped[0]["weight"] == 0.0
     expected = np.mean([a["generator.net.0.weight"].numpy() for a in honest], axis=0)
     np.testing.assert_allclose(aggregated["generator.net.0.weight"].numpy(), expected,
                                rtol=1e-5, atol=1e-9)
