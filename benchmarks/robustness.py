@@ -7,7 +7,7 @@ run at 4 rounds x 10 local steps, 11 runs):
         --rounds 4 --local-steps 10 --seeds 42
 
 Every run is the real ServerApp `main` with the real ClientApp on an
-in-process grid of 5 nodes (tests/harness.py). Node 105 (partition 4) trains
+in-process grid of 5 nodes (fedgan_app/inprocess.py). Node 105 (partition 4) trains
 honestly, so its metrics and metadata are valid, and then replaces its
 arrays before replying:
 
@@ -47,8 +47,8 @@ import torch  # noqa: E402
 from flwr.app import ArrayRecord, Message  # noqa: E402
 
 from fedgan_app import client_app  # noqa: E402
+from fedgan_app.inprocess import InProcessGrid, server_context  # noqa: E402
 from fedgan_app.server_app import main  # noqa: E402
-from tests.harness import InProcessGrid, server_context  # noqa: E402
 
 NUM_NODES = 5
 ATTACKER_NODE = 105  # InProcessGrid numbers nodes 101.. ; partition id 4

@@ -65,8 +65,11 @@ def train(msg: Message, context: Context) -> Message:
         derive_seed(int(round_cfg["seed"]), server_round, partition_id)
     )
     batches = batch_iterator(data, int(round_cfg["batch-size"]), rng)
+    # FedProx sends its mu: the proximal term keeps local weights near the global ones.
+    proximal_mu = float(round_cfg.get("proximal-mu", 0.0))
     stats = train_gan(generator, discriminator, opt_g, opt_d, batches,
-                      int(round_cfg["local-steps"]), cfg.latent_dim, device, rng)
+                      int(round_cfg["local-steps"]), cfg.latent_dim, device, rng,
+                      proximal_mu=proximal_mu)
     _save_optimizer(context, OPT_KEYS["g"], opt_g)
     _save_optimizer(context, OPT_KEYS["d"], opt_d)
 

@@ -1,7 +1,7 @@
 """Whole runs under faults: hostile or broken clients, late clients, bad input, W&B down.
 
 Every test runs the real ServerApp `main` with the real ClientApp on the
-in-process grid (tests/harness.py); faults are injected only at the wire,
+in-process grid (fedgan_app/inprocess.py); faults are injected only at the wire,
 through the grid's `fail` and `tamper` hooks or a grid subclass, never by
 replacing code of ours. benchmarks/results/faults.md lists each fault with
 the test that covers it.
@@ -29,10 +29,10 @@ from fedgan_app import client_app
 from fedgan_app.checkpoint import load_checkpoint
 from fedgan_app.config import ConfigError
 from fedgan_app.data import DataError
+from fedgan_app.inprocess import InProcessGrid, server_context
 from fedgan_app.metadata import METADATA_KEY
 from fedgan_app.models import ModelShapeError
 from fedgan_app.server_app import main
-from tests.harness import InProcessGrid, server_context
 from tests.test_metadata import _getattr_chain, _OsSystem
 
 RUN_NAME = "test-run"
