@@ -23,8 +23,9 @@ def main(grid: Grid, context: Context) -> None:
     # Settings, the checkpoint to resume and the federation: checked before anything.
     cfg = RunConfig.from_run_config(context.run_config)
     resume_path, resume = load_resume(cfg)
-    num_nodes = max(1, len(list(grid.get_node_ids())))
-    check_federation(cfg, num_nodes)
+    connected = len(list(grid.get_node_ids()))
+    check_federation(cfg, connected)
+    num_nodes = max(1, connected)
 
     # Data the server owns (its held-out split, never a client's) and the models.
     spec = partition_spec(cfg, num_partitions=num_nodes)

@@ -106,7 +106,14 @@ def rule_min_replies(cfg: RunConfig) -> tuple[int, str]:
 
 
 def check_federation(cfg: RunConfig, num_nodes: int) -> None:
-    """Raise ConfigError when no round of this federation could satisfy the rule."""
+    """Raise ConfigError when no round of this federation could satisfy the rule.
+
+    With no node connected yet (a deployment whose SuperNodes come later) there
+    is nothing to check: each round then refuses what it cannot aggregate.
+    """
+    if num_nodes == 0:
+        log(WARNING, "no node connected yet: the federation's size is not checked")
+        return
     sampled = sampled_per_round(cfg, num_nodes)
     federation = (f"{sampled} clients are sampled per round ({num_nodes} nodes x "
                   f"fraction-train {cfg.fraction_train:g})")
