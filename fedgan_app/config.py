@@ -4,7 +4,9 @@ Every setting lives in `[tool.flwr.app.config]` of pyproject.toml. This module
 holds the table that says, for each key, its type, default, allowed range or
 choices and what it means; `RunConfig.from_run_config` checks a run's values
 against it once, before any training starts, and nobody else indexes
-`run_config["..."]`.
+`run_config["..."]`. The table is also the one source of the settings' docs:
+`python -m fedgan_app.config --update .` writes the README's settings table and
+the `[tool.flwr.app.config]` section (a comment above each key) from it.
 """
 
 from __future__ import annotations
