@@ -3,12 +3,14 @@
 #
 #   ./fedgan.sh run [flwr run options]   train (default: 5 clients), then stop the SuperLink
 #   ./fedgan.sh test [pytest options]    run the test suite
+#   ./fedgan.sh stop                     stop the local SuperLink fedgan.sh started
 #   ./fedgan.sh setup                    only create/update .venv
 #
 # `run` uses its own Flower home (.flwr/ in this folder) and ports, so the
 # local SuperLink it starts has Flower's runtime dependency installer turned
 # off (it would otherwise reinstall torch into a per-run environment), and it
-# stops that SuperLink when the run ends, even on Ctrl-C.
+# stops that SuperLink when the run ends, even on Ctrl-C. `stop` stops only
+# that SuperLink (found by its own control port), never another one.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -41,8 +43,8 @@ flwr_env() {
 }
 
 superlink_pid() {
-  # The flower-superlink process listening on our control API port, if any.
-  pgrep -f "flower-superlink.*--control-api-address 127.0.0.1:${FLWR_LOCAL_CONTROL_API_PORT} " || true
+  # The flower-superlink process serving our control API port, if any.
+  pgrep -f "flower-superlink.*--control-api-address 127.0.0.1:${FLWR_LOCAL_CONTROL_API_PORT}( |$)" || true
 }
 
 stop_superlink() {
@@ -82,9 +84,19 @@ run() {
   fi
 }
 
+stop() {
+  flwr_env
+  if [[ -z "$(superlink_pid)" ]]; then
+    echo "fedgan: no local SuperLink on control port ${FLWR_LOCAL_CONTROL_API_PORT}" >&2
+    return 0
+  fi
+  stop_superlink
+}
+
 case "${1:-}" in
   setup) setup ;;
   run) shift; run "$@" ;;
+  stop) stop ;;
   test) shift; setup; exec "$VENV/bin/python" -m pytest "$@" ;;
-  *) sed -n '2,11p' "$0"; exit 2 ;;
+  *) sed -n '2,13p' "$0"; exit 2 ;;
 esac

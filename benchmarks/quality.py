@@ -60,7 +60,9 @@ from fedgan_app.data import (  # noqa: E402
 )
 from fedgan_app.evaluation import QUALITY_KEYS, Evaluator, compute_quality  # noqa: E402
 from fedgan_app.evaluator_cache import load_or_train_evaluator  # noqa: E402
+from fedgan_app.inprocess import InProcessGrid, server_context  # noqa: E402
 from fedgan_app.models import GANConfig, Generator, build_gan, split_state  # noqa: E402
+from fedgan_app.quality import evaluator_cache_dir, evaluator_cache_key  # noqa: E402
 from fedgan_app.tracking import make_grid  # noqa: E402
 from fedgan_app.training import (  # noqa: E402
     derive_seed,
@@ -68,7 +70,6 @@ from fedgan_app.training import (  # noqa: E402
     sample_images,
     train_gan,
 )
-from tests.harness import InProcessGrid, server_context  # noqa: E402
 
 NUM_CLIENTS = 5
 BATCH_SIZE = 32  # the app's default; --batch-size overrides it for every row
@@ -138,10 +139,10 @@ def app_spec(seed: int, **settings: Any) -> PartitionSpec:
 def seed_context(seed: int, eval_samples: int) -> SeedContext:
     """Load the server split and the evaluator exactly as server_app does."""
     server_data = load_server_split(app_spec(seed))
-    # Same key as server_app._QualityJudge.evaluator: trained once, reused by the app.
-    key = f"{RunConfig.defaults().dataset}|server-split|seed={seed}|n={len(server_data)}"
+    # The app's own key: trained once, reused by the app.
+    key = evaluator_cache_key(RunConfig.defaults().dataset, seed, len(server_data))
     evaluator, accuracy, trained = load_or_train_evaluator(
-        server_app.evaluator_cache_dir(), key, server_data.images, server_data.labels,
+        evaluator_cache_dir(), key, server_data.images, server_data.labels,
         server_data.num_classes, seed,
     )
     print(f"[seed {seed}] evaluator {'trained' if trained else 'cached'}, "

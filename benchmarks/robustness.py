@@ -1,5 +1,9 @@
 """One attacker among five FedGAN clients: fedavg vs median vs trimmed mean.
 
+Superseded by benchmarks/strategies.py (every rule, 1 and 2 attackers, at a
+budget where fid has left its untrained value); kept for its attack helpers,
+which strategies.py imports, and to reproduce benchmarks/results/robustness.md.
+
 Run by hand from the repository root (CPU; on 2 shared cores about 80 s per
 run at 4 rounds x 10 local steps, 11 runs):
 
@@ -7,7 +11,7 @@ run at 4 rounds x 10 local steps, 11 runs):
         --rounds 4 --local-steps 10 --seeds 42
 
 Every run is the real ServerApp `main` with the real ClientApp on an
-in-process grid of 5 nodes (tests/harness.py). Node 105 (partition 4) trains
+in-process grid of 5 nodes (fedgan_app/inprocess.py). Node 105 (partition 4) trains
 honestly, so its metrics and metadata are valid, and then replaces its
 arrays before replying:
 
@@ -17,7 +21,7 @@ arrays before replying:
 Only floating-point arrays are changed (BatchNorm running stats included:
 an attacker controls all of them); integer counters are left alone, so the
 reply passes every validation check. Rows run with the update-norm screen
-off (``max-update-norm-ratio`` 0) to show what each aggregator does on its
+off (``max-update-norm-ratio`` 0) to show what each rule (``strategy``) does on its
 own, plus one fedavg row per attack with the screen on (10, the default).
 Quality comes from the run's own metrics.csv after the last round
 (eval-every = rounds). The table goes to benchmarks/results/robustness.md;
@@ -47,14 +51,14 @@ import torch  # noqa: E402
 from flwr.app import ArrayRecord, Message  # noqa: E402
 
 from fedgan_app import client_app  # noqa: E402
+from fedgan_app.inprocess import InProcessGrid, server_context  # noqa: E402
 from fedgan_app.server_app import main  # noqa: E402
-from tests.harness import InProcessGrid, server_context  # noqa: E402
 
 NUM_NODES = 5
 ATTACKER_NODE = 105  # InProcessGrid numbers nodes 101.. ; partition id 4
 ATTACKS: dict[str, float] = {"scaled": 10.0, "sign-flip": -5.0}
 QUALITY = ("fid", "classifier-score", "class-coverage")
-# (label, attack or None, aggregation, max-update-norm-ratio)
+# (label, attack or None, strategy, max-update-norm-ratio)
 SCENARIOS: tuple[tuple[str, str | None, str, float], ...] = (
     ("clean", None, "fedavg", 0.0),
     ("clean", None, "median", 0.0),
@@ -90,11 +94,12 @@ class AttackGrid(InProcessGrid):
         return super().send_and_receive(messages, timeout=timeout)
 
 
-def make_tamper(grid: AttackGrid, factor: float) -> Callable[[int, Message], Message]:
-    """A tamper hook: the attacker's arrays become global + factor * update."""
+def make_tamper(grid: AttackGrid, factor: float,
+                attackers: tuple[int, ...] = (ATTACKER_NODE,)) -> Callable[[int, Message], Message]:
+    """A tamper hook: each attacker's arrays become global + factor * its update."""
 
     def tamper(node_id: int, reply: Message) -> Message:
-        if node_id != ATTACKER_NODE or reply.metadata.message_type != "train":
+        if node_id not in attackers or reply.metadata.message_type != "train":
             return reply
         local = reply.content["arrays"].to_torch_state_dict()
         forged = {}
@@ -121,7 +126,7 @@ def run_one(out_dir: Path, name: str, attack: str | None, aggregation: str,
         "sample-every": rounds,
         "eval-samples": 1000,
         "seed": seed,
-        "aggregation": aggregation,
+        "strategy": aggregation,
         "trim-fraction": 0.2,
         "max-update-norm-ratio": ratio,
         "output-dir": str(out_dir),

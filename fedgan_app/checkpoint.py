@@ -1,11 +1,13 @@
 """Atomic save and checked load of checkpoints (latest, best) for resuming.
 
-A checkpoint holds the global G and D (packed state_dict), the round it
-closes, the best quality so far, the run's config and the W&B run id: enough
-to resume. Writes go to a temp file in the same folder, are fsynced, then
-renamed over the old file, so a crash mid-write never corrupts the previous
-checkpoint. Loads use `torch.load(weights_only=True)`, which cannot run code
-from a foreign file.
+A checkpoint (format version 2) holds the global G and D (packed state_dict),
+the server-side EMA generator when there is one, the round it closes, the best
+quality so far, the run's config, the W&B run id and the server optimizer's
+state (FedAdam's moments, FedAvgM's momentum): enough to resume exactly.
+Version-1 files (no EMA, no optimizer state) still load. Writes go to a temp
+file in the same folder, are fsynced, then renamed over the old file, so a
+crash mid-write never corrupts the previous checkpoint. Loads use
+`torch.load(weights_only=True)`, which cannot run code from a foreign file.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from typing import Any
 import torch
 
 FORMAT = "fedgan-checkpoint"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 
 class CheckpointError(ValueError):
@@ -38,6 +41,10 @@ class Checkpoint:
     best_metric: float | None = None  # best fid so far (lower is better)
     best_round: int | None = None
     wandb_run_id: str | None = None
+    # Server optimizer state, str -> tensor or plain value ({} when it keeps none).
+    strategy_state: dict[str, Any] = field(default_factory=dict)
+    # Packed "generator.*" state of the server-side EMA generator, or None.
+    ema_state: dict[str, torch.Tensor] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -46,11 +53,13 @@ class Checkpoint:
             "format": FORMAT,
             "version": VERSION,
             "state": dict(self.state),
+            "ema_state": None if self.ema_state is None else dict(self.ema_state),
             "server_round": self.server_round,
             "config": self.config,
             "best_metric": self.best_metric,
             "best_round": self.best_round,
             "wandb_run_id": self.wandb_run_id,
+            "strategy_state": dict(self.strategy_state),
             "extra": self.extra,
         }
 
@@ -101,16 +110,27 @@ def load_checkpoint(path: Path | str) -> Checkpoint:
         ) from exc
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path} is not a fedgan checkpoint")
-    if raw.get("version") != VERSION:
+    version = raw.get("version")
+    if version not in READABLE_VERSIONS or isinstance(version, bool):
         raise CheckpointError(
-            f"checkpoint {path} has version {raw.get('version')!r}; this fedgan "
-            f"reads version {VERSION}"
+            f"checkpoint {path} has version {version!r}; this fedgan reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}"
         )
     state = raw.get("state")
-    if not isinstance(state, dict) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
-    ):
+    if not _is_tensor_dict(state):
         raise CheckpointError(f"checkpoint {path} has no valid model state")
+    ema_state = raw.get("ema_state")
+    if ema_state is not None and not _is_tensor_dict(ema_state):
+        raise CheckpointError(f"checkpoint {path} has an invalid ema_state")
+    strategy_state = raw.get("strategy_state") or {}
+    if not isinstance(strategy_state, dict) or not all(
+        isinstance(k, str) and isinstance(v, (torch.Tensor, *_PLAIN))
+        for k, v in strategy_state.items()
+    ):
+        raise CheckpointError(
+            f"checkpoint {path} has an invalid strategy_state (expected str -> tensor "
+            "or plain value)"
+        )
     server_round = raw.get("server_round")
     if not isinstance(server_round, int) or isinstance(server_round, bool) or server_round < 0:
         raise CheckpointError(f"checkpoint {path} has an invalid round {server_round!r}")
@@ -136,7 +156,20 @@ def load_checkpoint(path: Path | str) -> Checkpoint:
         best_metric=None if best_metric is None else float(best_metric),
         best_round=fields["best_round"][0],
         wandb_run_id=fields["wandb_run_id"][0],
+        strategy_state=dict(strategy_state),
+        ema_state=None if ema_state is None else dict(ema_state),
         extra=dict(fields["extra"][0]),
+    )
+
+
+# Values a strategy_state may hold beside tensors.
+_PLAIN = (int, float, str, bool, type(None))
+
+
+def _is_tensor_dict(value: Any) -> bool:
+    """True for a dict of str -> tensor."""
+    return isinstance(value, dict) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items()
     )
 
 

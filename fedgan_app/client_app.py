@@ -75,6 +75,7 @@ def train(msg: Message, context: Context) -> Message:
         derive_seed(int(round_cfg["seed"]), server_round, partition_id)
     )
     batches = batch_iterator(data, int(round_cfg["batch-size"]), rng)
+    # FedProx sends its mu: the proximal term keeps local weights near the global ones.
     recipe = StepRecipe.from_settings(cfg, float(round_cfg.get("proximal-mu", 0.0)))
     # client-threads = 0: share the cores with the clients training beside this one.
     adaptive = cfg.client_threads == 0 and device.type == "cpu"

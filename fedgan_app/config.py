@@ -4,14 +4,20 @@ Every setting lives in `[tool.flwr.app.config]` of pyproject.toml. This module
 holds the table that says, for each key, its type, default, allowed range or
 choices and what it means; `RunConfig.from_run_config` checks a run's values
 against it once, before any training starts, and nobody else indexes
-`run_config["..."]`.
+`run_config["..."]`. The table is also the one source of the settings' docs:
+`python -m fedgan_app.config --update .` writes the README's settings table and
+the `[tool.flwr.app.config]` section (a comment above each key) from it.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
+import textwrap
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any
 
 
@@ -30,6 +36,7 @@ class Setting:
     low: float | None = None
     high: float | None = None
     low_open: bool = False  # True: value must be strictly greater than `low`
+    high_open: bool = False  # True: value must be strictly less than `high`
     choices: tuple[str, ...] | None = None
 
     def allowed(self) -> str:
@@ -40,18 +47,22 @@ class Setting:
         if self.low is not None:
             parts.append(f"{'>' if self.low_open else '>='} {self.low:g}")
         if self.high is not None:
-            parts.append(f"<= {self.high:g}")
+            parts.append(f"{'<' if self.high_open else '<='} {self.high:g}")
         kind = {int: "an integer", float: "a number", str: "a string", bool: "true/false"}
         return kind[self.kind] + (" " + " and ".join(parts) if parts else "")
 
 
-AGGREGATIONS = ("fedavg", "median", "trimmed-mean")
 GAN_LOSSES = ("bce", "hinge")
 D_NORMS = ("batchnorm", "spectral")
 DIFFAUGMENT_POLICIES = ("none", "translation", "cutout", "translation,cutout",
                         "color,translation,cutout")
 BATCHNORM_POLICIES = ("average", "local")
 CONDITIONINGS = ("acgan", "projection")
+# Flower's strategies behind FedGAN's reply checks (fedgan_app.strategy builds them).
+STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedadagrad", "fedyogi",
+              "median", "trimmed-mean", "krum", "multikrum", "bulyan")
+# Keys that were removed, and the key that replaced each.
+REMOVED_SETTINGS = {"aggregation": "strategy"}
 PARTITIONERS = ("iid", "dirichlet", "pathological")
 WANDB_MODES = ("offline", "online", "disabled")
 DEVICES = ("auto", "cpu", "cuda")
@@ -78,8 +89,9 @@ SETTINGS: tuple[Setting, ...] = (
             low=0.0, high=1.0, low_open=True),
     Setting("lr-discriminator", float, 2e-4, "Adam learning rate of D (before decay).",
             low=0.0, high=1.0, low_open=True),
-    Setting("adam-beta1", float, 0.5, "Adam beta1 (DCGAN uses 0.5).", low=0.0, high=1.0),
-    Setting("adam-beta2", float, 0.999, "Adam beta2.", low=0.0, high=1.0),
+    Setting("adam-beta1", float, 0.5, "Adam beta1 (DCGAN uses 0.5).", low=0.0, high=1.0,
+            high_open=True),
+    Setting("adam-beta2", float, 0.999, "Adam beta2.", low=0.0, high=1.0, high_open=True),
     Setting("lr-decay-every", int, 0,
             "Multiply both learning rates by lr-decay-factor every this many rounds "
             "(0: no decay). The server sends the scheduled rates each round.", low=0),
@@ -104,7 +116,8 @@ SETTINGS: tuple[Setting, ...] = (
             "et al. 2020; for small data).", choices=DIFFAUGMENT_POLICIES),
     Setting("generator-ema", float, 0.0,
             "Decay per round of the server-side EMA of the global generator, sampled "
-            "and checkpointed beside the raw one (0: off).", low=0.0, high=1.0),
+            "and checkpointed beside the raw one (0: off).", low=0.0, high=1.0,
+            high_open=True),
     Setting("batchnorm", str, "average",
             "BatchNorm statistics: 'average' them on the server, or keep them 'local' "
             "on each client (FedBN); the server recomputes G's statistics from noise "
@@ -153,13 +166,45 @@ SETTINGS: tuple[Setting, ...] = (
             "Torch threads per client: 0 shares the machine's cores among the clients "
             "training at that moment (no idle core in a short last wave); N fixes N.",
             low=0, high=1024),
-    # --- robustness -------------------------------------------------------
-    Setting("aggregation", str, "fedavg",
-            "How client models are combined: weighted mean (FedGAN), coordinate-wise "
-            "median, or trimmed mean.", choices=AGGREGATIONS),
+    # --- aggregation (server) ---------------------------------------------
+    Setting("strategy", str, "fedavg",
+            "Aggregation rule (a Flower strategy) behind FedGAN's reply checks: fedavg "
+            "is FedGAN's weighted mean; fedavgm, fedadam, fedadagrad and fedyogi add a "
+            "server optimizer; fedprox a proximal term in the clients' loss; median, "
+            "trimmed-mean, krum, multikrum and bulyan are robust rules.",
+            choices=STRATEGIES),
+    Setting("server-lr", float, 0.5,
+            "Server learning rate of strategy='fedavgm' (its effective step is "
+            "server-lr / (1 - server-momentum)).", low=0.0, low_open=True),
+    Setting("server-momentum", float, 0.5, "Server momentum of strategy='fedavgm'.",
+            low=0.0, high=1.0, high_open=True),
+    Setting("server-eta", float, 0.01,
+            "Server learning rate eta of strategy='fedadam', 'fedadagrad' and "
+            "'fedyogi'.", low=0.0, low_open=True),
+    Setting("server-beta1", float, 0.9,
+            "First-moment decay of strategy='fedadam' and 'fedyogi'.",
+            low=0.0, high=1.0, high_open=True),
+    Setting("server-beta2", float, 0.99,
+            "Second-moment decay of strategy='fedadam' and 'fedyogi'.",
+            low=0.0, high=1.0, high_open=True),
+    Setting("server-tau", float, 0.001,
+            "Adaptivity tau of strategy='fedadam', 'fedadagrad' and 'fedyogi' "
+            "(added to the root of the second moment).", low=0.0, low_open=True),
+    Setting("proximal-mu", float, 0.01,
+            "FedProx's mu for strategy='fedprox': each client adds mu/2 times the "
+            "squared distance of its weights to the received global weights to its G "
+            "and D losses.", low=0.0),
     Setting("trim-fraction", float, 0.2,
-            "Fraction cut from each end for aggregation='trimmed-mean'.",
-            low=0.0, high=0.5),
+            "Fraction cut from each end for strategy='trimmed-mean'.",
+            low=0.0, high=0.5, high_open=True),
+    Setting("num-malicious-clients", int, 1,
+            "Attackers f that strategy='krum', 'multikrum' and 'bulyan' tolerate; "
+            "krum and multikrum need at least 2f+3 valid replies per round, bulyan "
+            "4f+3 (with fewer, the round keeps the previous model).", low=0),
+    Setting("multikrum-select", int, 0,
+            "Replies strategy='multikrum' averages (m; 0: all but "
+            "num-malicious-clients of the sampled clients).", low=0),
+    # --- robustness -------------------------------------------------------
     Setting("max-update-norm-ratio", float, 10.0,
             "Drop a client update whose L2 norm exceeds this multiple of the median "
             "client update norm (0: off).", low=0.0),
@@ -190,7 +235,9 @@ def _check(setting: Setting, value: Any) -> Any:
     too_low = setting.low is not None and (
         value <= setting.low if setting.low_open else value < setting.low
     )
-    too_high = setting.high is not None and value > setting.high
+    too_high = setting.high is not None and (
+        value >= setting.high if setting.high_open else value > setting.high
+    )
     if too_low or too_high:
         raise ConfigError(f"setting '{key}' must be {setting.allowed()}, got {value!r}")
     return value
@@ -239,14 +286,29 @@ class RunConfig:
     wandb_project: str
     device: str
     client_threads: int
-    aggregation: str
+    strategy: str
+    server_lr: float
+    server_momentum: float
+    server_eta: float
+    server_beta1: float
+    server_beta2: float
+    server_tau: float
+    proximal_mu: float
     trim_fraction: float
+    num_malicious_clients: int
+    multikrum_select: int
     max_update_norm_ratio: float
     max_metadata_bytes: int
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> RunConfig:
         """Validate a Flower run_config; missing keys take their defaults."""
+        for old, new in REMOVED_SETTINGS.items():
+            if old in run_config:
+                raise ConfigError(
+                    f"setting '{old}' was replaced by '{new}' "
+                    f"({SETTINGS_BY_KEY[new].allowed()}); set '{new}' instead"
+                )
         unknown = sorted(set(run_config) - set(SETTINGS_BY_KEY))
         if unknown:
             raise ConfigError(
@@ -270,10 +332,6 @@ class RunConfig:
 
     def _check_relations(self) -> None:
         """Check constraints that involve more than one setting."""
-        if self.adam_beta1 >= 1.0 or self.adam_beta2 >= 1.0:
-            raise ConfigError("settings 'adam-beta1' and 'adam-beta2' must be < 1")
-        if self.generator_ema >= 1.0:
-            raise ConfigError("setting 'generator-ema' must be < 1 (0 turns it off)")
         if not self.dataset.strip():
             raise ConfigError("setting 'dataset' must not be empty")
         if not self.output_dir.strip():
@@ -299,3 +357,71 @@ class RunConfig:
 assert [f.name for f in fields(RunConfig)] == [
     s.key.replace("-", "_") for s in SETTINGS
 ], "RunConfig fields and SETTINGS are out of sync"
+
+
+# --- the settings table as documentation: generated, never typed twice ---------------
+
+README_BEGIN = "<!-- settings table: generated by `python -m fedgan_app.config --markdown` -->"
+README_END = "<!-- end of settings table -->"
+PYPROJECT_SECTION = "[tool.flwr.app.config]"
+
+
+def markdown_table() -> str:
+    """The README's settings table (key, default, allowed values, meaning)."""
+    lines = ["| key | default | allowed | meaning |", "|---|---|---|---|"]
+    for s in SETTINGS:
+        cells = (f"`{s.key}`", f"`{s.default!r}`", s.allowed(), s.help)
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def pyproject_section() -> str:
+    """The `[tool.flwr.app.config]` section of pyproject.toml, a comment above each key."""
+    lines = [PYPROJECT_SECTION]
+    for s in SETTINGS:
+        lines += textwrap.wrap(f"{s.help} Allowed: {s.allowed()}.", width=88,
+                               initial_indent="# ", subsequent_indent="# ",
+                               break_on_hyphens=False, break_long_words=False)
+        lines.append(f"{s.key} = {_toml_value(s.default)}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    """A default as TOML writes it."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    return repr(value)
+
+
+def update_docs(root: Path) -> None:
+    """Rewrite the settings table in README.md and the section in pyproject.toml."""
+    readme = root / "README.md"
+    head, rest = readme.read_text().split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    readme.write_text(f"{head}{README_BEGIN}\n{markdown_table()}{README_END}{tail}")
+    pyproject = root / "pyproject.toml"
+    head, rest = pyproject.read_text().split(PYPROJECT_SECTION, 1)
+    _, tail = rest.split("\n[", 1)
+    pyproject.write_text(f"{head}{pyproject_section()}\n[{tail}")
+
+
+def _cli() -> None:
+    """Print (or write into the repository's files) the generated settings docs."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--markdown", action="store_true", help="print the README table")
+    what.add_argument("--pyproject", action="store_true",
+                      help="print the [tool.flwr.app.config] section")
+    what.add_argument("--update", type=Path, metavar="REPO",
+                      help="rewrite both in REPO/README.md and REPO/pyproject.toml")
+    args = parser.parse_args()
+    if args.update:
+        update_docs(args.update)
+    else:
+        print(markdown_table() if args.markdown else pyproject_section(), end="")
+
+
+if __name__ == "__main__":
+    _cli()

@@ -1,30 +1,57 @@
-"""FedGAN strategy: FedAvg over G and D with per-reply validation and metadata.
+"""FedGAN: check every reply once, then let a Flower strategy aggregate.
 
 FedGAN (Rasouli et al., 2020) averages each agent's generator and
-discriminator every K local steps, weighting agent j by p_j = |R_j| / sum |R_k|.
-That is Flower's FedAvg weighted by `num-examples`; this class adds what a
+discriminator every K local steps, weighting agent j by p_j = |R_j| / sum |R_k|:
+Flower's FedAvg weighted by `num-examples`. `FedGAN` wraps any Flower strategy
+(`self.strategy`, as Flower's differential-privacy wrappers do) and adds what a
 server that cannot trust its clients needs: every reply is checked (keys,
 shapes, dtypes, finite values, update norm, decodable metadata) and dropped
-with a logged reason before any averaging, and decoded metadata goes to the
-tracker. Robust alternatives reuse Flower's FedMedian / FedTrimmedAvg math.
+with a logged reason, once, before the inner strategy aggregates what is left.
+Counts, per-reply rows and the server optimizer's state go to the recorder.
+
+BatchNorm running statistics and counters are not gradients, and a server
+optimizer's step on them is known to produce NaN (flwrlabs/flower#1060): the
+inner strategy only ever sees the parameters. The wrapper aggregates the
+buffers itself (their weighted mean, or their coordinate-wise median under a
+robust rule, so an attacker cannot move them either) and merges both into the
+global record with the model's own keys and dtypes.
 """
 
 from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Iterable
-from logging import WARNING
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg
+from flwr.serverapp.strategy import (
+    Bulyan,
+    FedAdagrad,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    FedYogi,
+    Krum,
+    MultiKrum,
+    Strategy,
+)
+from torch import nn
 
-from fedgan_app.config import RunConfig
+from fedgan_app.checkpoint import CheckpointError
+from fedgan_app.config import ConfigError, RunConfig
 from fedgan_app.metadata import MetadataError, TrainMetadata, decode_metadata
+from fedgan_app.models import D_PREFIX, G_PREFIX
 
 ARRAYS_KEY = "arrays"
 METRICS_KEY = "metrics"
@@ -34,156 +61,340 @@ METADATA_RECORD_KEY = "metadata"
 CLIENT_METRIC_KEYS = frozenset(
     {"num-examples", "loss-d", "loss-g", "d-x", "d-gz", "wall-time-s", "images-per-s"}
 )
+# Rules that resist attackers: buffers take the coordinate-wise median under them.
+ROBUST_STRATEGIES = frozenset({"median", "trimmed-mean", "krum", "multikrum", "bulyan"})
+# Server-optimizer state Flower's strategies keep: FedOpt's moments (dicts keyed
+# like the arrays), FedAvgM's momentum (a list in the arrays' order).
+STATE_SLOTS = ("m_t", "v_t", "momentum_vector")
 
 
-class ClientSink(Protocol):
-    """Where per-client rows go (RunTracker implements it)."""
+class RoundSink(Protocol):
+    """Where the strategy pushes what it learns in a round (the Recorder)."""
 
-    def log_clients(self, server_round: int, rows: list[dict[str, Any]]) -> None:
-        """Record one row per client for a round."""
+    def absolute(self, local_round: int) -> int:
+        """The run's round number of a round of this `Strategy.start`."""
+
+    def record_train(self, server_round: int, row: dict[str, float],
+                     clients: list[dict[str, Any]], strategy_state: dict[str, Any]) -> None:
+        """Take a round's counts and metrics, its per-reply rows, the optimizer state."""
+
+    def record_evaluate(self, server_round: int, row: dict[str, float]) -> None:
+        """Take a round's aggregated client-evaluation metrics."""
 
 
-class FedGAN(FedAvg):
-    """FedAvg of a packed (G, D) ArrayRecord, with validation and metadata."""
+def buffer_keys(generator: nn.Module, discriminator: nn.Module) -> frozenset[str]:
+    """Packed keys of the models' buffers (BatchNorm running stats and counters)."""
+    return frozenset(
+        [G_PREFIX + name for name, _ in generator.named_buffers()]
+        + [D_PREFIX + name for name, _ in discriminator.named_buffers()]
+    )
 
-    def __init__(
-        self,
-        cfg: RunConfig,
-        reference: ArrayRecord,
-        sink: ClientSink | None = None,
-        round_offset: int = 0,
-    ) -> None:
-        super().__init__(
-            fraction_train=cfg.fraction_train,
-            fraction_evaluate=cfg.fraction_evaluate,
-            min_train_nodes=1,
-            min_evaluate_nodes=1 if cfg.fraction_evaluate > 0 else 0,
-            min_available_nodes=1,
+
+def sampled_per_round(cfg: RunConfig, num_nodes: int) -> int:
+    """Clients sampled each round (as Flower's FedAvg samples them)."""
+    return max(int(num_nodes * cfg.fraction_train), 1)
+
+
+def rule_min_replies(cfg: RunConfig) -> tuple[int, str]:
+    """Fewest replies the aggregation rule needs, and the formula that says so."""
+    f = cfg.num_malicious_clients
+    if cfg.strategy in ("krum", "multikrum"):
+        return 2 * f + 3, f"2f+3 = {2 * f + 3}"
+    if cfg.strategy == "bulyan":
+        return 4 * f + 3, f"4f+3 = {4 * f + 3}"
+    return 1, "1"
+
+
+def check_federation(cfg: RunConfig, num_nodes: int) -> None:
+    """Raise ConfigError when no round of this federation could satisfy the rule.
+
+    With no node connected yet (a deployment whose SuperNodes come later) there
+    is nothing to check: each round then refuses what it cannot aggregate.
+    """
+    if num_nodes == 0:
+        log(WARNING, "no node connected yet: the federation's size is not checked")
+        return
+    sampled = sampled_per_round(cfg, num_nodes)
+    federation = (f"{sampled} clients are sampled per round ({num_nodes} nodes x "
+                  f"fraction-train {cfg.fraction_train:g})")
+    need, formula = rule_min_replies(cfg)
+    if need > sampled:
+        raise ConfigError(
+            f"setting 'num-malicious-clients' is {cfg.num_malicious_clients}: strategy "
+            f"'{cfg.strategy}' needs at least {formula} replies per round, but only "
+            f"{federation}; lower num-malicious-clients or add clients"
         )
+    if cfg.min_train_replies > sampled:
+        raise ConfigError(
+            f"setting 'min-train-replies' is {cfg.min_train_replies}, but only "
+            f"{federation}: no round could update the model"
+        )
+    if cfg.strategy == "multikrum" and cfg.multikrum_select > sampled - cfg.num_malicious_clients:
+        raise ConfigError(
+            f"setting 'multikrum-select' is {cfg.multikrum_select}, more than the "
+            f"{sampled - cfg.num_malicious_clients} honest replies multikrum can assume "
+            f"({federation}, num-malicious-clients {cfg.num_malicious_clients})"
+        )
+
+
+def make_inner_strategy(cfg: RunConfig, num_nodes: int) -> Strategy:
+    """Flower's strategy for the 'strategy' setting, with its documented settings."""
+    common: dict[str, Any] = {
+        "fraction_train": cfg.fraction_train,
+        "fraction_evaluate": cfg.fraction_evaluate,
+        "min_train_nodes": 1,
+        "min_evaluate_nodes": 1 if cfg.fraction_evaluate > 0 else 0,
+        "min_available_nodes": 1,
+    }
+    # eta_l (the clients' learning rate) is informational in Flower's FedOpt.
+    fedopt = {"eta": cfg.server_eta, "eta_l": cfg.lr_generator, "tau": cfg.server_tau}
+    betas = {"beta_1": cfg.server_beta1, "beta_2": cfg.server_beta2}
+    f = cfg.num_malicious_clients
+    select = cfg.multikrum_select or sampled_per_round(cfg, num_nodes) - f
+    builders = {
+        "fedavg": lambda: FedAvg(**common),
+        "fedavgm": lambda: FedAvgM(**common, server_learning_rate=cfg.server_lr,
+                                   server_momentum=cfg.server_momentum),
+        "fedprox": lambda: FedProx(**common, proximal_mu=cfg.proximal_mu),
+        "fedadam": lambda: FedAdam(**common, **fedopt, **betas),
+        "fedadagrad": lambda: FedAdagrad(**common, **fedopt),
+        "fedyogi": lambda: FedYogi(**common, **fedopt, **betas),
+        "median": lambda: FedMedian(**common),
+        "trimmed-mean": lambda: FedTrimmedAvg(**common, beta=cfg.trim_fraction),
+        "krum": lambda: Krum(**common, num_malicious_nodes=f),
+        "multikrum": lambda: MultiKrum(**common, num_malicious_nodes=f,
+                                       num_nodes_to_select=max(1, select)),
+        "bulyan": lambda: Bulyan(**common, num_malicious_nodes=f),
+    }
+    return builders[cfg.strategy]()
+
+
+@dataclass
+class _Screened:
+    """The replies of one round after the checks."""
+
+    accepted: list[Message] = field(default_factory=list)
+    metas: list[TrainMetadata] = field(default_factory=list)
+    rows: dict[int, dict[str, Any]] = field(default_factory=dict)  # id(reply) -> row
+    drops: dict[str, int] = field(default_factory=dict)  # reason kind -> count
+    failed: int = 0
+
+    def drop(self, msg: Message, reason: str) -> None:
+        """Count a dropped reply and say why in its row."""
+        kind = reason.split(":", 1)[0]
+        self.drops[kind] = self.drops.get(kind, 0) + 1
+        self.rows[id(msg)].update(status="dropped", reason=reason)
+
+    def set_weights(self) -> None:
+        """Fill in p_j = n_j / sum n of the accepted replies."""
+        total = sum(m.num_examples for m in self.metas)
+        for msg, meta in zip(self.accepted, self.metas, strict=True):
+            self.rows[id(msg)]["weight"] = meta.num_examples / total
+
+
+class FedGAN(Strategy):
+    """Validation, norm screen and metadata around any Flower strategy.
+
+    Parameters
+    ----------
+    strategy : Strategy
+        The inner Flower strategy; it samples clients and aggregates the
+        parameters of the replies that passed every check.
+    cfg : RunConfig
+        The run's settings (schedule, checks, the rule's name).
+    reference : ArrayRecord
+        The packed global model as built: the keys, shapes and dtypes every
+        reply must have, and the record the aggregate is cast back to.
+    buffers : frozenset[str]
+        Packed keys of the models' buffers (see `buffer_keys`): never given to
+        the inner strategy.
+    sink : RoundSink
+        Takes each round's counts, per-reply rows and optimizer state (the
+        Recorder); it also numbers the rounds.
+
+    """
+
+    def __init__(self, strategy: Strategy, cfg: RunConfig, reference: ArrayRecord,
+                 buffers: frozenset[str], sink: RoundSink) -> None:
+        self.strategy = strategy
         self.cfg = cfg
         self.sink = sink
-        # Strategy.start counts rounds from 1; a resumed run continues after
-        # the checkpoint's round, so every round we see is shifted by this.
-        self.round_offset = round_offset
         # Expected key -> (shape, dtype), from the freshly built models.
-        self._expected = {
-            key: (tuple(arr.shape), str(arr.dtype)) for key, arr in reference.items()
-        }
+        self._expected = {k: (tuple(a.shape), str(a.dtype)) for k, a in reference.items()}
+        self._buffers = buffers & set(self._expected)
+        self._params = [k for k in self._expected if k not in self._buffers]
         self._global: dict[str, np.ndarray] = {}
         self._sent = 0
-        # Per-round counts and aggregated client metrics, read by the server.
-        self.round_metrics: dict[int, dict[str, float]] = {}
-        self.round_metadata: dict[int, list[TrainMetadata]] = {}
-        self._robust = _robust_aggregator(cfg)
+        self._validations = 0  # checks run this round: one per reply, never more
+
+    def summary(self) -> None:
+        """Log the wrapper's checks, then the inner strategy's settings."""
+        log(INFO, "\t├──> FedGAN checks: keys, shapes, dtypes, finite values, metadata "
+            "(max %d bytes), update norm (ratio %g), min-train-replies %d",
+            self.cfg.max_metadata_bytes, self.cfg.max_update_norm_ratio,
+            self.cfg.min_train_replies)
+        log(INFO, "\t├──> inner strategy %s on %d parameter arrays; %d buffers %s",
+            type(self.strategy).__name__, len(self._params), len(self._buffers),
+            "by median" if self.cfg.strategy in ROBUST_STRATEGIES else "by weighted mean")
+        self.strategy.summary()
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Send the global G and D with this round's schedule and settings."""
-        server_round += self.round_offset
+        server_round = self.sink.absolute(server_round)
         lr_g, lr_d = self.cfg.lr_at(server_round)
-        config = ConfigRecord(
-            {
-                "lr-generator": lr_g,
-                "lr-discriminator": lr_d,
-                "local-steps": self.cfg.local_steps,
-                "batch-size": self.cfg.batch_size,
-                "seed": self.cfg.seed,
-            }
-        )
+        config = ConfigRecord({
+            "lr-generator": lr_g, "lr-discriminator": lr_d,
+            "local-steps": self.cfg.local_steps, "batch-size": self.cfg.batch_size,
+            "seed": self.cfg.seed,
+        })
         # Kept to measure each client's update against it.
         self._global = {k: v.numpy() for k, v in arrays.items()}
-        messages = list(super().configure_train(server_round, arrays, config, grid))
+        # The inner strategy samples nodes and keeps the parameters it will step
+        # from; every client gets the whole model, buffers included.
+        params = ArrayRecord({k: arrays[k] for k in self._params})
+        messages = list(self.strategy.configure_train(server_round, params, config, grid))
+        for msg in messages:
+            msg.content[ARRAYS_KEY] = arrays
         self._sent = len(messages)  # replies missing after the timeout are counted
         return messages
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Drop invalid replies with a logged reason, then average the rest."""
-        server_round += self.round_offset
+        """Check every reply once, then let the inner strategy aggregate the rest."""
+        server_round = self.sink.absolute(server_round)
         replies = list(replies)
-        failed = [m for m in replies if m.has_error()]
-        for msg in failed:
-            log(WARNING, "round %d: node %d failed: %s", server_round,
-                msg.metadata.src_node_id, msg.error.reason)
-        accepted: list[Message] = []
-        metas: list[TrainMetadata] = []
-        drops: dict[str, int] = {}
-        for msg in (m for m in replies if not m.has_error()):
-            meta, reason = self._validate(msg)
-            if reason is None:
-                accepted.append(msg)
-                metas.append(meta)
-            else:
-                kind = reason.split(":", 1)[0]
-                drops[kind] = drops.get(kind, 0) + 1
-                log(WARNING, "round %d: dropped reply from node %d: %s",
-                    server_round, msg.metadata.src_node_id, reason)
-        accepted, metas = self._screen_norms(server_round, accepted, metas, drops)
-
-        counts = {
-            "replies-accepted": len(accepted),
-            "replies-dropped": sum(drops.values()),
-            "replies-failed": len(failed),
-            "replies-missing": max(0, self._sent - len(replies)),
-            "num-examples-total": sum(m.num_examples for m in metas),
-            **{f"dropped-{kind}": n for kind, n in drops.items()},
-        }
-        self.round_metadata[server_round] = metas
-        if self.sink is not None and metas:
-            rows = [_client_row(m, msg) for m, msg in zip(metas, accepted, strict=True)]
-            self.sink.log_clients(server_round, rows)
-        if len(accepted) < self.cfg.min_train_replies:
-            log(WARNING, "round %d: %d valid replies < min-train-replies=%d; "
-                "keeping the previous global model", server_round, len(accepted),
-                self.cfg.min_train_replies)
-            self.round_metrics[server_round] = {k: float(v) for k, v in counts.items()}
-            return None, None
-
-        if self._robust is None:
-            arrays, metrics = super().aggregate_train(server_round, accepted)
+        screened = self._screen(server_round, replies)
+        refusal = self._refusal(len(screened.accepted))
+        arrays, metrics = None, None
+        if refusal is None:
+            arrays, metrics, refusal = self._aggregate(server_round, screened)
+        if refusal is None:
+            screened.set_weights()
         else:
-            arrays, metrics = self._robust.aggregate_train(server_round, accepted)
+            log(WARNING, "round %d: %s; keeping the previous global model", server_round,
+                refusal)
         row = {k: float(v) for k, v in (metrics or {}).items()}
-        row.update({k: float(v) for k, v in counts.items()})
-        self.round_metrics[server_round] = row
+        row.update({
+            "replies-accepted": len(screened.accepted),
+            "replies-dropped": sum(screened.drops.values()),
+            "replies-failed": screened.failed,
+            "replies-missing": max(0, self._sent - len(replies)),
+            "replies-validated": self._validations,
+            "num-examples-total": sum(m.num_examples for m in screened.metas),
+            "model-updated": int(refusal is None),
+            **{f"dropped-{kind}": n for kind, n in screened.drops.items()},
+        })
+        self.sink.record_train(server_round, {k: float(v) for k, v in row.items()},
+                               list(screened.rows.values()), self.state())
         return arrays, metrics
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Ask clients for D's accuracy on the global model (round shifted)."""
-        return super().configure_evaluate(server_round + self.round_offset, arrays,
-                                          config, grid)
+        """Ask clients for D's accuracy on the global model."""
+        return self.strategy.configure_evaluate(self.sink.absolute(server_round), arrays,
+                                                config, grid)
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         """Average clients' D accuracy; drop malformed replies instead of failing."""
-        server_round += self.round_offset
+        server_round = self.sink.absolute(server_round)
         valid = []
         for msg in replies:
             if msg.has_error():
                 continue
-            records = msg.content.metric_records
-            metrics = records.get(METRICS_KEY) if len(records) == 1 else None
-            if metrics is not None and set(metrics) == {"num-examples", "d-accuracy"} and all(
-                isinstance(v, int | float) and math.isfinite(v) and v >= 0
-                for v in metrics.values()
-            ) and metrics["num-examples"] > 0:
+            if _valid_evaluate_reply(msg):
                 valid.append(msg)
             else:
                 log(WARNING, "round %d: dropped evaluate reply from node %d",
                     server_round, msg.metadata.src_node_id)
-        metrics = super().aggregate_evaluate(server_round, valid) if valid else None
+        metrics = self.strategy.aggregate_evaluate(server_round, valid) if valid else None
         if metrics is not None:
-            row = self.round_metrics.setdefault(server_round, {})
-            row["client-d-accuracy"] = float(metrics["d-accuracy"])
+            self.sink.record_evaluate(server_round,
+                                      {"client-d-accuracy": float(metrics["d-accuracy"])})
         return metrics
+
+    def state(self) -> dict[str, Any]:
+        """The inner strategy's server-optimizer state as checkpoint values ({}: none)."""
+        state: dict[str, Any] = {}
+        for slot in STATE_SLOTS:
+            value = getattr(self.strategy, slot, None)
+            if isinstance(value, dict):
+                items = list(value.items())
+            elif isinstance(value, list):
+                items = list(zip(self._params, value, strict=True))
+            else:
+                continue
+            state.update({f"{slot}/{key}": torch.from_numpy(np.array(array, copy=True))
+                          for key, array in items})
+        if state:
+            state["strategy"] = self.cfg.strategy
+        return state
+
+    def load_state(self, state: Mapping[str, Any], source: Path | str) -> None:
+        """Restore a checkpoint's optimizer state; CheckpointError if it does not fit."""
+        if not state:
+            return
+        if state.get("strategy") != self.cfg.strategy:
+            log(WARNING, "ignoring the server optimizer state of strategy %r in %s: "
+                "this run uses strategy %r", state.get("strategy"), source,
+                self.cfg.strategy)
+            return
+        restored: dict[str, dict[str, np.ndarray]] = {}
+        for key, value in state.items():
+            slot, _, name = key.partition("/")
+            if key == "strategy":
+                continue
+            if (slot not in STATE_SLOTS or not hasattr(self.strategy, slot)
+                    or name not in self._params or not isinstance(value, torch.Tensor)
+                    or tuple(value.shape) != self._expected[name][0]):
+                raise CheckpointError(
+                    f"checkpoint {source}: server optimizer state {key!r} does not fit "
+                    "this run's models"
+                )
+            restored.setdefault(slot, {})[name] = value.numpy()
+        for slot, values in restored.items():
+            if set(values) != set(self._params):
+                raise CheckpointError(
+                    f"checkpoint {source}: server optimizer state '{slot}' covers "
+                    f"{len(values)} of the {len(self._params)} parameter arrays"
+                )
+            ordered = {k: values[k] for k in self._params}
+            setattr(self.strategy, slot,
+                    list(ordered.values()) if slot == "momentum_vector" else ordered)
+        log(INFO, "restored the %s server optimizer state (%s) from %s", self.cfg.strategy,
+            ", ".join(restored), source)
+
+    def _screen(self, server_round: int, replies: list[Message]) -> _Screened:
+        """Validate each reply once, then screen update norms; one row per reply."""
+        screened = _Screened()
+        self._validations = 0
+        for msg in replies:
+            if msg.has_error():
+                screened.failed += 1
+                screened.rows[id(msg)] = _failed_row(msg)
+                log(WARNING, "round %d: node %d failed: %s", server_round,
+                    msg.metadata.src_node_id, msg.error.reason)
+                continue
+            meta, reason = self._validate(msg)
+            screened.rows[id(msg)] = _client_row(msg, meta)
+            if reason is None:
+                screened.accepted.append(msg)
+                screened.metas.append(meta)
+            else:
+                screened.drop(msg, reason)
+                log(WARNING, "round %d: dropped reply from node %d: %s", server_round,
+                    msg.metadata.src_node_id, reason)
+        self._screen_norms(server_round, screened)
+        return screened
 
     def _validate(self, msg: Message) -> tuple[TrainMetadata | None, str | None]:
         """Return (metadata, None) for a usable reply, else (None, reason)."""
+        self._validations += 1
         content = msg.content
         if set(content.array_records) != {ARRAYS_KEY}:
             return None, f"records: expected one ArrayRecord '{ARRAYS_KEY}'"
@@ -202,10 +413,8 @@ class FedGAN(FedAvg):
         if reason is not None:
             return None, reason
         try:
-            meta = decode_metadata(
-                content.config_records.get(METADATA_RECORD_KEY),
-                self.cfg.max_metadata_bytes,
-            )
+            meta = decode_metadata(content.config_records.get(METADATA_RECORD_KEY),
+                                   self.cfg.max_metadata_bytes)
         except MetadataError as exc:
             return None, f"metadata: {exc}"
         if meta.num_examples != num_examples:
@@ -230,40 +439,95 @@ class FedGAN(FedAvg):
                 return f"non-finite: '{key}' has NaN or Inf"
         return None
 
-    def _screen_norms(
-        self,
-        server_round: int,
-        accepted: list[Message],
-        metas: list[TrainMetadata],
-        drops: dict[str, int],
-    ) -> tuple[list[Message], list[TrainMetadata]]:
+    def _screen_norms(self, server_round: int, screened: _Screened) -> None:
         """Drop updates whose norm is far beyond the median client's."""
         ratio = self.cfg.max_update_norm_ratio
-        if ratio == 0 or len(accepted) < 3 or not self._global:
-            return accepted, metas
-        norms = [_update_norm(m.content[ARRAYS_KEY], self._global) for m in accepted]
+        if ratio == 0 or len(screened.accepted) < 3 or not self._global:
+            return
+        norms = [_update_norm(m.content[ARRAYS_KEY], self._global) for m in screened.accepted]
         limit = ratio * statistics.median(norms)
-        kept_msgs, kept_metas = [], []
-        for msg, meta, norm in zip(accepted, metas, norms, strict=True):
+        kept = [(msg, meta) for msg, meta, norm in
+                zip(screened.accepted, screened.metas, norms, strict=True)
+                if not norm > limit > 0]
+        for msg, norm in zip(screened.accepted, norms, strict=True):
             if norm > limit > 0:
-                drops["norm"] = drops.get("norm", 0) + 1
-                log(WARNING, "round %d: dropped reply from node %d: norm: update "
-                    "norm %.3g > %.3g x median %.3g", server_round,
-                    msg.metadata.src_node_id, norm, ratio, limit / ratio)
-            else:
-                kept_msgs.append(msg)
-                kept_metas.append(meta)
-        return kept_msgs, kept_metas
+                reason = f"norm: update norm {norm:.3g} > {ratio:g} x median {limit / ratio:.3g}"
+                screened.drop(msg, reason)
+                log(WARNING, "round %d: dropped reply from node %d: %s", server_round,
+                    msg.metadata.src_node_id, reason)
+        screened.accepted = [msg for msg, _ in kept]
+        screened.metas = [meta for _, meta in kept]
+
+    def _refusal(self, num_accepted: int) -> str | None:
+        """Why this round cannot update the model with these replies, or None."""
+        if num_accepted < self.cfg.min_train_replies:
+            return (f"{num_accepted} valid replies < min-train-replies="
+                    f"{self.cfg.min_train_replies}")
+        need, formula = rule_min_replies(self.cfg)
+        if num_accepted < need:
+            return (f"strategy '{self.cfg.strategy}' needs at least {formula} valid "
+                    f"replies (num-malicious-clients="
+                    f"{self.cfg.num_malicious_clients}), got {num_accepted}")
+        return None
+
+    def _aggregate(
+        self, server_round: int, screened: _Screened
+    ) -> tuple[ArrayRecord | None, MetricRecord | None, str | None]:
+        """Buffers here, parameters by the inner strategy; merged, cast and checked."""
+        records = [m.content[ARRAYS_KEY] for m in screened.accepted]
+        buffers = self._aggregate_buffers(records, [m.num_examples for m in screened.metas])
+        for msg, record in zip(screened.accepted, records, strict=True):
+            # The replies are ours once checked: the inner strategy sees parameters only.
+            msg.content[ARRAYS_KEY] = ArrayRecord({k: record[k] for k in self._params})
+        params, metrics = self.strategy.aggregate_train(server_round, screened.accepted)
+        if params is None:
+            return None, None, f"strategy '{self.cfg.strategy}' returned no model"
+        merged = {}
+        for key, (_, dtype) in self._expected.items():
+            value = buffers[key] if key in buffers else params[key].numpy()
+            merged[key] = _cast(value, np.dtype(dtype))
+        bad = [k for k, v in merged.items() if not np.isfinite(v).all()]
+        if bad:
+            return None, None, (f"strategy '{self.cfg.strategy}' produced NaN or Inf in "
+                                f"{len(bad)} arrays (first: '{bad[0]}')")
+        return ArrayRecord({k: Array(v) for k, v in merged.items()}), metrics, None
+
+    def _aggregate_buffers(self, records: list[ArrayRecord],
+                           num_examples: list[int]) -> dict[str, np.ndarray]:
+        """Buffers of the accepted replies: weighted mean, or median under a robust rule."""
+        if self.cfg.strategy in ROBUST_STRATEGIES:
+            return {k: np.median(np.stack([r[k].numpy() for r in records]), axis=0)
+                    for k in self._buffers}
+        # FedAvg's arithmetic (Flower's aggregate_arrayrecords), so fedavg is unchanged.
+        total = sum(num_examples)
+        weights = [n / total for n in num_examples]
+        out: dict[str, np.ndarray] = {}
+        for record, weight in zip(records, weights, strict=True):
+            for key in self._buffers:
+                value = record[key].numpy() * weight
+                out[key] = value if key not in out else out[key] + value
+        return out
 
 
-def _robust_aggregator(cfg: RunConfig) -> FedAvg | None:
-    """Flower's robust strategy whose aggregation math we reuse, or None."""
-    if cfg.aggregation == "median":
-        return FedMedian(min_train_nodes=1, min_available_nodes=1)
-    if cfg.aggregation == "trimmed-mean":
-        return FedTrimmedAvg(beta=cfg.trim_fraction, min_train_nodes=1,
-                             min_available_nodes=1)
-    return None
+def _cast(value: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Cast an aggregate back to the model's dtype (integer counters are rounded)."""
+    value = np.asarray(value)
+    if np.issubdtype(dtype, np.integer):
+        value = np.rint(value)
+    return np.asarray(value.astype(dtype, copy=False))  # 0-d stays an array
+
+
+def _valid_evaluate_reply(msg: Message) -> bool:
+    """Whether an evaluate reply holds exactly num-examples > 0 and a finite accuracy."""
+    records = msg.content.metric_records
+    metrics = records.get(METRICS_KEY) if len(records) == 1 else None
+    return (
+        metrics is not None
+        and set(metrics) == {"num-examples", "d-accuracy"}
+        and all(isinstance(v, int | float) and math.isfinite(v) and v >= 0
+                for v in metrics.values())
+        and metrics["num-examples"] > 0
+    )
 
 
 def _update_norm(arrays: ArrayRecord, global_arrays: dict[str, np.ndarray]) -> float:
@@ -277,11 +541,17 @@ def _update_norm(arrays: ArrayRecord, global_arrays: dict[str, np.ndarray]) -> f
     return math.sqrt(total)
 
 
-def _client_row(meta: TrainMetadata, msg: Message) -> dict[str, Any]:
-    """Flatten one client's metadata into a clients.csv row."""
+def _client_row(msg: Message, meta: TrainMetadata | None) -> dict[str, Any]:
+    """One clients.csv row of a reply; its metadata when it decoded.
+
+    Status starts as accepted with weight 0: a drop or the final weights update it.
+    """
+    row: dict[str, Any] = {"node-id": msg.metadata.src_node_id, "status": "accepted",
+                           "reason": "", "weight": 0.0}
+    if meta is None:
+        return row
     tail = max(1, min(10, meta.steps))
-    return {
-        "node-id": msg.metadata.src_node_id,
+    row.update({
         "partition-id": meta.partition_id,
         "num-examples": meta.num_examples,
         "steps": meta.steps,
@@ -292,11 +562,18 @@ def _client_row(meta: TrainMetadata, msg: Message) -> dict[str, Any]:
         "wall-time-s": meta.wall_time_s,
         "converged": int(meta.converged),
         "classes": sum(1 for n in meta.label_histogram if n > 0),
+        "label-histogram": ";".join(str(n) for n in meta.label_histogram),
         "device": meta.device,
-    }
+    })
+    return row
+
+
+def _failed_row(msg: Message) -> dict[str, Any]:
+    """The clients.csv row of an error reply: only its node id is known."""
+    return {"node-id": msg.metadata.src_node_id, "status": "failed",
+            "reason": f"error: {msg.error.reason}", "weight": 0.0}
 
 
 def _mean(values: list[float]) -> float:
     """Mean of a list (NaN for an empty one)."""
     return float(sum(values) / len(values)) if values else float("nan")
-

@@ -1,16 +1,21 @@
-"""Run tracking: every file under ``outputs/<run>/`` (except checkpoints) and W&B.
+"""Run tracking through two small outputs: local files and W&B.
 
-This is the only module that does logging I/O. Layout written into ``run_dir``::
+`LocalFiles` writes every file under ``outputs/<run>/`` except checkpoints::
 
     run_config.json          the full config of the run
     metrics.csv              one row per server round ("round" first)
-    clients.csv              one row per client per round ("round" first)
+    clients.csv              one row per reply per round ("round" first)
     samples/round_NNNN.png   sample grid of the fixed noise batch
-    progress.gif             all sample grids in round order (at finish)
-    plots/losses.png         loss-d, loss-g (+ d-x, d-gz) vs round (at finish)
-    plots/quality.png        fid, classifier-score, ... vs round (at finish)
+    progress.gif             all sample grids in round order (every round)
+    plots/losses.png         loss-d, loss-g (+ d-x, d-gz) vs round (every round)
+    plots/quality.png        fid, classifier-score, ... vs round (every round)
     summary.json             final summary values
-    wandb/                   the W&B run folder (offline unless chosen otherwise)
+
+`WandbRun` mirrors the same calls to a W&B run (``wandb/``, offline unless
+chosen otherwise). Both implement `Output`; the recorder (fedgan_app.recorder)
+is their only caller. `refresh_run_folder` rebuilds the per-round artefacts
+(GIF, plots) of a run folder from its files; the recorder calls it through
+`LocalFiles.refresh` after every round.
 
 Every file is written to a temp file and renamed, so a crash never leaves a half
 file behind. W&B is best effort: its first failure is logged once as a warning,
@@ -20,6 +25,7 @@ W&B is switched off for the rest of the run, and local outputs keep coming.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
@@ -29,13 +35,19 @@ import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from logging import INFO, WARNING
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from flwr.common.logger import log
 
 WANDB_MODES = ("offline", "online", "disabled")
+METRICS_CSV = "metrics.csv"
+CLIENTS_CSV = "clients.csv"
+SAMPLES_DIR = "samples"
+PLOTS_DIR = "plots"
+PROGRESS_GIF = "progress.gif"
+PLOT_DIGEST_KEY = "fedgan-data-digest"  # PNG text chunk: what a plot shows
 LOSS_COLUMNS = ("loss-d", "loss-g")
 D_OUTPUT_COLUMNS = ("d-x", "d-gz")
 QUALITY_COLUMNS = ("fid", "classifier-score", "class-coverage", "precision", "recall")
@@ -147,8 +159,8 @@ class _CsvTable:
         self.columns: list[str] = ["round"]
         self.rows: list[dict[str, str]] = []
 
-    def load(self, keep_up_to_round: int) -> int:
-        """Load ``path``, keeping rounds <= ``keep_up_to_round``; return # dropped."""
+    def load(self, keep_up_to_round: int | None) -> int:
+        """Load ``path``, keeping rounds <= ``keep_up_to_round`` (None: all); # dropped."""
         if not self.path.exists():
             return 0
         with self.path.open(newline="", encoding="utf-8") as f:
@@ -156,7 +168,8 @@ class _CsvTable:
             columns = list(reader.fieldnames or [])
             read = list(reader)
         kept = [
-            row for row in read if _round_of(row) is not None and _round_of(row) <= keep_up_to_round
+            row for row in read if _round_of(row) is not None
+            and (keep_up_to_round is None or _round_of(row) <= keep_up_to_round)
         ]
         self.columns = ["round", *[c for c in columns if c != "round"]]
         self.rows = [{c: row.get(c) or "" for c in self.columns} for row in kept]
@@ -202,232 +215,262 @@ def _round_of(row: Mapping[str, str | None]) -> int | None:
         return None
 
 
-class RunTracker:
-    """Writes the outputs of one run to ``run_dir`` and mirrors them to W&B.
+class Output(Protocol):
+    """Where the recorder writes a run: local files, W&B."""
+
+    def log_round(self, server_round: int, row: Mapping[str, float]) -> None:
+        """Record the metrics row of a round."""
+
+    def log_clients(self, server_round: int, rows: list[dict[str, Any]]) -> None:
+        """Record one row per reply of a round."""
+
+    def log_samples(self, server_round: int, grid: np.ndarray) -> None:
+        """Record the sample grid of a round (uint8, (H, W, 3))."""
+
+    def log_summary(self, summary: Mapping[str, Any]) -> None:
+        """Merge values into the run summary."""
+
+    def refresh(self) -> None:
+        """Rebuild what is derived from the rounds so far (GIF, plots)."""
+
+    def finish(self) -> None:
+        """Write what is left and close; later calls do nothing."""
+
+
+def refresh_run_folder(run_dir: Path) -> None:
+    """Rebuild progress.gif and plots/*.png of a run folder from its files.
+
+    Parameters
+    ----------
+    run_dir : Path
+        A run folder (``outputs/<run>``) holding ``samples/round_NNNN.png`` and
+        ``metrics.csv``; either may be missing (then its artefacts are skipped).
+
+    """
+    run_dir = Path(run_dir)
+    write_progress_gif(run_dir)
+    metrics = _CsvTable(run_dir / METRICS_CSV)
+    metrics.load(keep_up_to_round=None)
+    (run_dir / PLOTS_DIR).mkdir(parents=True, exist_ok=True)
+    _plot(metrics, run_dir / PLOTS_DIR / "losses.png", [LOSS_COLUMNS, D_OUTPUT_COLUMNS])
+    _plot(metrics, run_dir / PLOTS_DIR / "quality.png", [(c,) for c in QUALITY_COLUMNS])
+
+
+def sample_paths(run_dir: Path) -> dict[int, Path]:
+    """Round -> samples/round_NNNN.png of a run folder."""
+    found = {}
+    for path in (Path(run_dir) / SAMPLES_DIR).glob("round_*.png"):
+        match = _SAMPLE_RE.match(path.name)
+        if match is not None:
+            found[int(match.group(1))] = path
+    return dict(sorted(found.items()))
+
+
+def write_progress_gif(run_dir: Path) -> None:
+    """Write progress.gif from the sample grids in round order (4 fps, looping)."""
+    samples = sample_paths(run_dir)
+    if not samples:
+        return
+    import imageio.v3 as iio
+
+    frames = [iio.imread(path) for path in samples.values()]
+    size = frames[-1].shape
+    same = [f for f in frames if f.shape == size]
+    if len(same) < len(frames):
+        log(WARNING, "progress.gif: skipped %d grids whose size differs from %s",
+            len(frames) - len(same), size)
+    _atomic_write(
+        Path(run_dir) / PROGRESS_GIF,
+        lambda tmp: iio.imwrite(tmp, np.stack(same), duration=1000 / GIF_FPS, loop=0),
+    )
+
+
+def _plot(metrics: _CsvTable, path: Path, panels: list[tuple[str, ...]]) -> None:
+    """Plot metrics.csv columns vs round, one panel per group that has data.
+
+    The PNG carries a digest of what it shows; an unchanged plot (the quality
+    panels between evaluations) is not drawn again.
+    """
+    data = {c: metrics.column(c) for cols in panels for c in cols}
+    panels = [cols for cols in panels if any(data[c][0] for c in cols)]
+    if not panels:
+        return
+    digest = hashlib.sha256(repr([(c, data[c]) for cols in panels for c in cols]).encode())
+    if _png_digest(path) == digest.hexdigest():
+        return
+    # No pyplot: no global figure state to close, no GUI backend to pick.
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 3 * len(panels)))
+    for ax, columns in zip(fig.subplots(len(panels), 1, squeeze=False)[:, 0], panels,
+                           strict=True):
+        for column in columns:
+            rounds, values = data[column]
+            if rounds:
+                ax.plot(rounds, values, marker="." if len(rounds) < 50 else None,
+                        label=column)
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    # A fixed layout: matplotlib's constrained layout tripled the time of a plot.
+    height = 3 * len(panels)  # inches
+    fig.subplots_adjust(left=0.12, right=0.97, top=1 - 0.15 / height,
+                        bottom=0.5 / height, hspace=0.35)
+    _atomic_write(path, lambda tmp: fig.savefig(
+        tmp, dpi=100, metadata={PLOT_DIGEST_KEY: digest.hexdigest()}))
+
+
+def _png_digest(path: Path) -> str | None:
+    """The data digest a plot PNG was written with, if it has one."""
+    if not path.is_file():
+        return None
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.text.get(PLOT_DIGEST_KEY)
+    except (OSError, AttributeError):
+        return None
+
+
+class LocalFiles:
+    """Writes the files of one run under ``run_dir`` (all but the checkpoints).
 
     Parameters
     ----------
     run_dir : Path
         Folder of the run (``outputs/<run>``); created if missing.
     config : dict[str, Any]
-        Full run configuration; written to ``run_config.json`` and W&B config.
-    wandb_mode : str
-        ``"offline"`` (default), ``"online"`` or ``"disabled"`` (W&B not imported).
-    wandb_project : str
-        W&B project name.
-    run_name : str | None
-        W&B display name; W&B picks one when None.
-    wandb_run_id : str | None
-        Id of an earlier W&B run to continue (from a checkpoint); new run when None.
+        Full run configuration, written to ``run_config.json``.
     resume_after_round : int | None
-        When resuming from a checkpoint of round R: keep the rows of rounds <= R
-        already on disk, drop later ones (written by the crashed run after its
-        last checkpoint), so the resumed run appends without duplicates.
-    wandb_init_timeout_s : float | None
-        Seconds ``wandb.init`` may wait for the server (online mode); W&B's
-        default (90 s) when None.
+        When resuming from a checkpoint of round R: keep the rows and grids of
+        rounds <= R already on disk and drop later ones (written by the crashed
+        run after its last checkpoint), so the resumed run appends without
+        duplicates.
 
     """
 
-    def __init__(
-        self,
-        run_dir: Path,
-        config: dict[str, Any],
-        wandb_mode: str = "offline",
-        wandb_project: str = "fedgan",
-        run_name: str | None = None,
-        wandb_run_id: str | None = None,
-        resume_after_round: int | None = None,
-        *,
-        wandb_init_timeout_s: float | None = None,
-    ) -> None:
-        """Create run_dir, write run_config.json, reload a resumed run, start W&B."""
-        if wandb_mode not in WANDB_MODES:
-            raise ValueError(f"wandb_mode must be one of {WANDB_MODES}, got {wandb_mode!r}")
-        self._run_dir = Path(run_dir)
-        self._samples_dir = self._run_dir / "samples"
-        self._plots_dir = self._run_dir / "plots"
-        for folder in (self._run_dir, self._samples_dir, self._plots_dir):
+    def __init__(self, run_dir: Path, config: dict[str, Any],
+                 resume_after_round: int | None = None) -> None:
+        """Create the folders, write run_config.json, reload a resumed run."""
+        self.run_dir = Path(run_dir)
+        self._samples_dir = self.run_dir / SAMPLES_DIR
+        for folder in (self.run_dir, self._samples_dir, self.run_dir / PLOTS_DIR):
             folder.mkdir(parents=True, exist_ok=True)
         _write_text_atomic(
-            self._run_dir / "run_config.json",
+            self.run_dir / "run_config.json",
             json.dumps(config, indent=2, sort_keys=True, default=_json_default) + "\n",
         )
-        self._metrics = _CsvTable(self._run_dir / "metrics.csv")
-        self._clients = _CsvTable(self._run_dir / "clients.csv")
-        self._samples: dict[int, Path] = {}
+        self._metrics = _CsvTable(self.run_dir / METRICS_CSV)
+        self._clients = _CsvTable(self.run_dir / CLIENTS_CSV)
         self._summary: dict[str, Any] = {}
-        self._pending_events: dict[str, int] = {}
-        self._event_totals: dict[str, int] = {}
         self._finished = False
         if resume_after_round is not None:
             self._load_previous(resume_after_round)
 
-        # W&B state: the module and run stay None when disabled or after a failure.
-        self._wandb: Any = None
-        self._run: Any = None
-        self._wandb_run_id: str | None = None
-        self._wandb_warned = False
-        if wandb_mode != "disabled":
-            self._start_wandb(
-                config,
-                wandb_mode,
-                wandb_project,
-                run_name,
-                wandb_run_id,
-                wandb_init_timeout_s,
-            )
-
-    @property
-    def wandb_run_id(self) -> str | None:
-        """Id of the W&B run (for checkpoints); None when W&B is off or init failed."""
-        return self._wandb_run_id
-
-    @property
-    def run_dir(self) -> Path:
-        """Folder this tracker writes into."""
-        return self._run_dir
-
-    def log_round(self, server_round: int, metrics: Mapping[str, float | int]) -> None:
-        """Append a row to metrics.csv (new keys: new columns); W&B ``global/<key>``.
-
-        Event counts recorded with :meth:`log_event` since the last call are
-        folded into this row (a key in ``metrics`` wins over an event of the same name).
-        """
-        row = {**self._pending_events, **metrics}
-        self._pending_events = {}
+    def log_round(self, server_round: int, row: Mapping[str, float]) -> None:
+        """Append a row to metrics.csv (new keys become new columns)."""
         self._metrics.add(server_round, [row])
         self._metrics.write()
-        self._wandb_log(server_round, {f"global/{k}": v for k, v in row.items()})
 
     def log_clients(self, server_round: int, rows: list[dict[str, Any]]) -> None:
-        """Append a row per client to clients.csv; W&B ``client/<partition>/<key>``."""
+        """Append one row per reply to clients.csv."""
         self._clients.add(server_round, rows)
         self._clients.write()
-        scalars: dict[str, Any] = {}
-        for index, row in enumerate(rows):
-            # Name series by partition id, stable across rounds; reply index otherwise.
-            client = row.get("partition-id", f"reply-{index}")
-            scalars.update(
-                {f"client/{client}/{k}": v for k, v in row.items() if k != "partition-id"}
-            )
-        self._wandb_log(server_round, scalars)
 
-    def log_samples(self, server_round: int, grid: np.ndarray) -> Path:
-        """Write samples/round_NNNN.png (and W&B) from a uint8 (H, W, 3) grid."""
-        if grid.dtype != np.uint8 or grid.ndim != 3 or grid.shape[2] != 3:
-            raise ValueError(f"grid must be uint8 (H, W, 3), got {grid.dtype} {grid.shape}")
+    def log_samples(self, server_round: int, grid: np.ndarray) -> None:
+        """Write samples/round_NNNN.png from a uint8 (H, W, 3) grid."""
+        _check_grid(grid)
         from PIL import Image
 
         path = self._samples_dir / f"round_{server_round:04d}.png"
         _atomic_write(path, lambda tmp: Image.fromarray(grid).save(tmp, format="PNG"))
-        self._samples[server_round] = path
-        if self._run is not None:
-            self._wandb_call(
-                "log of the sample grid",
-                lambda: self._run.log(
-                    {
-                        "round": server_round,
-                        "samples/grid": self._wandb.Image(grid, caption=f"round {server_round}"),
-                    }
-                ),
-            )
-        return path
 
     def log_summary(self, summary: Mapping[str, Any]) -> None:
-        """Merge ``summary`` into summary.json and the W&B run summary."""
+        """Merge ``summary`` into summary.json."""
         self._summary.update(summary)
         _write_text_atomic(
-            self._run_dir / "summary.json",
+            self.run_dir / "summary.json",
             json.dumps(self._summary, indent=2, sort_keys=True, default=_json_default) + "\n",
         )
-        if self._run is not None:
-            self._wandb_call("summary update", lambda: self._run.summary.update(dict(summary)))
 
-    def log_event(self, name: str, count: int = 1) -> None:
-        """Count an event (e.g. a dropped reply) into the next log_round row."""
-        self._pending_events[name] = self._pending_events.get(name, 0) + count
-        self._event_totals[name] = self._event_totals.get(name, 0) + count
+    def refresh(self) -> None:
+        """Rebuild progress.gif and the plots from the rounds so far."""
+        refresh_run_folder(self.run_dir)
 
     def finish(self) -> None:
-        """Write progress.gif, plots and event totals, finish W&B; idempotent."""
+        """Refresh once more (a crashed round's grid included); idempotent."""
         if self._finished:
             return
         self._finished = True
-        try:
-            if self._event_totals:
-                self.log_summary({f"total-{name}": n for name, n in self._event_totals.items()})
-            self._write_gif()
-            self._plot(self._plots_dir / "losses.png", [LOSS_COLUMNS, D_OUTPUT_COLUMNS])
-            self._plot(self._plots_dir / "quality.png", [(c,) for c in QUALITY_COLUMNS])
-        finally:
-            # Close the W&B run even when a local artefact failed, so it is not
-            # left running (and unsynced) until the process exits.
-            if self._run is not None:
-                self._wandb_call("log of the clients table", self._log_clients_table)
-                # W&B is done: later calls only write local files.
-                run, self._run = self._run, None
-                self._wandb_call("finish", run.finish)
-        log(INFO, "Run outputs written to %s", self._run_dir)
+        self.refresh()
+        log(INFO, "Run outputs written to %s", self.run_dir)
 
     def _load_previous(self, resume_after_round: int) -> None:
-        """Reload rows and grids of rounds <= ``resume_after_round``; drop the rest."""
+        """Reload rows of rounds <= ``resume_after_round``; drop later rows and grids."""
         dropped_metrics = self._metrics.load(resume_after_round)
         dropped_clients = self._clients.load(resume_after_round)
         # Rewrite now, so the files match the resumed history before the next round.
         self._metrics.write()
         self._clients.write()
-        dropped_samples = 0
-        for path in self._samples_dir.glob("round_*.png"):
-            match = _SAMPLE_RE.match(path.name)
-            if match is None:
-                continue
-            server_round = int(match.group(1))
+        kept, dropped_samples = 0, 0
+        for server_round, path in sample_paths(self.run_dir).items():
             if server_round <= resume_after_round:
-                self._samples[server_round] = path
+                kept += 1
             else:
                 path.unlink()  # the crashed run's grid; the resumed run writes its own
                 dropped_samples += 1
-        log(
-            INFO,
-            "Resuming after round %d: kept %d metric rows, %d client rows, "
-            "%d sample grids; dropped %d, %d, %d of later rounds",
-            resume_after_round,
-            len(self._metrics.rows),
-            len(self._clients.rows),
-            len(self._samples),
-            dropped_metrics,
-            dropped_clients,
-            dropped_samples,
-        )
+        log(INFO, "Resuming after round %d: kept %d metric rows, %d client rows, "
+            "%d sample grids; dropped %d, %d, %d of later rounds", resume_after_round,
+            len(self._metrics.rows), len(self._clients.rows), kept, dropped_metrics,
+            dropped_clients, dropped_samples)
 
-    def _start_wandb(
-        self,
-        config: dict[str, Any],
-        mode: str,
-        project: str,
-        run_name: str | None,
-        run_id: str | None,
-        init_timeout_s: float | None,
-    ) -> None:
-        """Import wandb, start (or resume) the run; on failure warn, go on without."""
+
+class WandbRun:
+    """Mirrors a run to Weights & Biases; never stops training.
+
+    Parameters
+    ----------
+    run_dir : Path
+        Folder of the run; W&B adds its own ``wandb/`` below it.
+    config : dict[str, Any]
+        Full run configuration, logged as the W&B config.
+    mode : str
+        ``"offline"`` or ``"online"`` (``"disabled"``: do not build one).
+    project : str
+        W&B project name.
+    run_name : str | None
+        W&B display name; W&B picks one when None.
+    run_id : str | None
+        Id of an earlier W&B run to continue (from a checkpoint); new run when None.
+    init_timeout_s : float | None
+        Seconds ``wandb.init`` may wait for the server (online mode); W&B's
+        default (90 s) when None.
+
+    """
+
+    def __init__(self, run_dir: Path, config: dict[str, Any], mode: str = "offline",
+                 project: str = "fedgan", run_name: str | None = None,
+                 run_id: str | None = None, init_timeout_s: float | None = None) -> None:
+        """Import wandb and start (or resume) the run; on failure warn, go on without."""
+        if mode not in ("offline", "online"):
+            raise ValueError(f"mode must be 'offline' or 'online', got {mode!r}")
+        self.run_dir = Path(run_dir)
+        self._wandb: Any = None
+        self._run: Any = None
+        self.run_id: str | None = None  # None when W&B failed to start
+        self._warned = False
         try:
             import wandb  # only here: a disabled run never imports W&B
 
-            settings = (
-                wandb.Settings(init_timeout=init_timeout_s) if init_timeout_s is not None else None
-            )
+            settings = (wandb.Settings(init_timeout=init_timeout_s)
+                        if init_timeout_s is not None else None)
             run = wandb.init(
-                project=project,
-                name=run_name,
-                config=config,
-                dir=str(self._run_dir),  # W&B adds its own wandb/ below this
-                mode=mode,
-                id=run_id,
-                resume="allow" if run_id is not None else None,
-                # Each tracker owns its run; never log into another tracker's run.
-                reinit="create_new",
-                settings=settings,
+                project=project, name=run_name, config=config,
+                dir=str(self.run_dir),  # W&B adds its own wandb/ below this
+                mode=mode, id=run_id, resume="allow" if run_id is not None else None,
+                # Each output owns its run; never log into another one's run.
+                reinit="create_new", settings=settings,
             )
             # Plot against the server round, not W&B's own step counter, so repeated
             # or out-of-order rounds (resume) are never dropped as "old steps".
@@ -435,94 +478,86 @@ class RunTracker:
             for prefix in ("global", "client", "samples"):
                 run.define_metric(f"{prefix}/*", step_metric="round")
         except Exception as exc:  # noqa: BLE001 - W&B must never stop training
-            self._warn_wandb("init", exc)
+            self._warn("init", exc)
             return
-        self._wandb, self._run, self._wandb_run_id = wandb, run, run.id
+        self._wandb, self._run, self.run_id = wandb, run, run.id
 
-    def _wandb_log(self, server_round: int, values: Mapping[str, Any]) -> None:
-        """Log the numeric entries of ``values`` to W&B against ``server_round``."""
+    def log_round(self, server_round: int, row: Mapping[str, float]) -> None:
+        """Log the row as ``global/<key>`` against the round."""
+        self._log(server_round, {f"global/{k}": v for k, v in row.items()})
+
+    def log_clients(self, server_round: int, rows: list[dict[str, Any]]) -> None:
+        """Log each reply's numbers as ``client/<partition>/<key>``."""
+        scalars: dict[str, Any] = {}
+        for index, row in enumerate(rows):
+            # Name series by partition id, stable across rounds; reply index otherwise.
+            client = row.get("partition-id", f"reply-{index}")
+            scalars.update(
+                {f"client/{client}/{k}": v for k, v in row.items() if k != "partition-id"}
+            )
+        self._log(server_round, scalars)
+
+    def log_samples(self, server_round: int, grid: np.ndarray) -> None:
+        """Log the grid as ``samples/grid``."""
+        _check_grid(grid)
+        if self._run is not None:
+            self._call("log of the sample grid", lambda: self._run.log({
+                "round": server_round,
+                "samples/grid": self._wandb.Image(grid, caption=f"round {server_round}"),
+            }))
+
+    def log_summary(self, summary: Mapping[str, Any]) -> None:
+        """Merge values into the W&B run summary."""
+        if self._run is not None:
+            self._call("summary update", lambda: self._run.summary.update(dict(summary)))
+
+    def refresh(self) -> None:
+        """Nothing to rebuild: W&B draws its own charts."""
+
+    def finish(self) -> None:
+        """Log the clients table and finish the run; idempotent."""
+        if self._run is None:
+            return
+        self._call("log of the clients table", self._log_clients_table)
+        run, self._run = self._run, None  # later calls do nothing
+        self._call("finish", run.finish)
+
+    def _log(self, server_round: int, values: Mapping[str, Any]) -> None:
+        """Log the numeric entries of ``values`` against ``server_round``."""
         if self._run is None:
             return
         scalars = {k: s for k, v in values.items() if (s := _wandb_scalar(v)) is not None}
-        self._wandb_call("log", lambda: self._run.log({"round": server_round, **scalars}))
+        self._call("log", lambda: self._run.log({"round": server_round, **scalars}))
 
-    def _wandb_call(self, what: str, call: Callable[[], Any]) -> None:
+    def _call(self, what: str, call: Callable[[], Any]) -> None:
         """Run a W&B call; on any exception warn once and switch W&B off for good."""
         try:
             call()
         except Exception as exc:  # noqa: BLE001 - local files are the record
-            self._warn_wandb(what, exc)
+            self._warn(what, exc)
             self._run = None
 
-    def _warn_wandb(self, what: str, exc: Exception) -> None:
+    def _warn(self, what: str, exc: Exception) -> None:
         """Log the first W&B failure as a warning; later ones would only repeat it."""
-        if self._wandb_warned:
+        if self._warned:
             return
-        self._wandb_warned = True
-        log(
-            WARNING,
-            "W&B %s failed (%s: %s); W&B is off for the rest of this run, "
-            "local outputs in %s continue",
-            what,
-            type(exc).__name__,
-            str(exc).splitlines()[0] if str(exc) else "",
-            self._run_dir,
-        )
+        self._warned = True
+        log(WARNING, "W&B %s failed (%s: %s); W&B is off for the rest of this run, "
+            "local outputs in %s continue", what, type(exc).__name__,
+            str(exc).splitlines()[0] if str(exc) else "", self.run_dir)
 
     def _log_clients_table(self) -> None:
-        """Log all rows of clients.csv to W&B as one table."""
-        if not self._clients.rows:
+        """Log the run folder's clients.csv (resumed rounds too) as one W&B table."""
+        clients = _CsvTable(self.run_dir / CLIENTS_CSV)
+        clients.load(keep_up_to_round=None)
+        if not clients.rows:
             return
-        data = [
-            [_parse_value(row.get(c, "")) for c in self._clients.columns]
-            for row in self._clients.rows
-        ]
-        self._run.log({"clients": self._wandb.Table(columns=self._clients.columns, data=data)})
+        data = [[_parse_value(row.get(c, "")) for c in clients.columns]
+                for row in clients.rows]
+        self._run.log({"clients": self._wandb.Table(columns=clients.columns, data=data)})
 
-    def _write_gif(self) -> None:
-        """Write progress.gif from the sample grids in round order (4 fps, looping)."""
-        if not self._samples:
-            return
-        import imageio.v3 as iio
 
-        frames = [iio.imread(self._samples[r]) for r in sorted(self._samples)]
-        size = frames[-1].shape
-        same = [f for f in frames if f.shape == size]
-        if len(same) < len(frames):
-            log(
-                WARNING,
-                "progress.gif: skipped %d grids whose size differs from %s",
-                len(frames) - len(same),
-                size,
-            )
-        path = self._run_dir / "progress.gif"
-        _atomic_write(
-            path,
-            lambda tmp: iio.imwrite(tmp, np.stack(same), duration=1000 / GIF_FPS, loop=0),
-        )
-
-    def _plot(self, path: Path, panels: list[tuple[str, ...]]) -> None:
-        """Plot metrics.csv columns vs round, one panel per group that has data."""
-        # No pyplot: no global figure state to close, no GUI backend to pick.
-        from matplotlib.figure import Figure
-
-        panels = [cols for cols in panels if any(self._metrics.column(c)[0] for c in cols)]
-        if not panels:
-            return
-        fig = Figure(figsize=(7, 3 * len(panels)), layout="constrained")
-        for ax, columns in zip(
-            fig.subplots(len(panels), 1, squeeze=False)[:, 0], panels, strict=True
-        ):
-            for column in columns:
-                rounds, values = self._metrics.column(column)
-                if rounds:
-                    ax.plot(
-                        rounds,
-                        values,
-                        marker="." if len(rounds) < 50 else None,
-                        label=column,
-                    )
-            ax.set_xlabel("round")
-            ax.grid(alpha=0.3)
-            ax.legend()
-        _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100))
+def _check_grid(grid: np.ndarray) -> None:
+    """Raise ValueError unless ``grid`` is a uint8 (H, W, 3) image."""
+    if grid.dtype != np.uint8 or grid.ndim != 3 or grid.shape[2] != 3:
+        raise ValueError(f"grid must be uint8 (H, W, 3), got {grid.dtype} {grid.shape}")

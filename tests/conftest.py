@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tests.harness import InProcessGrid, server_context  # noqa: F401  (re-exported)
+from fedgan_app.inprocess import set_task_identity
 
 # Quiet network probes and W&B in every test process.
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
@@ -17,6 +17,8 @@ os.environ.setdefault("WANDB_SILENT", "true")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # One evaluator cache for the whole suite (training it takes tens of seconds).
 os.environ.setdefault("FEDGAN_CACHE_DIR", str(REPO_ROOT / ".cache" / "test"))
+# Tests build Messages outside a Flower run; those need a task identity.
+set_task_identity()
 
 
 @pytest.fixture

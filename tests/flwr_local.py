@@ -49,10 +49,14 @@ class LocalFlower:
                               capture_output=True, timeout=timeout)
 
     def run_app(self, run_config: str, nodes: int, stream: bool = True,
-                timeout: float = 600) -> tuple[int, str]:
-        """`flwr run .` with a run config; returns (run id, combined output)."""
+                timeout: float = 600, cpus_per_client: int = 1) -> tuple[int, str]:
+        """`flwr run .` with a run config; returns (run id, combined output).
+
+        Ray runs (2 cores / `cpus_per_client`) clients at a time; 2 puts every
+        node of the run in one Ray actor (one torch import instead of two).
+        """
         args = ["run", ".", "--run-config", run_config, "--federation-config",
-                f"num-supernodes={nodes} client-resources-num-cpus=1"]
+                f"num-supernodes={nodes} client-resources-num-cpus={cpus_per_client}"]
         if stream:
             args.append("--stream")
         proc = self.flwr(*args, timeout=timeout)

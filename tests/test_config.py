@@ -6,7 +6,15 @@ import tomllib
 
 import pytest
 
-from fedgan_app.config import SETTINGS, ConfigError, RunConfig
+from fedgan_app.config import (
+    README_BEGIN,
+    README_END,
+    SETTINGS,
+    ConfigError,
+    RunConfig,
+    markdown_table,
+    pyproject_section,
+)
 from tests.conftest import REPO_ROOT
 
 
@@ -27,15 +35,61 @@ def test_pyproject_defaults_match_settings_table() -> None:
     assert RunConfig.from_run_config(config) == RunConfig.defaults()
 
 
-def test_every_pyproject_key_has_a_comment() -> None:
-    # Prepare
+def _pyproject_comments() -> dict[str, str]:
+    """Each key of [tool.flwr.app.config] -> the comment lines above it, joined."""
     text = (REPO_ROOT / "pyproject.toml").read_text().split("[tool.flwr.app.config]")[1]
-    lines = text.split("\n[")[0].splitlines()
+    comments, pending = {}, []
+    for line in text.split("\n[")[0].splitlines():
+        if line.startswith("# "):
+            pending.append(line[2:])
+        elif "=" in line:
+            comments[line.split("=")[0].strip()] = " ".join(pending)
+            pending = []
+    return comments
 
-    # Execute / Assert: the line above each "key = value" is a comment
-    for i, line in enumerate(lines):
-        if "=" in line and not line.startswith("#"):
-            assert lines[i - 1].startswith("#"), f"no comment above {line!r}"
+
+def test_every_pyproject_comment_is_the_settings_help_and_allowed_values() -> None:
+    # Prepare / Execute
+    comments = _pyproject_comments()
+
+    # Assert: key by key, then the section as a whole is exactly the generated one
+    assert list(comments) == [s.key for s in SETTINGS]
+    for setting in SETTINGS:
+        assert comments[setting.key] == f"{setting.help} Allowed: {setting.allowed()}.", (
+            setting.key)
+    text = (REPO_ROOT / "pyproject.toml").read_text()
+    assert pyproject_section() in text, (
+        "pyproject.toml is out of date: run `python -m fedgan_app.config --update .`")
+
+
+def _readme_rows() -> dict[str, tuple[str, str, str]]:
+    """README settings table rows: key -> (default, allowed, meaning)."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    table = readme.split(README_BEGIN, 1)[1].split(README_END, 1)[0]
+    rows = {}
+    for line in table.strip().splitlines()[2:]:
+        key, default, allowed, meaning = (c.strip() for c in line.strip("|").split(" | "))
+        rows[key.strip("`")] = (default.strip("`"), allowed, meaning)
+    return rows
+
+
+def test_readme_settings_table_matches_the_settings_value_by_value() -> None:
+    # Prepare / Execute
+    rows = _readme_rows()
+
+    # Assert: every key, default, allowed value and meaning; then the exact text
+    assert list(rows) == [s.key for s in SETTINGS]
+    for setting in SETTINGS:
+        assert rows[setting.key] == (repr(setting.default), setting.allowed(),
+                                     setting.help), setting.key
+    readme = (REPO_ROOT / "README.md").read_text()
+    assert f"{README_BEGIN}\n{markdown_table()}{README_END}" in readme, (
+        "README.md is out of date: run `python -m fedgan_app.config --update .`")
+
+
+def test_the_removed_aggregation_setting_names_its_replacement() -> None:
+    with pytest.raises(ConfigError, match="'aggregation' was replaced by 'strategy'"):
+        RunConfig.from_run_config({"aggregation": "median"})
 
 
 def _bad_values(setting) -> list:
@@ -52,6 +106,8 @@ def _bad_values(setting) -> list:
         bad.append(setting.kind(low))
     if setting.high is not None:
         bad.append(setting.kind(setting.high + 1))
+        if setting.high_open:
+            bad.append(setting.kind(setting.high))
     if setting.kind is float:
         bad.append(float("nan"))
     return bad
@@ -94,9 +150,3 @@ def test_lr_schedule_decays_every_n_rounds() -> None:
 def test_run_name_must_be_plain_folder_name() -> None:
     with pytest.raises(ConfigError, match="'run-name'"):
         RunConfig.from_run_config({"run-name": "../escape"})
-
-
-def test_readme_documents_every_setting() -> None:
-    readme = (REPO_ROOT / "README.md").read_text()
-    for setting in SETTINGS:
-        assert f"| `{setting.key}` |" in readme, setting.key

@@ -1,7 +1,7 @@
 """Whole runs under faults: hostile or broken clients, late clients, bad input, W&B down.
 
 Every test runs the real ServerApp `main` with the real ClientApp on the
-in-process grid (tests/harness.py); faults are injected only at the wire,
+in-process grid (fedgan_app/inprocess.py); faults are injected only at the wire,
 through the grid's `fail` and `tamper` hooks or a grid subclass, never by
 replacing code of ours. benchmarks/results/faults.md lists each fault with
 the test that covers it.
@@ -29,10 +29,10 @@ from fedgan_app import client_app
 from fedgan_app.checkpoint import load_checkpoint
 from fedgan_app.config import ConfigError
 from fedgan_app.data import DataError
+from fedgan_app.inprocess import InProcessGrid, server_context
 from fedgan_app.metadata import METADATA_KEY
 from fedgan_app.models import ModelShapeError
 from fedgan_app.server_app import main
-from tests.harness import InProcessGrid, server_context
 from tests.test_metadata import _getattr_chain, _OsSystem
 
 RUN_NAME = "test-run"
@@ -150,7 +150,13 @@ def test_hostile_metadata_in_a_whole_run_never_runs_and_is_counted(
         assert _num(row, "replies-dropped") == 1 and _num(row, "dropped-metadata") == 1
         assert _num(row, "replies-accepted") == 1
     clients = _read_csv(run_dir / "clients.csv")
-    assert {r["partition-id"] for r in clients} == {"0"}  # the hostile node left no row
+    accepted = [r for r in clients if r["status"] == "accepted"]
+    dropped = [r for r in clients if r["status"] == "dropped"]
+    assert {r["partition-id"] for r in accepted} == {"0"}
+    # The hostile node's rows say why, and nothing of its payload is in them
+    assert [(r["round"], r["node-id"], r["partition-id"], r["weight"]) for r in dropped] == [
+        ("1", "102", "", "0.0"), ("2", "102", "", "0.0")]
+    assert all(r["reason"].startswith("metadata: forbidden global") for r in dropped)
     _assert_finite_checkpoint(run_dir, 2)
     logged = [row for row in _wandb_history(run_dir) if "global/replies-dropped" in row]
     assert [(r["round"], r["global/replies-dropped"], r["global/dropped-metadata"])

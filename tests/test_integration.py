@@ -10,8 +10,8 @@ import torch
 from fedgan_app import client_app as client_module
 from fedgan_app.checkpoint import load_checkpoint
 from fedgan_app.client_app import OPT_KEYS
+from fedgan_app.inprocess import InProcessGrid, server_context
 from fedgan_app.server_app import main
-from tests.harness import InProcessGrid, server_context
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:

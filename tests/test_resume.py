@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from fedgan_app import client_app as client_module
-from fedgan_app import server_app
+from fedgan_app import recorder, server_app
 from fedgan_app.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -33,7 +33,7 @@ from fedgan_app.checkpoint import (
     save_checkpoint,
 )
 from fedgan_app.config import ConfigError
-from tests.harness import InProcessGrid, server_context
+from fedgan_app.inprocess import InProcessGrid, server_context
 
 TRAIN = "train"
 
@@ -106,18 +106,18 @@ def test_crash_after_round_two_then_resume_to_four(
     # does not). W&B offline, to check the run id survives.
     config = {**resume_config, "num-server-rounds": 4, "wandb-mode": "offline"}
     run_dir = Path(config["output-dir"]) / "test-run"
-    real_save = server_app.save_checkpoint
+    real_save = recorder.save_checkpoint
 
     def dying_save(ckpt: Checkpoint, path: Path) -> None:
         if ckpt.server_round == 3:
             raise ServerCrash("server died before the round 3 checkpoint")
         real_save(ckpt, path)
 
-    monkeypatch.setattr(server_app, "save_checkpoint", dying_save)
+    monkeypatch.setattr(recorder, "save_checkpoint", dying_save)
     crashed = RecordingGrid(config)
     with pytest.raises(ServerCrash):
         server_app.main(crashed, server_context(config))
-    monkeypatch.setattr(server_app, "save_checkpoint", real_save)
+    monkeypatch.setattr(recorder, "save_checkpoint", real_save)
     at_crash = load_checkpoint(run_dir / "checkpoints" / "latest.pt")
     assert at_crash.server_round == 2 and at_crash.wandb_run_id
     assert [r["round"] for r in _read_csv(run_dir / "metrics.csv")] == ["1", "2", "3"]
@@ -154,13 +154,16 @@ def test_crash_after_round_two_then_resume_to_four(
                            resumed.sent[3]["generator.net.0.weight"])  # it trained
 
 
+@pytest.mark.parametrize("strategy", ["fedavg", "fedadam"])
 def test_resume_equals_an_uninterrupted_run_when_adam_keeps_no_state(
-    resume_config: dict[str, Any], tmp_path: Path
+    strategy: str, resume_config: dict[str, Any], tmp_path: Path
 ) -> None:
     # Prepare: adam-beta1 = adam-beta2 = 0, the one setting where the clients'
-    # lost Adam moments cannot matter; the server dies as round 3 starts
+    # lost Adam moments cannot matter; the server dies as round 3 starts. With
+    # fedadam the server's own Adam moments must come back from the checkpoint.
     config = {**resume_config, "num-server-rounds": 3, "adam-beta1": 0.0,
-              "adam-beta2": 0.0, "lr-generator": 1e-4, "lr-discriminator": 1e-4}
+              "adam-beta2": 0.0, "lr-generator": 1e-4, "lr-discriminator": 1e-4,
+              "strategy": strategy}
     whole = {**config, "output-dir": str(tmp_path / "whole")}
     split = {**config, "output-dir": str(tmp_path / "split")}
     split_dir = tmp_path / "split" / "test-run"
@@ -168,13 +171,22 @@ def test_resume_equals_an_uninterrupted_run_when_adam_keeps_no_state(
     # Execute
     _run(whole)
     _run(split, crash_in_round=3)
+    at_crash = load_checkpoint(split_dir / "checkpoints" / "latest.pt")
     _run({**split, "resume-from": str(split_dir)})
 
     # Assert: the same final G and D, bit for bit, and the same client losses
-    _assert_same_state(
-        load_checkpoint(tmp_path / "whole" / "test-run" / "checkpoints" / "latest.pt").state,
-        load_checkpoint(split_dir / "checkpoints" / "latest.pt").state,
-    )
+    whole_ckpt = load_checkpoint(tmp_path / "whole" / "test-run" / "checkpoints" / "latest.pt")
+    split_ckpt = load_checkpoint(split_dir / "checkpoints" / "latest.pt")
+    _assert_same_state(whole_ckpt.state, split_ckpt.state)
+    _assert_same_state({k: v for k, v in whole_ckpt.strategy_state.items() if k != "strategy"},
+                       {k: v for k, v in split_ckpt.strategy_state.items() if k != "strategy"})
+    if strategy == "fedadam":
+        assert at_crash.server_round == 2
+        assert any(k.startswith("m_t/") for k in at_crash.strategy_state)
+        assert any(k.startswith("v_t/") for k in at_crash.strategy_state)
+    else:
+        assert at_crash.strategy_state == {}
+
     def losses(path: Path) -> list[tuple[str, ...]]:
         # Sorted: clients reply in the order the strategy sampled them.
         return sorted((r["round"], r["partition-id"], r["loss-d"], r["loss-g"])
@@ -182,6 +194,38 @@ def test_resume_equals_an_uninterrupted_run_when_adam_keeps_no_state(
 
     assert losses(split_dir / "clients.csv") == losses(
         tmp_path / "whole" / "test-run" / "clients.csv")
+
+
+def test_resume_without_the_optimizer_state_would_differ(
+    resume_config: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: as above with fedadam, but the resumed run is denied the moments
+    # (the checkpoint's strategy_state is dropped on load): the test above can fail
+    config = {**resume_config, "num-server-rounds": 3, "adam-beta1": 0.0,
+              "adam-beta2": 0.0, "strategy": "fedadam"}
+    whole = {**config, "output-dir": str(tmp_path / "whole")}
+    split = {**config, "output-dir": str(tmp_path / "split")}
+    split_dir = tmp_path / "split" / "test-run"
+    _run(whole)
+    _run(split, crash_in_round=3)
+    real_load = recorder.load_checkpoint
+
+    def load_without_state(path: Path) -> Checkpoint:
+        checkpoint = real_load(path)
+        checkpoint.strategy_state = {}
+        return checkpoint
+
+    monkeypatch.setattr(recorder, "load_checkpoint", load_without_state)
+
+    # Execute
+    _run({**split, "resume-from": str(split_dir)})
+
+    # Assert
+    whole_state = load_checkpoint(
+        tmp_path / "whole" / "test-run" / "checkpoints" / "latest.pt").state
+    split_state = load_checkpoint(split_dir / "checkpoints" / "latest.pt").state
+    assert not torch.equal(whole_state["generator.net.0.weight"],
+                           split_state["generator.net.0.weight"])
 
 
 # --- bad resume inputs: clear errors, nothing overwritten -------------------------

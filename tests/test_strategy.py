@@ -1,46 +1,94 @@
-"""FedGAN aggregation with hand-built replies: weighting, validation, robustness."""
+"""FedGAN around Flower's strategies: validation, BatchNorm buffers, robust rules, state."""
 
 from __future__ import annotations
 
+import logging
 import pickle
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app.error import Error
+from flwr.serverapp.strategy import (
+    Bulyan,
+    FedAdagrad,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    FedYogi,
+    Krum,
+    MultiKrum,
+)
 
-from fedgan_app.config import RunConfig
+from fedgan_app import client_app
+from fedgan_app.checkpoint import CheckpointError
+from fedgan_app.config import STRATEGIES, ConfigError, RunConfig
+from fedgan_app.inprocess import InProcessGrid
 from fedgan_app.metadata import METADATA_KEY, encode_metadata
 from fedgan_app.models import GANConfig, build_gan, pack_gan
-from fedgan_app.strategy import FedGAN
+from fedgan_app.strategy import FedGAN, buffer_keys, check_federation, make_inner_strategy
 from tests.test_metadata import _OsSystem, make_meta
 
+GAN = GANConfig()
+G_WEIGHT = "generator.net.0.weight"
+RUNNING_VAR = "generator.net.1.running_var"
+COUNTER = "discriminator.net.3.num_batches_tracked"
 
-class ListSink:
-    """Collects the per-client rows the strategy hands over."""
 
-    def __init__(self) -> None:
-        self.rows: dict[int, list[dict]] = {}
+class CollectingSink:
+    """A RoundSink that keeps what the strategy pushes, round by round."""
 
-    def log_clients(self, server_round: int, rows: list[dict]) -> None:
-        """Keep the rows of a round."""
-        self.rows[server_round] = rows
+    def __init__(self, offset: int = 0) -> None:
+        self.offset = offset
+        self.rows: dict[int, dict[str, float]] = {}
+        self.clients: dict[int, list[dict[str, Any]]] = {}
+        self.states: dict[int, dict[str, Any]] = {}
+        self.evaluate: dict[int, dict[str, float]] = {}
+
+    def absolute(self, local_round: int) -> int:
+        """Shift by the offset, as the Recorder does."""
+        return local_round + self.offset
+
+    def record_train(self, server_round: int, row: dict[str, float],
+                     clients: list[dict[str, Any]], strategy_state: dict[str, Any]) -> None:
+        """Keep a round's row, client rows and state."""
+        self.rows[server_round] = row
+        self.clients[server_round] = clients
+        self.states[server_round] = strategy_state
+
+    def record_evaluate(self, server_round: int, row: dict[str, float]) -> None:
+        """Keep a round's evaluation row."""
+        self.evaluate[server_round] = row
+
+
+def _models() -> tuple[torch.nn.Module, torch.nn.Module]:
+    return build_gan(GAN, seed=0)
 
 
 def _reference() -> ArrayRecord:
-    generator, discriminator = build_gan(GANConfig(), seed=0)
-    return pack_gan(generator, discriminator)
+    return pack_gan(*_models())
 
 
 def _client_arrays(seed: int) -> ArrayRecord:
-    # A differently initialised pair stands in for a trained client model.
-    generator, discriminator = build_gan(GANConfig(), seed=seed)
-    return pack_gan(generator, discriminator)
+    """A differently initialised pair with its own BatchNorm statistics."""
+    state = pack_gan(*build_gan(GAN, seed=seed)).to_torch_state_dict()
+    rng = torch.Generator().manual_seed(seed)
+    for key, value in state.items():
+        if key.endswith(("running_mean", "running_var")):
+            state[key] = value + torch.rand(value.shape, generator=rng)
+        elif key.endswith("num_batches_tracked"):
+            state[key] = torch.tensor(10 * seed)
+    return ArrayRecord(state)
 
 
 def _reply(node_id: int, arrays: ArrayRecord, num_examples: int,
-           metadata: ConfigRecord | None = None, **metric_changes) -> Message:
+           metadata: ConfigRecord | None = None, **metric_changes: float) -> Message:
     """A train reply as a client would send it."""
     request = Message(content=RecordDict(), dst_node_id=node_id, message_type="train")
     metrics = {"num-examples": num_examples, "loss-d": 1.0, "loss-g": 1.0, "d-x": 0.5,
@@ -48,16 +96,36 @@ def _reply(node_id: int, arrays: ArrayRecord, num_examples: int,
     metrics.update(metric_changes)
     if metadata is None:
         metadata = encode_metadata(make_meta(partition_id=node_id, num_examples=num_examples))
-    # A copy: Flower's median/trimmed-mean pop arrays out of the replies.
+    # A copy: the strategies take arrays out of the replies.
     arrays = ArrayRecord(arrays.to_torch_state_dict())
     content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics),
                           "metadata": metadata})
     return Message(content=content, reply_to=request)
 
 
-def _strategy(**overrides) -> tuple[FedGAN, ListSink]:
-    sink = ListSink()
-    return FedGAN(RunConfig.defaults(**overrides), reference=_reference(), sink=sink), sink
+def _strategy(num_nodes: int = 5, offset: int = 0, configure: bool = True,
+              **overrides: Any) -> tuple[FedGAN, CollectingSink]:
+    """FedGAN around the configured Flower strategy, after configure_train of round 1."""
+    cfg = RunConfig.defaults(**overrides)
+    sink = CollectingSink(offset)
+    strategy = FedGAN(make_inner_strategy(cfg, num_nodes), cfg, _reference(),
+                      buffer_keys(*_models()), sink)
+    if configure:
+        _configure(strategy, _reference(), num_nodes)
+    return strategy, sink
+
+
+def _configure(strategy: FedGAN, arrays: ArrayRecord, num_nodes: int = 5) -> list[Message]:
+    grid = InProcessGrid(client_app.app, num_nodes=num_nodes, run_config={})
+    return list(strategy.configure_train(1, arrays, ConfigRecord(), grid))
+
+
+def _weighted_mean(arrays: list[ArrayRecord], sizes: list[int], key: str) -> np.ndarray:
+    weights = np.array(sizes) / sum(sizes)
+    return sum(w * a[key].numpy() for w, a in zip(weights, arrays, strict=True))
+
+
+# --- FedAvg: FedGAN's weighted mean ---------------------------------------------
 
 
 def test_weighted_average_equals_hand_computation() -> None:
@@ -70,53 +138,48 @@ def test_weighted_average_equals_hand_computation() -> None:
     # Execute
     aggregated, metrics = strategy.aggregate_train(1, replies)
 
-    # Assert: p_j = |R_j| / sum |R_k| on every array, BN buffers included
-    weights = np.array(sizes) / sum(sizes)
+    # Assert: p_j = |R_j| / sum |R_k| on every array, BN buffers included, with the
+    # model's own dtypes (the counter stays an integer)
+    reference = _reference()
+    assert list(aggregated.keys()) == list(reference.keys())
     for key in aggregated.keys():
-        expected = sum(w * a[key].numpy() for w, a in zip(weights, arrays, strict=True))
-        np.testing.assert_allclose(aggregated[key].numpy(), expected, rtol=1e-6, atol=1e-7)
+        assert aggregated[key].dtype == reference[key].dtype, key
+        np.testing.assert_allclose(aggregated[key].numpy(),
+                                   _weighted_mean(arrays, sizes, key), rtol=1e-6, atol=1e-6)
+    assert aggregated[COUNTER].numpy() == 10 * (1 * 0.1 + 2 * 0.3 + 3 * 0.6)
     assert metrics["loss-d"] == pytest.approx(1.0)
-    assert strategy.round_metrics[1]["num-examples-total"] == 1000
-    assert strategy.round_metrics[1]["replies-accepted"] == 3
-    assert [row["partition-id"] for row in sink.rows[1]] == [10, 11, 12]
+    row = sink.rows[1]
+    assert row["num-examples-total"] == 1000 and row["model-updated"] == 1
+    assert row["replies-accepted"] == 3 and row["replies-validated"] == 3
+    rows = sink.clients[1]
+    assert [r["partition-id"] for r in rows] == [10, 11, 12]
+    assert [r["status"] for r in rows] == ["accepted"] * 3
+    assert [r["weight"] for r in rows] == pytest.approx([0.1, 0.3, 0.6])
+    assert all(r["reason"] == "" for r in rows)
+    assert rows[0]["label-histogram"] == ";".join(["80"] * 10)
+    assert sink.states[1] == {}  # FedAvg keeps no server optimizer state
 
 
-def _nan_arrays() -> ArrayRecord:
+# --- validation: every reply checked once ------------------------------------------
+
+
+def _edited(edit: Any) -> ArrayRecord:
     state = _client_arrays(4).to_torch_state_dict()
-    state["generator.net.0.weight"][0, 0, 0, 0] = float("nan")
-    return ArrayRecord(state)
-
-
-def _wrong_shape_arrays() -> ArrayRecord:
-    state = _client_arrays(4).to_torch_state_dict()
-    state["discriminator.net.0.weight"] = torch.zeros(3, 3)
-    return ArrayRecord(state)
-
-
-def _missing_key_arrays() -> ArrayRecord:
-    state = _client_arrays(4).to_torch_state_dict()
-    del state["generator.net.1.running_mean"]
-    return ArrayRecord(state)
-
-
-def _extra_key_arrays() -> ArrayRecord:
-    state = _client_arrays(4).to_torch_state_dict()
-    state["generator.backdoor"] = torch.ones(2)
-    return ArrayRecord(state)
-
-
-def _wrong_dtype_arrays() -> ArrayRecord:
-    state = _client_arrays(4).to_torch_state_dict()
-    state["generator.net.0.weight"] = state["generator.net.0.weight"].double()
+    edit(state)
     return ArrayRecord(state)
 
 
 BAD_REPLIES = {
-    "nan": lambda: _reply(20, _nan_arrays(), 500),
-    "wrong shape": lambda: _reply(20, _wrong_shape_arrays(), 500),
-    "missing key": lambda: _reply(20, _missing_key_arrays(), 500),
-    "extra key": lambda: _reply(20, _extra_key_arrays(), 500),
-    "wrong dtype": lambda: _reply(20, _wrong_dtype_arrays(), 500),
+    "nan": lambda: _reply(20, _edited(lambda s: s[G_WEIGHT].view(-1).__setitem__(
+        0, float("nan"))), 500),
+    "wrong shape": lambda: _reply(20, _edited(lambda s: s.__setitem__(
+        "discriminator.net.0.weight", torch.zeros(3, 3))), 500),
+    "missing key": lambda: _reply(20, _edited(lambda s: s.pop(
+        "generator.net.1.running_mean")), 500),
+    "extra key": lambda: _reply(20, _edited(lambda s: s.__setitem__(
+        "generator.backdoor", torch.ones(2))), 500),
+    "wrong dtype": lambda: _reply(20, _edited(lambda s: s.__setitem__(
+        G_WEIGHT, s[G_WEIGHT].double())), 500),
     "inf metric": lambda: _reply(20, _client_arrays(4), 500, **{"loss-d": float("inf")}),
     "zero examples": lambda: _reply(20, _client_arrays(4), 0),
     "undecodable metadata": lambda: _reply(
@@ -137,41 +200,70 @@ def test_bad_reply_is_dropped_and_counted(name: str) -> None:
     aggregated, _ = strategy.aggregate_train(1, replies)
 
     # Assert: the result is exactly the average of the two good ones
-    for key in ("generator.net.0.weight", "discriminator.net.0.weight"):
-        expected = 0.25 * good[0][key].numpy() + 0.75 * good[1][key].numpy()
-        np.testing.assert_allclose(aggregated[key].numpy(), expected, rtol=1e-6)
+    for key in (G_WEIGHT, "discriminator.net.0.weight", RUNNING_VAR):
+        np.testing.assert_allclose(aggregated[key].numpy(),
+                                   _weighted_mean(good, [100, 300], key), rtol=1e-6,
+                                   atol=1e-7)
     assert all(np.isfinite(a.numpy()).all() for a in aggregated.values())
-    assert strategy.round_metrics[1]["replies-dropped"] == 1
-    assert strategy.round_metrics[1]["replies-accepted"] == 2
-    assert len(sink.rows[1]) == 2
+    row = sink.rows[1]
+    assert (row["replies-dropped"], row["replies-accepted"], row["replies-validated"]) == (
+        1, 2, 3)
+    # clients.csv: every reply has a row; the dropped one says why, with weight 0
+    rows = sink.clients[1]
+    assert [r["status"] for r in rows] == ["accepted", "accepted", "dropped"]
+    assert [r["weight"] for r in rows] == pytest.approx([0.25, 0.75, 0.0])
+    assert rows[2]["node-id"] == 20 and rows[2]["reason"]
 
 
 def test_hostile_metadata_reply_is_dropped_and_nothing_runs(tmp_path: Path) -> None:
     # Prepare
     marker = tmp_path / "pwned"
     hostile = ConfigRecord({METADATA_KEY: pickle.dumps(_OsSystem(marker))})
-    strategy, _ = _strategy()
+    strategy, sink = _strategy(offset=2)
     replies = [_reply(10, _client_arrays(1), 100), _reply(11, _client_arrays(2), 100, hostile)]
 
-    # Execute
-    aggregated, _ = strategy.aggregate_train(3, replies)
+    # Execute: local round 1 of a run resumed after round 2
+    aggregated, _ = strategy.aggregate_train(1, replies)
 
-    # Assert
+    # Assert: nothing ran, and the round is numbered as the run's round 3
     assert not marker.exists()
     assert aggregated is not None
-    assert strategy.round_metrics[3]["dropped-metadata"] == 1
+    assert sink.rows[3]["dropped-metadata"] == 1
+    assert sink.clients[3][1]["reason"].startswith("metadata: forbidden global")
 
 
 def test_too_few_valid_replies_keeps_previous_model() -> None:
-    strategy, _ = _strategy(min_train_replies=2)
-    aggregated, _ = strategy.aggregate_train(1, [_reply(10, _client_arrays(1), 100),
-                                                  _reply(11, _nan_arrays(), 100)])
+    # Prepare
+    strategy, sink = _strategy(min_train_replies=2)
+    replies = [_reply(10, _client_arrays(1), 100), BAD_REPLIES["nan"]()]
+
+    # Execute
+    aggregated, _ = strategy.aggregate_train(1, replies)
+
+    # Assert: nothing was aggregated, so no client has a weight
     assert aggregated is None
-    assert strategy.round_metrics[1]["replies-accepted"] == 1
+    assert sink.rows[1]["replies-accepted"] == 1 and sink.rows[1]["model-updated"] == 0
+    assert [(r["status"], r["weight"]) for r in sink.clients[1]] == [
+        ("accepted", 0.0), ("dropped", 0.0)]
+
+
+def test_a_failed_reply_gets_a_row_with_only_its_node_id() -> None:
+    # Prepare
+    strategy, sink = _strategy()
+    request = Message(content=RecordDict(), dst_node_id=30, message_type="train")
+    failed = Message(Error(code=1, reason="boom"), reply_to=request)
+
+    # Execute
+    strategy.aggregate_train(1, [_reply(10, _client_arrays(1), 100), failed])
+
+    # Assert
+    assert sink.clients[1][1] == {"node-id": 30, "status": "failed",
+                                  "reason": "error: boom", "weight": 0.0}
+    assert sink.rows[1]["replies-failed"] == 1 and sink.rows[1]["replies-validated"] == 1
 
 
 def _scaled(arrays: ArrayRecord, base: ArrayRecord, factor: float) -> ArrayRecord:
-    # base + factor * (arrays - base) for float arrays: a boosted update.
+    """Return base + factor * (arrays - base) on float arrays: a scaled update."""
     out = {}
     for key, value in arrays.to_torch_state_dict().items():
         ref = base[key].numpy()
@@ -181,10 +273,9 @@ def _scaled(arrays: ArrayRecord, base: ArrayRecord, factor: float) -> ArrayRecor
 
 
 def test_update_norm_screen_drops_a_boosted_update() -> None:
-    # Prepare: the strategy remembers the global model it sent
-    strategy, _ = _strategy()
+    # Prepare: configure_train sent `base`; three small updates and one boosted
+    strategy, sink = _strategy()
     base = _reference()
-    strategy._global = {k: v.numpy() for k, v in base.items()}
     honest = [_scaled(_client_arrays(s), base, 0.01) for s in (1, 2, 3)]
     boosted = _scaled(_client_arrays(4), base, 10.0)
     replies = [_reply(10 + i, a, 100) for i, a in enumerate(honest)]
@@ -194,51 +285,237 @@ def test_update_norm_screen_drops_a_boosted_update() -> None:
     aggregated, _ = strategy.aggregate_train(1, replies)
 
     # Assert
-    assert strategy.round_metrics[1]["dropped-norm"] == 1
-    expected = np.mean([a["generator.net.0.weight"].numpy() for a in honest], axis=0)
-    np.testing.assert_allclose(aggregated["generator.net.0.weight"].numpy(), expected,
-                               rtol=1e-5, atol=1e-9)
+    assert sink.rows[1]["dropped-norm"] == 1
+    dropped = [row for row in sink.clients[1] if row["status"] == "dropped"]
+    assert len(dropped) == 1 and dropped[0]["node-id"] == 20
+    assert dropped[0]["reason"].startswith("norm: update norm ")
+    assert dropped[0]["partition-id"] == 20 and dropped[0]["weight"] == 0.0
+    expected = np.mean([a[G_WEIGHT].numpy() for a in honest], axis=0)
+    np.testing.assert_allclose(aggregated[G_WEIGHT].numpy(), expected, rtol=1e-5,
+                               atol=1e-9)
 
 
-@pytest.mark.parametrize("aggregation", ["median", "trimmed-mean"])
-def test_robust_aggregation_resists_one_sign_flipped_client(aggregation: str) -> None:
-    # Prepare: 4 honest clients near the global model, 1 flipped and boosted
-    strategy, _ = _strategy(aggregation=aggregation, trim_fraction=0.2,
-                            max_update_norm_ratio=0.0)
-    base = _reference()
-    honest = [_scaled(_client_arrays(s), base, 0.01) for s in (1, 2, 3, 4)]
-    attacker = _scaled(_client_arrays(5), base, -5.0)
-    replies = [_reply(10 + i, a, 100) for i, a in enumerate(honest + [attacker])]
+# --- the inner strategies --------------------------------------------------------
+
+INNER_CLASSES = {
+    "fedavg": FedAvg, "fedavgm": FedAvgM, "fedprox": FedProx, "fedadam": FedAdam,
+    "fedadagrad": FedAdagrad, "fedyogi": FedYogi, "median": FedMedian,
+    "trimmed-mean": FedTrimmedAvg, "krum": Krum, "multikrum": MultiKrum, "bulyan": Bulyan,
+}
+
+
+def test_every_strategy_setting_builds_its_flower_strategy_with_its_settings() -> None:
+    # Prepare
+    cfg = {"server_lr": 0.3, "server_momentum": 0.7, "server_eta": 0.02,
+           "server_beta1": 0.8, "server_beta2": 0.95, "server_tau": 1e-4,
+           "proximal_mu": 0.5, "trim_fraction": 0.3, "num_malicious_clients": 0}
 
     # Execute
-    aggregated, _ = strategy.aggregate_train(1, replies)
+    inner = {name: make_inner_strategy(RunConfig.defaults(strategy=name, **cfg), 5)
+             for name in STRATEGIES}
 
-    # Assert: closer to the honest mean than plain averaging would be
-    key = "generator.net.0.weight"
-    honest_mean = np.mean([a[key].numpy() for a in honest], axis=0)
-    plain_mean = np.mean([a[key].numpy() for a in honest + [attacker]], axis=0)
-    robust_err = np.linalg.norm(aggregated[key].numpy() - honest_mean)
-    plain_err = np.linalg.norm(plain_mean - honest_mean)
-    assert robust_err < 0.2 * plain_err
+    # Assert
+    assert {n: type(s) for n, s in inner.items()} == INNER_CLASSES
+    assert (inner["fedavgm"].server_learning_rate, inner["fedavgm"].server_momentum) == (
+        0.3, 0.7)
+    assert inner["fedprox"].proximal_mu == 0.5
+    assert (inner["fedadam"].eta, inner["fedadam"].beta_1, inner["fedadam"].beta_2,
+            inner["fedadam"].tau) == (0.02, 0.8, 0.95, 1e-4)
+    assert (inner["fedyogi"].beta_1, inner["fedadagrad"].eta) == (0.8, 0.02)
+    assert inner["trimmed-mean"].beta == 0.3
+    assert inner["multikrum"].num_nodes_to_select == 5  # 0: all but f = 0 of 5
+
+
+def test_fedprox_sends_mu_and_every_client_gets_the_whole_model() -> None:
+    # Prepare
+    strategy, _ = _strategy(strategy="fedprox", proximal_mu=0.25, num_nodes=2)
+    arrays = _client_arrays(3)
+
+    # Execute
+    messages = _configure(strategy, arrays, num_nodes=2)
+
+    # Assert: buffers travel to the clients although the inner strategy never saw them
+    for msg in messages:
+        assert msg.content["config"]["proximal-mu"] == 0.25
+        assert list(msg.content["arrays"].keys()) == list(arrays.keys())
+        np.testing.assert_array_equal(msg.content["arrays"][RUNNING_VAR].numpy(),
+                                      arrays[RUNNING_VAR].numpy())
 
 
 def test_configure_train_sends_schedule_and_settings() -> None:
-    # Prepare
-    strategy, _ = _strategy(lr_decay_every=1, lr_decay_factor=0.5, local_steps=7)
-
-    class TwoNodes:
-        def get_node_ids(self):
-            return [1, 2]
+    # Prepare: round 1 of a run resumed after round 2 is the run's round 3
+    strategy, _ = _strategy(offset=2, lr_decay_every=1, lr_decay_factor=0.5, local_steps=7)
 
     # Execute
-    messages = list(strategy.configure_train(3, _reference(), ConfigRecord(), TwoNodes()))
+    messages = _configure(strategy, _reference(), num_nodes=2)
 
     # Assert
     config = messages[0].content["config"]
     assert config["server-round"] == 3
     assert config["lr-generator"] == pytest.approx(2e-4 / 4)
     assert config["local-steps"] == 7 and config["seed"] == 42
-    assert {m.metadata.dst_node_id for m in messages} == {1, 2}
+    assert {m.metadata.dst_node_id for m in messages} == {101, 102}
+
+
+class SpyFedAdam(FedAdam):
+    """Flower's FedAdam that remembers which arrays it was given."""
+
+    seen: list[set[str]] = []
+
+    def aggregate_train(self, server_round, replies):  # noqa: ANN001, ANN201
+        """Note the keys of every reply, then aggregate as FedAdam does."""
+        replies = list(replies)
+        self.seen.append({k for m in replies for k in m.content["arrays"].keys()})
+        return super().aggregate_train(server_round, replies)
+
+
+def test_buffers_never_reach_the_server_optimizer_and_are_plainly_averaged() -> None:
+    # Prepare: FedAdam (Flower's) behind FedGAN, three clients
+    cfg = RunConfig.defaults(strategy="fedadam")
+    sink = CollectingSink()
+    inner = SpyFedAdam(eta=0.01, beta_1=0.9, beta_2=0.99, tau=1e-3)
+    strategy = FedGAN(inner, cfg, _reference(), buffer_keys(*_models()), sink)
+    _configure(strategy, _reference())
+    sizes = [100, 300, 600]
+    arrays = [_client_arrays(seed) for seed in (1, 2, 3)]
+
+    # Execute
+    aggregated, _ = strategy.aggregate_train(1, [_reply(10 + i, a, n) for i, (a, n)
+                                                 in enumerate(zip(arrays, sizes, strict=True))])
+
+    # Assert: the optimizer saw parameters only; buffers are their plain weighted
+    # mean, parameters took FedAdam's step (not the mean)
+    buffers = buffer_keys(*_models())
+    assert SpyFedAdam.seen[-1] == set(_reference().keys()) - buffers
+    for key in buffers:
+        np.testing.assert_allclose(aggregated[key].numpy(),
+                                   _weighted_mean(arrays, sizes, key), rtol=1e-6)
+    assert not np.allclose(aggregated[G_WEIGHT].numpy(),
+                           _weighted_mean(arrays, sizes, G_WEIGHT))
+    assert set(sink.states[1]) == {"strategy"} | {
+        f"{slot}/{key}" for slot in ("m_t", "v_t") for key in SpyFedAdam.seen[-1]}
+
+
+@pytest.mark.parametrize(("name", "num_honest", "f"), [
+    ("median", 4, 0), ("trimmed-mean", 4, 0), ("krum", 4, 1), ("bulyan", 6, 1)])
+def test_robust_rules_resist_one_sign_flipped_client(name: str, num_honest: int,
+                                                     f: int) -> None:
+    # Prepare: honest clients near the global model, 1 flipped and boosted (every
+    # float array, BatchNorm statistics included); bulyan needs 4f+3 = 7 replies
+    strategy, sink = _strategy(strategy=name, trim_fraction=0.2, num_malicious_clients=f,
+                               max_update_norm_ratio=0.0)
+    base = _reference()
+    honest = [_scaled(_client_arrays(s), base, 0.01) for s in range(1, num_honest + 1)]
+    attacker = _scaled(_client_arrays(9), base, -5.0)
+    replies = [_reply(10 + i, a, 100) for i, a in enumerate(honest + [attacker])]
+
+    # Execute
+    aggregated, _ = strategy.aggregate_train(1, replies)
+
+    # Assert: closer to the honest mean than plain averaging, for a parameter and
+    # for a buffer (the coordinate-wise median of the five)
+    assert sink.rows[1]["model-updated"] == 1
+    for key in (G_WEIGHT, RUNNING_VAR):
+        honest_mean = np.mean([a[key].numpy() for a in honest], axis=0)
+        plain_mean = np.mean([a[key].numpy() for a in honest + [attacker]], axis=0)
+        robust_err = np.linalg.norm(aggregated[key].numpy() - honest_mean)
+        assert robust_err < 0.5 * np.linalg.norm(plain_mean - honest_mean), key
+    np.testing.assert_array_equal(
+        aggregated[RUNNING_VAR].numpy(),
+        np.median([a[RUNNING_VAR].numpy() for a in honest + [attacker]], axis=0))
+
+
+@pytest.mark.parametrize(("name", "nodes", "f", "message"), [
+    ("krum", 4, 1, "2f\\+3 = 5"),
+    ("multikrum", 4, 1, "2f\\+3 = 5"),
+    ("bulyan", 5, 1, "4f\\+3 = 7"),
+])
+def test_a_federation_too_small_for_the_rule_is_refused_before_training(
+    name: str, nodes: int, f: int, message: str
+) -> None:
+    cfg = RunConfig.defaults(strategy=name, num_malicious_clients=f)
+    with pytest.raises(ConfigError, match=f"'num-malicious-clients'.*{message}.*only {nodes}"):
+        check_federation(cfg, nodes)
+
+
+def test_multikrum_cannot_select_more_than_the_honest_replies() -> None:
+    cfg = RunConfig.defaults(strategy="multikrum", num_malicious_clients=1,
+                             multikrum_select=5)
+    with pytest.raises(ConfigError, match="'multikrum-select' is 5"):
+        check_federation(cfg, 5)
+
+
+def test_krum_with_too_few_valid_replies_keeps_the_model_and_says_why(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Prepare: krum with f=1 needs 5 replies; one of five is broken
+    strategy, sink = _strategy(strategy="krum", num_malicious_clients=1)
+    replies = [_reply(10 + s, _client_arrays(s), 100) for s in (1, 2, 3, 4)]
+    replies.append(BAD_REPLIES["nan"]())
+
+    # Execute
+    with caplog.at_level(logging.WARNING):
+        aggregated, _ = strategy.aggregate_train(1, replies)
+
+    # Assert
+    assert aggregated is None and sink.rows[1]["model-updated"] == 0
+    assert any("strategy 'krum' needs at least 2f+3 = 5 valid replies" in r.getMessage()
+               for r in caplog.records)
+
+
+# --- server optimizer state -------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "slots"), [("fedadam", {"m_t", "v_t"}),
+                                             ("fedyogi", {"m_t", "v_t"}),
+                                             ("fedadagrad", {"m_t", "v_t"}),
+                                             ("fedavgm", {"momentum_vector"})])
+def test_restored_optimizer_state_continues_exactly(name: str, slots: set[str]) -> None:
+    # Prepare: two rounds on one strategy; a second one restored from round 1's state
+    first, sink = _strategy(strategy=name)
+    round_one = [_reply(10 + s, _client_arrays(s), 100 * s) for s in (1, 2, 3)]
+    round_two = [_reply(10 + s, _client_arrays(s + 3), 100 * s) for s in (1, 2, 3)]
+    global_one, _ = first.aggregate_train(1, round_one)
+    state = sink.states[1]
+    _configure(first, global_one)
+    expected, _ = first.aggregate_train(2, [_reply(10 + s, _client_arrays(s + 3), 100 * s)
+                                            for s in (1, 2, 3)])
+    second, _ = _strategy(strategy=name, offset=1, configure=False)
+
+    # Execute: the resumed strategy's first round is the run's round 2
+    second.load_state(state, "latest.pt")
+    _configure(second, global_one)
+    resumed, _ = second.aggregate_train(1, round_two)
+
+    # Assert
+    assert {key.split("/")[0] for key in state} - {"strategy"} == slots
+    for key in expected.keys():
+        np.testing.assert_array_equal(resumed[key].numpy(), expected[key].numpy(), key)
+
+
+def test_optimizer_state_of_other_models_is_refused_naming_the_file() -> None:
+    # Prepare
+    strategy, _ = _strategy(strategy="fedadam")
+    state = {"strategy": "fedadam", f"m_t/{G_WEIGHT}": torch.zeros(3)}
+
+    # Execute / Assert
+    with pytest.raises(CheckpointError, match="ckpt.pt.*'m_t/generator.net.0.weight'"):
+        strategy.load_state(state, "ckpt.pt")
+
+
+def test_optimizer_state_of_another_strategy_is_ignored_with_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    strategy, _ = _strategy(strategy="fedyogi")
+    with caplog.at_level(logging.WARNING):
+        strategy.load_state({"strategy": "fedadam", f"m_t/{G_WEIGHT}": torch.zeros(3)},
+                            "ckpt.pt")
+    assert strategy.strategy.m_t is None
+    assert any("ignoring the server optimizer state of strategy 'fedadam'" in r.getMessage()
+               for r in caplog.records)
+
+
+# --- client evaluation -------------------------------------------------------------
 
 
 def _evaluate_reply(node_id: int, num_examples: int, accuracy: float) -> Message:
@@ -249,7 +526,7 @@ def _evaluate_reply(node_id: int, num_examples: int, accuracy: float) -> Message
 
 def test_aggregate_evaluate_weights_d_accuracy_and_drops_junk() -> None:
     # Prepare: two honest replies and one with an unexpected key
-    strategy, _ = _strategy()
+    strategy, sink = _strategy()
     junk = _evaluate_reply(3, 100, 0.5)
     junk.content["metrics"]["extra"] = 1.0
     replies = [_evaluate_reply(1, 100, 0.9), _evaluate_reply(2, 300, 0.5), junk]
@@ -259,4 +536,78 @@ def test_aggregate_evaluate_weights_d_accuracy_and_drops_junk() -> None:
 
     # Assert
     assert metrics["d-accuracy"] == pytest.approx(0.6)
-    assert strategy.round_metrics[4]["client-d-accuracy"] == pytest.approx(0.6)
+    assert sink.evaluate[4]["client-d-accuracy"] == pytest.approx(0.6)
+
+
+# --- BatchNorm under server optimizers, in whole runs --------------------------------
+
+
+class RecordingGrid(InProcessGrid):
+    """The in-process grid, remembering what each train round sends and receives.
+
+    The replies are copied as they leave the clients (arrays and num-examples).
+    """
+
+    def __init__(self, run_config: dict[str, Any], num_nodes: int = 2) -> None:
+        super().__init__(client_app.app, num_nodes=num_nodes, run_config=run_config,
+                         tamper=self._keep)
+        self.sent: dict[int, dict[str, torch.Tensor]] = {}
+        self.replies: dict[int, list[tuple[dict[str, torch.Tensor], int]]] = {}
+
+    def send_and_receive(self, messages, *, timeout=None):  # noqa: ANN001, ANN201
+        """Note the global model of a train round, then run the clients."""
+        messages = list(messages)
+        for msg in messages:
+            if msg.metadata.message_type == "train":
+                server_round = int(msg.content["config"]["server-round"])
+                self.sent.setdefault(server_round,
+                                     msg.content["arrays"].to_torch_state_dict())
+        return super().send_and_receive(messages, timeout=timeout)
+
+    def _keep(self, node_id: int, reply: Message) -> Message:
+        """Copy a train reply's arrays before the server touches them."""
+        if reply.metadata.message_type == "train":
+            server_round = max(self.sent)
+            self.replies.setdefault(server_round, []).append(
+                (reply.content["arrays"].to_torch_state_dict(),
+                 int(reply.content["metrics"]["num-examples"])))
+        return reply
+
+
+@pytest.mark.parametrize("name", ["fedadam", "fedyogi"])
+def test_server_optimizers_keep_the_model_finite_and_buffers_plainly_averaged(
+    name: str, tiny_run_config: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: 10 rounds of the real ServerApp and ClientApp with Flower's optimizer
+    from fedgan_app.inprocess import server_context
+    from fedgan_app.server_app import main
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    config = {**tiny_run_config, "strategy": name, "num-server-rounds": 10,
+              "local-steps": 1, "batch-size": 8, "eval-every": 100, "sample-every": 100,
+              "fraction-evaluate": 0.0}
+    grid = RecordingGrid(config)
+    buffers = buffer_keys(*_models())
+
+    # Execute
+    main(grid, server_context(config))
+
+    # Assert: every global model is finite; after each round its buffers are the
+    # plain weighted average of the replies' buffers, its parameters are not
+    from fedgan_app.checkpoint import load_checkpoint
+
+    latest = load_checkpoint(Path(config["output-dir"]) / "test-run" / "checkpoints"
+                             / "latest.pt")
+    models = {**{r: grid.sent[r + 1] for r in range(1, 10)}, 10: latest.state}
+    for server_round, state in models.items():
+        replies = grid.replies[server_round]
+        total = sum(n for _, n in replies)
+        for key, value in state.items():
+            assert torch.isfinite(value.double()).all(), (server_round, key)
+            if key in buffers:
+                mean = sum(s[key].double() * n / total for s, n in replies)
+                assert value.dtype == replies[0][0][key].dtype
+                torch.testing.assert_close(value.double(), mean.round() if key.endswith(
+                    "num_batches_tracked") else mean, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(latest.state[G_WEIGHT], grid.sent[10][G_WEIGHT])
+    assert set(latest.strategy_state) >= {f"m_t/{G_WEIGHT}", f"v_t/{G_WEIGHT}"}

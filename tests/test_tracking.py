@@ -1,4 +1,4 @@
-"""Tests for fedgan_app.tracking: real files in tmp_path and real offline W&B runs."""
+"""fedgan_app.tracking: real files in tmp_path and real offline W&B runs."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedgan_app.tracking import RunTracker, make_grid
+from fedgan_app.tracking import LocalFiles, Output, WandbRun, make_grid, refresh_run_folder
 
 # Keep W&B's banner out of the test output.
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -36,8 +36,8 @@ def _grid(server_round: int) -> np.ndarray:
     return make_grid(torch.rand((16, 1, 28, 28), generator=gen) * 2 - 1, nrow=4)
 
 
-def _log_rounds(tracker: RunTracker, rounds: range) -> None:
-    """Log metrics, 2 client rows and a grid per round; round 2 adds a column."""
+def _log_rounds(outputs: list[Output], rounds: range) -> None:
+    """Per round, as the recorder does: metrics, 2 client rows, a grid, refresh."""
     for r in rounds:
         metrics: dict[str, float | int] = {
             "loss-d": 1.0 / r,
@@ -47,21 +47,18 @@ def _log_rounds(tracker: RunTracker, rounds: range) -> None:
         }
         if r == 2:
             metrics["fid"] = 123.5
-        tracker.log_round(r, metrics)
-        tracker.log_clients(
-            r,
-            [
-                {
-                    "partition-id": pid,
-                    "num-examples": 100,
-                    "loss-d": 0.5,
-                    "loss-g": 1.5,
-                    "converged": pid == 1,
-                }
-                for pid in (0, 1)
-            ],
-        )
-        tracker.log_samples(r, _grid(r))
+        clients = [{"partition-id": pid, "num-examples": 100, "loss-d": 0.5,
+                    "loss-g": 1.5, "converged": pid == 1} for pid in (0, 1)]
+        for output in outputs:
+            output.log_samples(r, _grid(r))
+            output.log_round(r, metrics)
+            output.log_clients(r, clients)
+            output.refresh()
+
+
+def _finish(outputs: list[Output]) -> None:
+    for output in outputs:
+        output.finish()
 
 
 def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
@@ -74,6 +71,10 @@ def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
 def _offline_runs(run_dir: Path) -> list[Path]:
     """Return the offline W&B run folders that hold a .wandb file."""
     return [d for d in (run_dir / "wandb").glob("offline-run-*") if list(d.glob("*.wandb"))]
+
+
+def _gif_frames(run_dir: Path) -> int:
+    return iio.imread(run_dir / "progress.gif", index=None).shape[0]
 
 
 def test_make_grid_shape_dtype_and_range() -> None:
@@ -99,13 +100,15 @@ def test_full_run_writes_all_outputs(tmp_path: Path) -> None:
     """Three rounds then finish: config, CSVs, samples, GIF, plots, W&B run."""
     # Prepare
     run_dir = tmp_path / "run"
-    tracker = RunTracker(run_dir, CONFIG, wandb_mode="offline", run_name="test")
+    local = LocalFiles(run_dir, CONFIG)
+    wandb_run = WandbRun(run_dir, CONFIG, mode="offline", run_name="test")
 
     # Execute
-    _log_rounds(tracker, range(1, 4))
-    tracker.log_summary({"best-fid": 123.5})
-    tracker.finish()
-    tracker.finish()  # a second call is a no-op
+    _log_rounds([local, wandb_run], range(1, 4))
+    for output in (local, wandb_run):
+        output.log_summary({"best-fid": 123.5})
+    _finish([local, wandb_run])
+    _finish([local, wandb_run])  # a second call is a no-op
 
     # Assert
     assert json.loads((run_dir / "run_config.json").read_text()) == CONFIG
@@ -120,31 +123,56 @@ def test_full_run_writes_all_outputs(tmp_path: Path) -> None:
     assert [row["converged"] for row in rows[:2]] == ["0", "1"]
     sample = iio.imread(run_dir / "samples" / "round_0001.png")
     assert sample.shape == (122, 122, 3)
-    assert iio.imread(run_dir / "progress.gif", index=None).shape[0] == 3
+    assert _gif_frames(run_dir) == 3
     assert (run_dir / "plots" / "losses.png").stat().st_size > 0
     assert (run_dir / "plots" / "quality.png").stat().st_size > 0
     assert json.loads((run_dir / "summary.json").read_text()) == {"best-fid": 123.5}
-    assert tracker.wandb_run_id is not None
+    assert wandb_run.run_id is not None
     assert len(_offline_runs(run_dir)) == 1
     assert not list(run_dir.rglob(".*.tmp*"))  # no temp files left behind
 
 
+def test_refresh_rebuilds_gif_and_plots_every_round_and_skips_unchanged_plots(
+    tmp_path: Path,
+) -> None:
+    # Prepare
+    run_dir = tmp_path / "run"
+    local = LocalFiles(run_dir, CONFIG)
+    frames, quality_bytes = [], []
+
+    # Execute: round by round, as the recorder calls it
+    for r in range(1, 5):
+        _log_rounds([local], range(r, r + 1))
+        frames.append(_gif_frames(run_dir))
+        quality = run_dir / "plots" / "quality.png"
+        quality_bytes.append(quality.read_bytes() if quality.exists() else None)
+
+    # Assert: the GIF grows by a frame a round; quality.png appears with the first
+    # fid (round 2) and is not redrawn while no new fid comes
+    assert frames == [1, 2, 3, 4]
+    assert quality_bytes[0] is None and quality_bytes[1] is not None
+    assert quality_bytes[1] == quality_bytes[2] == quality_bytes[3]
+    losses = run_dir / "plots" / "losses.png"
+    before = losses.read_bytes()
+    refresh_run_folder(run_dir)
+    assert losses.read_bytes() == before  # same data, same file
+
+
 def test_disabled_mode_writes_local_outputs_without_wandb(tmp_path: Path) -> None:
-    """Disabled: all local files, no wandb/ folder, wandb never imported."""
+    """Local files alone: every file, no wandb/ folder, wandb never imported."""
     # Prepare
     run_dir = tmp_path / "run"
     script = f"""
 import sys
 from pathlib import Path
 import torch
-from fedgan_app.tracking import RunTracker, make_grid
-tracker = RunTracker(Path({str(run_dir)!r}), {{"a": 1}}, wandb_mode="disabled")
-tracker.log_round(1, {{"loss-d": 0.5, "loss-g": 1.0}})
-tracker.log_clients(1, [{{"partition-id": 0, "loss-d": 0.5}}])
-tracker.log_samples(1, make_grid(torch.zeros((4, 3, 8, 8)), nrow=2))
-tracker.log_summary({{"x": 1}})
-tracker.finish()
-assert tracker.wandb_run_id is None
+from fedgan_app.tracking import LocalFiles, make_grid
+local = LocalFiles(Path({str(run_dir)!r}), {{"a": 1}})
+local.log_round(1, {{"loss-d": 0.5, "loss-g": 1.0}})
+local.log_clients(1, [{{"partition-id": 0, "loss-d": 0.5}}])
+local.log_samples(1, make_grid(torch.zeros((4, 3, 8, 8)), nrow=2))
+local.log_summary({{"x": 1}})
+local.finish()
 sys.exit(3 if "wandb" in sys.modules else 0)
 """
 
@@ -176,40 +204,29 @@ def test_resume_drops_later_rows_and_reuses_wandb_run(tmp_path: Path) -> None:
     """Resume after round 2 of 4: rounds 3-4 dropped, re-logged once, same W&B id."""
     # Prepare
     run_dir = tmp_path / "run"
-    first = RunTracker(run_dir, CONFIG, wandb_mode="offline")
+    first = [LocalFiles(run_dir, CONFIG), WandbRun(run_dir, CONFIG)]
     _log_rounds(first, range(1, 5))
-    first.finish()
+    _finish(first)
+    run_id = first[1].run_id
 
     # Execute
-    second = RunTracker(
-        run_dir,
-        CONFIG,
-        wandb_mode="offline",
-        wandb_run_id=first.wandb_run_id,
-        resume_after_round=2,
-    )
+    second = [LocalFiles(run_dir, CONFIG, resume_after_round=2),
+              WandbRun(run_dir, CONFIG, run_id=run_id)]
     _, rows_at_resume = _read_csv(run_dir / "metrics.csv")
+    pngs_at_resume = sorted(p.name for p in (run_dir / "samples").glob("*.png"))
     _log_rounds(second, range(3, 5))
-    second.finish()
+    _finish(second)
 
     # Assert
     assert [row["round"] for row in rows_at_resume] == ["1", "2"]
+    assert pngs_at_resume == ["round_0001.png", "round_0002.png"]
     header, rows = _read_csv(run_dir / "metrics.csv")
     assert [row["round"] for row in rows] == ["1", "2", "3", "4"]
     assert "fid" in header
     _, client_rows = _read_csv(run_dir / "clients.csv")
-    assert [row["round"] for row in client_rows] == [
-        "1",
-        "1",
-        "2",
-        "2",
-        "3",
-        "3",
-        "4",
-        "4",
-    ]
-    assert iio.imread(run_dir / "progress.gif", index=None).shape[0] == 4
-    assert second.wandb_run_id == first.wandb_run_id
+    assert [row["round"] for row in client_rows] == ["1", "1", "2", "2", "3", "3", "4", "4"]
+    assert _gif_frames(run_dir) == 4
+    assert second[1].run_id == run_id
     # W&B writes one offline folder per session of the same run id.
     assert len(_offline_runs(run_dir)) == 2
 
@@ -223,19 +240,20 @@ def test_wandb_init_failure_warns_once_and_keeps_local_outputs(
     caplog.set_level(logging.WARNING, logger="flwr")
 
     # Execute
-    tracker = RunTracker(run_dir, CONFIG, wandb_mode="offline", wandb_run_id="bad/id")
-    _log_rounds(tracker, range(1, 4))
-    tracker.log_summary({"best-fid": 1.0})
-    tracker.finish()
+    outputs = [LocalFiles(run_dir, CONFIG), WandbRun(run_dir, CONFIG, run_id="bad/id")]
+    _log_rounds(outputs, range(1, 4))
+    for output in outputs:
+        output.log_summary({"best-fid": 1.0})
+    _finish(outputs)
 
     # Assert
     warnings = _wandb_warnings(caplog)
     assert len(warnings) == 1
     assert "W&B init failed" in warnings[0].getMessage()
-    assert tracker.wandb_run_id is None
+    assert outputs[1].run_id is None
     assert len(_read_csv(run_dir / "metrics.csv")[1]) == 3
     assert len(_read_csv(run_dir / "clients.csv")[1]) == 6
-    assert iio.imread(run_dir / "progress.gif", index=None).shape[0] == 3
+    assert _gif_frames(run_dir) == 3
     assert (run_dir / "plots" / "losses.png").exists()
 
 
@@ -249,65 +267,47 @@ def test_wandb_online_without_server_warns_once(
     caplog.set_level(logging.WARNING, logger="flwr")
 
     # Execute
-    tracker = RunTracker(run_dir, CONFIG, wandb_mode="online", wandb_init_timeout_s=3)
-    _log_rounds(tracker, range(1, 2))
-    tracker.finish()
+    outputs = [LocalFiles(run_dir, CONFIG),
+               WandbRun(run_dir, CONFIG, mode="online", init_timeout_s=3)]
+    _log_rounds(outputs, range(1, 2))
+    _finish(outputs)
 
     # Assert
     warnings = _wandb_warnings(caplog)
     assert len(warnings) == 1
-    assert tracker.wandb_run_id is None
+    assert outputs[1].run_id is None
     assert len(_read_csv(run_dir / "metrics.csv")[1]) == 1
 
 
 def test_wandb_failure_mid_run_warns_once_and_keeps_local_outputs(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """W&B run ended under the tracker: next log fails, one warning, files go on."""
+    """W&B run ended under the output: next log fails, one warning, files go on."""
     # Prepare
     run_dir = tmp_path / "run"
     caplog.set_level(logging.WARNING, logger="flwr")
-    tracker = RunTracker(run_dir, CONFIG, wandb_mode="offline")
-    _log_rounds(tracker, range(1, 2))
-    # End the tracker's run behind its back, so its next W&B call raises.
-    tracker._run.finish()
+    outputs = [LocalFiles(run_dir, CONFIG), WandbRun(run_dir, CONFIG)]
+    _log_rounds(outputs, range(1, 2))
+    # End the output's run behind its back, so its next W&B call raises.
+    outputs[1]._run.finish()
 
     # Execute
-    _log_rounds(tracker, range(2, 4))
-    tracker.log_summary({"best-fid": 1.0})
-    tracker.finish()
+    _log_rounds(outputs, range(2, 4))
+    for output in outputs:
+        output.log_summary({"best-fid": 1.0})
+    _finish(outputs)
 
     # Assert
     warnings = _wandb_warnings(caplog)
     assert len(warnings) == 1
-    assert "W&B log failed" in warnings[0].getMessage()
-    assert tracker.wandb_run_id is not None  # the run exists and can still be resumed
+    assert "W&B log" in warnings[0].getMessage()
+    assert outputs[1].run_id is not None  # the run exists and can still be resumed
     assert len(_read_csv(run_dir / "metrics.csv")[1]) == 3
-    assert iio.imread(run_dir / "progress.gif", index=None).shape[0] == 3
-
-
-def test_log_event_counts_join_next_round_and_summary(tmp_path: Path) -> None:
-    """Events count into the next metrics row; totals go to summary.json."""
-    # Prepare
-    tracker = RunTracker(tmp_path / "run", CONFIG, wandb_mode="disabled")
-
-    # Execute
-    tracker.log_event("dropped-replies")
-    tracker.log_event("dropped-replies", 2)
-    tracker.log_round(1, {"loss-d": 0.5})
-    tracker.log_round(2, {"loss-d": 0.4})
-    tracker.finish()
-
-    # Assert
-    _, rows = _read_csv(tmp_path / "run" / "metrics.csv")
-    assert [row["dropped-replies"] for row in rows] == ["3", ""]
-    assert json.loads((tmp_path / "run" / "summary.json").read_text()) == {
-        "total-dropped-replies": 3
-    }
+    assert _gif_frames(run_dir) == 3
 
 
 def _wandb_warnings(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
-    """The W&B warnings the tracker logged."""
+    """The W&B warnings the outputs logged."""
     return [
         r for r in caplog.records if r.levelno == logging.WARNING and "W&B" in r.getMessage()
     ]

@@ -1,4 +1,11 @@
-"""An in-process Grid that runs the real ClientApp: for tests and benchmarks."""
+"""An in-process Grid that runs the real ClientApp: for tests and benchmarks.
+
+`InProcessGrid` hands each message straight to a ClientApp in this process,
+one node after another, each node with its own persistent Context, so the
+real ServerApp `main` runs a whole federation without a SuperLink, Ray or
+subprocesses. Flower's runtime is not involved, so nothing here is used by
+`flwr run`.
+"""
 
 from __future__ import annotations
 
@@ -10,24 +17,44 @@ from flwr.app.error import Error
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
-# Messages built outside a Flower run need a task identity (STACK.md).
-TaskIdentity.task_id = 1
-TaskIdentity.run_id = 1
-TaskIdentity.node_id = 0  # the server's node id in process
+RUN_ID = 1
+SERVER_NODE_ID = 0
+
+
+def set_task_identity() -> None:
+    """Give this process the task identity Messages built outside a Flower run need."""
+    TaskIdentity.task_id = 1
+    TaskIdentity.run_id = RUN_ID
+    TaskIdentity.node_id = SERVER_NODE_ID
 
 
 def server_context(run_config: dict[str, Any]) -> Context:
-    """A ServerApp Context carrying a run config."""
-    return Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
-                   run_config=dict(run_config))
+    """A ServerApp Context carrying a run config (and this process's task identity)."""
+    set_task_identity()
+    return Context(run_id=RUN_ID, node_id=SERVER_NODE_ID, node_config={},
+                   state=RecordDict(), run_config=dict(run_config))
 
 
 class InProcessGrid(Grid):
     """A Grid whose nodes run a ClientApp in this process, one after another.
 
-    Each node keeps its own Context (so `context.state` persists across
-    rounds as in a real run). `fail` lets a test make a node raise in given
-    rounds; the reply is then an error Message, as Flower sends one.
+    Each node keeps its own Context, so ``context.state`` persists across
+    rounds as in a real run.
+
+    Parameters
+    ----------
+    client_app : Callable[[Message, Context], Message]
+        The ClientApp (``fedgan_app.client_app.app``) or any callable like it.
+    num_nodes : int
+        Nodes 101, 102, ... get partition ids 0 .. num_nodes - 1.
+    run_config : dict[str, Any]
+        The run config every node's Context carries.
+    fail : Callable[[int, Message], bool] | None
+        ``fail(node_id, message)`` True makes that node raise; the reply is
+        then an error Message, as Flower sends one.
+    tamper : Callable[[int, Message], Message] | None
+        ``tamper(node_id, reply)`` may replace a node's (non-error) reply.
+
     """
 
     def __init__(
@@ -38,12 +65,13 @@ class InProcessGrid(Grid):
         fail: Callable[[int, Message], bool] | None = None,
         tamper: Callable[[int, Message], Message] | None = None,
     ) -> None:
+        set_task_identity()
         self.client_app = client_app
         self.fail = fail
         self.tamper = tamper
         self.contexts = {
             node_id: Context(
-                run_id=1,
+                run_id=RUN_ID,
                 node_id=node_id,
                 node_config={"partition-id": i, "num-partitions": num_nodes},
                 state=RecordDict(),

@@ -1,0 +1,156 @@
+"""The server's judge of sample quality, and the constants benchmarks must share.
+
+`QualityJudge` scores a generator the way the ServerApp does: `eval_samples`
+images from a fixed noise stream against the server's held-out split, in the
+cached evaluator classifier (fedgan_app.evaluator_cache). The noise streams,
+the grid size and the evaluator's cache key live here, so a benchmark that
+imports them scores exactly as the app does. The metrics themselves are the
+pure functions of fedgan_app.evaluation.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Mapping
+from logging import INFO
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord
+from flwr.common.logger import log
+
+from fedgan_app.data import ImageData, PartitionSpec, load_train_pool
+from fedgan_app.evaluation import QUALITY_KEYS, Evaluator, compute_quality
+from fedgan_app.evaluator_cache import load_or_train_evaluator
+from fedgan_app.models import GANConfig, Generator, split_state
+from fedgan_app.tracking import make_grid
+from fedgan_app.training import derive_seed, sample_images
+
+GRID_IMAGES = 64  # the fixed-noise sample grid: 8 x 8
+GRID_COLUMNS = 8
+GRID_NOISE_STREAM = 0  # derive_seed(seed, stream) seeds each noise stream
+EVAL_NOISE_STREAM = 1
+EVAL_BATCH = 500  # images generated per forward pass when scoring
+
+
+def grid_noise(seed: int, latent_dim: int) -> torch.Tensor:
+    """The fixed noise of the sample grids: one batch for every round of a run."""
+    rng = torch.Generator().manual_seed(derive_seed(seed, GRID_NOISE_STREAM))
+    return torch.randn(GRID_IMAGES, latent_dim, generator=rng)
+
+
+def sample_grid(generator: torch.nn.Module, noise: torch.Tensor,
+                device: torch.device) -> np.ndarray:
+    """G's images of the fixed noise as one uint8 (H, W, 3) grid."""
+    return make_grid(sample_images(generator, noise, device), nrow=GRID_COLUMNS)
+
+
+def generate_eval_images(generator: torch.nn.Module, num_images: int, latent_dim: int,
+                         seed: int, device: torch.device) -> torch.Tensor:
+    """The images a quality evaluation scores: the run's evaluation noise stream."""
+    rng = torch.Generator().manual_seed(derive_seed(seed, EVAL_NOISE_STREAM))
+    fakes = []
+    for start in range(0, num_images, EVAL_BATCH):
+        z = torch.randn(min(EVAL_BATCH, num_images - start), latent_dim, generator=rng)
+        fakes.append(sample_images(generator, z, device))
+    return torch.cat(fakes)
+
+
+def generator_from(arrays: ArrayRecord | Mapping[str, torch.Tensor], gan_cfg: GANConfig,
+                   device: torch.device) -> Generator:
+    """Build G from packed global arrays (an ArrayRecord or a packed state_dict)."""
+    state = arrays.to_torch_state_dict() if isinstance(arrays, ArrayRecord) else arrays
+    generator = Generator(gan_cfg)
+    g_state, _ = split_state(dict(state))
+    generator.load_state_dict(g_state)
+    return generator.to(device)
+
+
+def evaluator_cache_key(dataset: str, seed: int, num_server_images: int) -> str:
+    """What defines the evaluator of a run: dataset, server split, seed."""
+    return f"{dataset}|server-split|seed={seed}|n={num_server_images}"
+
+
+def evaluator_cache_dir() -> Path:
+    """Where evaluator classifiers are cached: $FEDGAN_CACHE_DIR or ~/.cache/fedgan."""
+    root = os.environ.get("FEDGAN_CACHE_DIR") or Path.home() / ".cache" / "fedgan"
+    return Path(root).expanduser() / "evaluator"
+
+
+def format_quality(row: Mapping[str, float]) -> str:
+    """Quality metrics as 'fid 12.3 classifier-score 8.1 ...'."""
+    return " ".join(f"{k} {row[k]:.3g}" for k in QUALITY_KEYS if k in row)
+
+
+class QualityJudge:
+    """Scores generators against the server's held-out split, as the ServerApp does.
+
+    Parameters
+    ----------
+    dataset : str
+        The run's 'dataset' setting (part of the evaluator's cache key).
+    seed : int
+        The run's seed: the evaluator's training and the evaluation noise.
+    eval_samples : int
+        Generated (and real) images per evaluation.
+    server_data : ImageData
+        The server's held-out split.
+    spec : PartitionSpec
+        The run's partitioning; its training pool gives the reference row.
+    on_reference : Callable[[dict[str, float]], None] | None
+        Called once, when the evaluator is first loaded, with the reference
+        row (real held-out vs real training images, and the evaluator's
+        held-out accuracy): the floor of fid, the ceiling of the others.
+
+    """
+
+    def __init__(self, dataset: str, seed: int, eval_samples: int, server_data: ImageData,
+                 spec: PartitionSpec,
+                 on_reference: Callable[[dict[str, float]], None] | None = None) -> None:
+        self.dataset = dataset
+        self.seed = seed
+        self.eval_samples = eval_samples
+        self.server_data = server_data
+        self.spec = spec
+        self.on_reference = on_reference
+        self.evaluator_accuracy: float | None = None  # held-out, once loaded
+        self._evaluator: Evaluator | None = None
+
+    def evaluator(self) -> Evaluator:
+        """Load (or train once and cache) the evaluator; report the reference row."""
+        if self._evaluator is None:
+            data = self.server_data
+            key = evaluator_cache_key(self.dataset, self.seed, len(data))
+            self._evaluator, self.evaluator_accuracy, trained = load_or_train_evaluator(
+                evaluator_cache_dir(), key, data.images, data.labels, data.num_classes,
+                self.seed)
+            log(INFO, "evaluator classifier %s: held-out accuracy %.3f",
+                "trained" if trained else "loaded from cache", self.evaluator_accuracy)
+            reference = self.reference_row()
+            log(INFO, "reference (real held-out vs real train): %s",
+                format_quality(reference))
+            if self.on_reference is not None:
+                self.on_reference(reference)
+        return self._evaluator
+
+    def reference_row(self) -> dict[str, float]:
+        """Metrics of real held-out images vs a seeded subset of real training images."""
+        evaluator = self.evaluator()
+        pool = load_train_pool(self.spec)
+        n = min(self.eval_samples, len(pool), len(self.server_data))
+        order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(self.seed))
+        quality = compute_quality(evaluator, self.server_data.images[:n],
+                                  pool.images[order[:n]])
+        return {"evaluator-accuracy": float(self.evaluator_accuracy), **quality}
+
+    def evaluate(self, generator: torch.nn.Module, device: torch.device) -> dict[str, float]:
+        """Score `eval_samples` images of G; adds `eval-time-s` (seconds it took)."""
+        start = time.perf_counter()
+        evaluator = self.evaluator()
+        fakes = generate_eval_images(generator, self.eval_samples,
+                                     generator.latent_dim, self.seed, device)
+        real = self.server_data.images[: self.eval_samples]
+        quality = compute_quality(evaluator, real, fakes)
+        return {**quality, "eval-time-s": time.perf_counter() - start}
