@@ -25,6 +25,7 @@ from fedgan_app.checkpoint import (
     save_checkpoint,
 )
 from fedgan_app.config import ConfigError, RunConfig
+from fedgan_app.dashboard import refresh_run
 from fedgan_app.data import (
     ImageData,
     PartitionSpec,
@@ -127,6 +128,7 @@ def make_evaluate_fn(
             # Before round 1 only the starting grid; a resumed run has it already.
             if resume is None:
                 _log_grid(tracker, arrays, gan_cfg, noise, device, 0)
+            refresh_run(run_dir)  # the dashboard page exists before round 1
             state.last_time = time.perf_counter()
             return None
         last = server_round == cfg.num_server_rounds
@@ -153,6 +155,8 @@ def make_evaluate_fn(
         if improved:
             save_checkpoint(ckpt, ckpt_dir / "best.pt")
         save_checkpoint(ckpt, ckpt_dir / "latest.pt")
+        # Plots, GIFs and the dashboard page, every round (the recorder will own this call).
+        refresh_run(run_dir)
         _log_summary_line(server_round, cfg.num_server_rounds, row)
         if last:
             _log_final_summary(tracker, state, row, run_dir)

@@ -6,11 +6,14 @@ This is the only module that does logging I/O. Layout written into ``run_dir``::
     metrics.csv              one row per server round ("round" first)
     clients.csv              one row per client per round ("round" first)
     samples/round_NNNN.png   sample grid of the fixed noise batch
-    progress.gif             all sample grids in round order (at finish)
-    plots/losses.png         loss-d, loss-g (+ d-x, d-gz) vs round (at finish)
-    plots/quality.png        fid, classifier-score, ... vs round (at finish)
+    samples/classes_round_NNNN.png  per-class grid (conditional runs)
     summary.json             final summary values
     wandb/                   the W&B run folder (offline unless chosen otherwise)
+
+The views of those files (plots/, progress.gif, federation.gif, dashboard.html)
+are written by ``fedgan_app.dashboard.refresh_run`` after every round and again
+at :meth:`RunTracker.finish`, which also logs the animations and the clients
+table to W&B.
 
 Every file is written to a temp file and renamed, so a crash never leaves a half
 file behind. W&B is best effort: its first failure is logged once as a warning,
@@ -36,11 +39,7 @@ import torch
 from flwr.common.logger import log
 
 WANDB_MODES = ("offline", "online", "disabled")
-LOSS_COLUMNS = ("loss-d", "loss-g")
-D_OUTPUT_COLUMNS = ("d-x", "d-gz")
-QUALITY_COLUMNS = ("fid", "classifier-score", "class-coverage", "precision", "recall")
-GIF_FPS = 4.0
-_SAMPLE_RE = re.compile(r"^round_(\d+)\.png$")
+_SAMPLE_RE = re.compile(r"^(?:classes_)?round_(\d+)\.png$")
 
 
 def make_grid(images: torch.Tensor, nrow: int = 8, padding: int = 2) -> np.ndarray:
@@ -334,6 +333,32 @@ class RunTracker:
             )
         return path
 
+    def log_class_samples(self, server_round: int, grid: np.ndarray) -> Path:
+        """Write samples/classes_round_NNNN.png (one row per class) and W&B ``samples/classes``.
+
+        The hook for conditional runs: the dashboard shows the newest of these
+        files beside the sample grid.
+        """
+        if grid.dtype != np.uint8 or grid.ndim != 3 or grid.shape[2] != 3:
+            raise ValueError(f"grid must be uint8 (H, W, 3), got {grid.dtype} {grid.shape}")
+        from PIL import Image
+
+        path = self._samples_dir / f"classes_round_{server_round:04d}.png"
+        _atomic_write(path, lambda tmp: Image.fromarray(grid).save(tmp, format="PNG"))
+        if self._run is not None:
+            self._wandb_call(
+                "log of the per-class grid",
+                lambda: self._run.log(
+                    {
+                        "round": server_round,
+                        "samples/classes": self._wandb.Image(
+                            grid, caption=f"one row per class, round {server_round}"
+                        ),
+                    }
+                ),
+            )
+        return path
+
     def log_summary(self, summary: Mapping[str, Any]) -> None:
         """Merge ``summary`` into summary.json and the W&B run summary."""
         self._summary.update(summary)
@@ -350,21 +375,22 @@ class RunTracker:
         self._event_totals[name] = self._event_totals.get(name, 0) + count
 
     def finish(self) -> None:
-        """Write progress.gif, plots and event totals, finish W&B; idempotent."""
+        """Write event totals and the run's views (plots, GIFs, page), finish W&B; idempotent."""
         if self._finished:
             return
         self._finished = True
         try:
             if self._event_totals:
                 self.log_summary({f"total-{name}": n for name, n in self._event_totals.items()})
-            self._write_gif()
-            self._plot(self._plots_dir / "losses.png", [LOSS_COLUMNS, D_OUTPUT_COLUMNS])
-            self._plot(self._plots_dir / "quality.png", [(c,) for c in QUALITY_COLUMNS])
+            from fedgan_app.dashboard import refresh_run  # it reads this module's files
+
+            refresh_run(self._run_dir)
         finally:
             # Close the W&B run even when a local artefact failed, so it is not
             # left running (and unsynced) until the process exits.
             if self._run is not None:
                 self._wandb_call("log of the clients table", self._log_clients_table)
+                self._wandb_call("log of the animations", self._log_animations)
                 # W&B is done: later calls only write local files.
                 run, self._run = self._run, None
                 self._wandb_call("finish", run.finish)
@@ -378,16 +404,16 @@ class RunTracker:
         self._metrics.write()
         self._clients.write()
         dropped_samples = 0
-        for path in self._samples_dir.glob("round_*.png"):
+        for path in self._samples_dir.glob("*round_*.png"):  # per-class grids too
             match = _SAMPLE_RE.match(path.name)
             if match is None:
                 continue
             server_round = int(match.group(1))
-            if server_round <= resume_after_round:
-                self._samples[server_round] = path
-            else:
+            if server_round > resume_after_round:
                 path.unlink()  # the crashed run's grid; the resumed run writes its own
                 dropped_samples += 1
+            elif not path.name.startswith("classes_"):
+                self._samples[server_round] = path
         log(
             INFO,
             "Resuming after round %d: kept %d metric rows, %d client rows, "
@@ -479,50 +505,15 @@ class RunTracker:
         ]
         self._run.log({"clients": self._wandb.Table(columns=self._clients.columns, data=data)})
 
-    def _write_gif(self) -> None:
-        """Write progress.gif from the sample grids in round order (4 fps, looping)."""
-        if not self._samples:
-            return
-        import imageio.v3 as iio
-
-        frames = [iio.imread(self._samples[r]) for r in sorted(self._samples)]
-        size = frames[-1].shape
-        same = [f for f in frames if f.shape == size]
-        if len(same) < len(frames):
-            log(
-                WARNING,
-                "progress.gif: skipped %d grids whose size differs from %s",
-                len(frames) - len(same),
-                size,
+    def _log_animations(self) -> None:
+        """Log federation.gif and progress.gif to W&B as videos (a GIF file needs no codec)."""
+        media = {
+            key: self._wandb.Video(str(path), caption=caption)
+            for key, name, caption in (
+                ("federation", "federation.gif", "the federation, round by round"),
+                ("samples/progress", "progress.gif", "sample grids, round by round"),
             )
-        path = self._run_dir / "progress.gif"
-        _atomic_write(
-            path,
-            lambda tmp: iio.imwrite(tmp, np.stack(same), duration=1000 / GIF_FPS, loop=0),
-        )
-
-    def _plot(self, path: Path, panels: list[tuple[str, ...]]) -> None:
-        """Plot metrics.csv columns vs round, one panel per group that has data."""
-        # No pyplot: no global figure state to close, no GUI backend to pick.
-        from matplotlib.figure import Figure
-
-        panels = [cols for cols in panels if any(self._metrics.column(c)[0] for c in cols)]
-        if not panels:
-            return
-        fig = Figure(figsize=(7, 3 * len(panels)), layout="constrained")
-        for ax, columns in zip(
-            fig.subplots(len(panels), 1, squeeze=False)[:, 0], panels, strict=True
-        ):
-            for column in columns:
-                rounds, values = self._metrics.column(column)
-                if rounds:
-                    ax.plot(
-                        rounds,
-                        values,
-                        marker="." if len(rounds) < 50 else None,
-                        label=column,
-                    )
-            ax.set_xlabel("round")
-            ax.grid(alpha=0.3)
-            ax.legend()
-        _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100))
+            if (path := self._run_dir / name).is_file()
+        }
+        if media:
+            self._run.log(media)
