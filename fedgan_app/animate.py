@@ -68,7 +68,10 @@ SERVER_COLOR = "#404040"
 
 FIGSIZE = (7.2, 4.2)
 DPI = 80
-_CLIENT_RING = 0.88  # clients sit on a circle of this radius around the server
+# The federation diagram's place in a frame (figure fraction: left, bottom, width,
+# height); the sample grid, legend and class colours lie to its right.
+DIAGRAM_BOX = (0.0, 0.07, 0.64, 0.8)
+_CLIENT_RING = 0.8  # clients sit on a circle of this radius around the server
 _SERVER_RADIUS = 0.17
 _STATUSES = ("accepted", "dropped", "failed")
 
@@ -135,23 +138,21 @@ def load_run(run_dir: Path) -> RunView:
     Returns
     -------
     RunView
-        Rounds in order (every round with a row in either CSV) and the clients
-        of the whole run, ordered by partition id.
+        Rounds in order (every round with a row in either CSV; none before the
+        first round's rows are written) and the clients of the whole run,
+        ordered by partition id.
 
     Raises
     ------
     AnimationError
-        When the folder is missing or has neither metrics.csv nor clients.csv.
+        When the folder does not exist.
 
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise AnimationError(f"run folder {run_dir} does not exist")
-    metrics_path, clients_path = run_dir / "metrics.csv", run_dir / "clients.csv"
-    if not metrics_path.is_file() and not clients_path.is_file():
-        raise AnimationError(f"{run_dir} has neither metrics.csv nor clients.csv: not a run folder")
-    metric_rows = read_csv_rows(metrics_path)
-    client_rows = read_csv_rows(clients_path)
+    metric_rows = read_csv_rows(run_dir / "metrics.csv")
+    client_rows = read_csv_rows(run_dir / "clients.csv")
     config = read_run_config(run_dir / "run_config.json")
 
     node_to_key = {
@@ -262,9 +263,9 @@ class RoundFigure:
         self.run, self.view = run, view
         self.fig = Figure(figsize=FIGSIZE, dpi=DPI)
         self.canvas = FigureCanvasAgg(self.fig)
-        self.ax = self.fig.add_axes((0.0, 0.0, 0.64, 0.86))
+        self.ax = self.fig.add_axes(DIAGRAM_BOX)
         self.ax.set_xlim(-1.3, 1.3)
-        self.ax.set_ylim(-1.12, 1.12)
+        self.ax.set_ylim(-1.18, 1.05)
         self.ax.set_aspect("equal")
         self.ax.axis("off")
         # (artist, phases it shows in, the only train step it shows in or None)
@@ -307,6 +308,11 @@ class RoundFigure:
         """The strings of the figure's and axes' texts visible in the current frame."""
         texts = [*self.fig.texts, *(t for ax in self.fig.axes for t in ax.texts)]
         return [t.get_text() for t in texts if t.get_visible() and t.get_text()]
+
+    def visible_marks(self) -> list[str]:
+        """Ids of the client marks visible now: 'pulse:p0', 'update:p0', 'dropped:p1', ..."""
+        return [a.get_gid() for a in self.fig.findobj(lambda a: bool(a.get_gid()))
+                if a.get_visible()]
 
     def _only_in(self, artist: Any, *phases: str, step: int | None = None) -> Any:
         """Show ``artist`` only in these phases (and only at ``step`` when given)."""
@@ -355,6 +361,8 @@ class RoundFigure:
         self.ax.text(center[0], center[1] + radius + 0.07, client.label, ha="center",
                      va="bottom", fontsize=7, alpha=alpha)
         if reply is None:
+            self.ax.text(center[0], center[1] - radius - 0.06, "no reply", ha="center",
+                         va="top", fontsize=6.5, color="#999999")
             return
         if reply.status == "failed":
             self._draw_failed(center, radius, reply)
@@ -366,7 +374,7 @@ class RoundFigure:
             share = _progress(reply.wall_time_s, slowest, (step + 1) / steps)
             if share > 0:
                 ring = Wedge(center, radius + 0.045, 90 - 360 * share, 90, width=0.03,
-                             color=PULSE_COLOR, lw=0)
+                             color=PULSE_COLOR, lw=0, gid=f"pulse:{client.key}")
                 self._only_in(self.ax.add_patch(ring), "train", step=step)
         if reply.wall_time_s is not None:
             self._only_in(self.ax.text(center[0], center[1] - radius - 0.06,
@@ -377,13 +385,14 @@ class RoundFigure:
         else:
             self._draw_update(center, radius, reply)
         self._only_in(self._arrow((0, 0), center, _SERVER_RADIUS, radius + 0.02,
-                                  MODEL_COLOR, 2.0), "broadcast")
+                                  MODEL_COLOR, 2.0, gid=f"model:{client.key}"), "broadcast")
 
     def _draw_update(self, center: tuple[float, float], radius: float, reply: Reply) -> None:
         """A red arrow to the server, its width proportional to p_j."""
         width = 0.8 + 9.0 * reply.weight
         self._only_in(self._arrow(center, (0, 0), radius + 0.02, _SERVER_RADIUS + 0.02,
-                                  UPDATE_COLOR, width), "upload")
+                                  UPDATE_COLOR, width, gid=f"update:{reply.client}"),
+                      "upload")
         # The weight beside the arrow's middle, on its clockwise side.
         mid = _towards(center, (0.0, 0.0), 0.5)
         norm = math.hypot(*center) or 1.0
@@ -397,7 +406,8 @@ class RoundFigure:
         from matplotlib.lines import Line2D
 
         end = _towards(center, (0.0, 0.0), 0.55)
-        arrow = self._arrow(center, end, radius + 0.02, 0.0, DROP_COLOR, 3.0, style="-")
+        arrow = self._arrow(center, end, radius + 0.02, 0.0, DROP_COLOR, 3.0, style="-",
+                            gid=f"dropped:{reply.client}")
         stop = Line2D([end[0]], [end[1]], marker="X", markersize=11, color=DROP_COLOR,
                       zorder=6)
         self._only_in(arrow, "upload")
@@ -420,7 +430,8 @@ class RoundFigure:
                      ha="center", va="top", fontsize=6.5, color=FAIL_COLOR, weight="bold")
 
     def _arrow(self, start: tuple[float, float], end: tuple[float, float], start_gap: float,
-               end_gap: float, color: str, width: float, style: str = "-|>") -> Any:
+               end_gap: float, color: str, width: float, style: str = "-|>",
+               gid: str | None = None) -> Any:
         """An arrow from start to end, shortened by the gaps at both ends."""
         from matplotlib.patches import FancyArrowPatch
 
@@ -428,7 +439,8 @@ class RoundFigure:
         a = _towards(start, end, start_gap / length)
         b = _towards(start, end, 1 - end_gap / length)
         arrow = FancyArrowPatch(a, b, arrowstyle=style, mutation_scale=8 + width * 1.5,
-                                lw=width, color=color, zorder=5, shrinkA=0, shrinkB=0)
+                                lw=width, color=color, zorder=5, shrinkA=0, shrinkB=0,
+                                gid=gid)
         self.ax.add_patch(arrow)
         return arrow
 
@@ -698,12 +710,16 @@ def _sample_grids(folder: Path) -> dict[int, Path]:
 
 
 def _positions(clients: Sequence[Client]) -> dict[str, tuple[float, float]]:
-    """Clients evenly on a circle around the server, the first at the top."""
+    """Clients evenly on a circle around the server, clockwise from the upper left.
+
+    Starting half a step left of the top puts two clients left and right,
+    where the picture is widest, and four on the diagonals.
+    """
     n = max(1, len(clients))
+    angles = [math.pi / 2 + math.pi / n - 2 * math.pi * i / n for i in range(n)]
     return {
-        c.key: (_CLIENT_RING * math.cos(math.pi / 2 - 2 * math.pi * i / n),
-                _CLIENT_RING * math.sin(math.pi / 2 - 2 * math.pi * i / n))
-        for i, c in enumerate(clients)
+        c.key: (_CLIENT_RING * math.cos(a), _CLIENT_RING * math.sin(a))
+        for c, a in zip(clients, angles, strict=True)
     }
 
 
@@ -804,13 +820,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None,
                         help="GIF to write (default: <run_dir>/federation.gif)")
     args = parser.parse_args(argv)
+    run_dir: Path = args.run_dir
+    if run_dir.is_dir() and not any((run_dir / n).is_file()
+                                    for n in ("metrics.csv", "clients.csv")):
+        print(f"fedgan animate: {run_dir} has neither metrics.csv nor clients.csv: "
+              "not a run folder", file=sys.stderr)
+        return 2
     try:
-        path = render_federation_gif(args.run_dir, args.out)
+        path = render_federation_gif(run_dir, args.out)
     except AnimationError as exc:
         print(f"fedgan animate: {exc}", file=sys.stderr)
         return 2
     if path is None:
-        print(f"fedgan animate: {args.run_dir} has no finished round yet", file=sys.stderr)
+        print(f"fedgan animate: {run_dir} has no finished round yet", file=sys.stderr)
         return 1
     print(path)
     return 0

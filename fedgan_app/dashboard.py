@@ -23,6 +23,7 @@ import html
 import json
 import math
 import os
+import signal
 import sys
 import webbrowser
 from collections.abc import Callable, Sequence
@@ -334,6 +335,7 @@ def _plot(rows: list[dict[str, Any]], path: Path, panels: list[tuple[str, ...]])
     """Plot metrics columns vs round, one panel per group with data; False when none has."""
     # No pyplot: no global figure state to close, no GUI backend to pick.
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     series = {c: _column(rows, c) for cols in panels for c in cols}
     panels = [cols for cols in panels if any(series[c][0] for c in cols)]
@@ -348,6 +350,7 @@ def _plot(rows: list[dict[str, Any]], path: Path, panels: list[tuple[str, ...]])
                 ax.plot(rounds, values, marker="." if len(rounds) < 50 else None,
                         label=column)
         ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -533,6 +536,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"fedgan dashboard: {run_dir} at {url} (Ctrl-C stops)", flush=True)
     if not args.no_open and _has_display():
         webbrowser.open(url)
+    # SIGTERM (kill, a closing terminal) stops it as cleanly as Ctrl-C does.
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
         server.serve_forever(poll_interval=0.2)
     except KeyboardInterrupt:
@@ -541,6 +546,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         server.server_close()
     print("fedgan dashboard: stopped", flush=True)
     return 0
+
+
+def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
+    """Signal handler: stop serving as on Ctrl-C."""
+    raise KeyboardInterrupt
 
 
 def _has_display() -> bool:
