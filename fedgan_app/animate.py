@@ -454,8 +454,9 @@ class RoundFigure:
             ("after", view.grid_after, f"global G after round {view.server_round}"),
         ):
             phases = ("aggregate", "broadcast") if key == "after" else ("train", "upload")
-            if path is not None:
-                image = box.imshow(_read_image(path), interpolation="nearest")
+            pixels = read_image(path) if path is not None else None
+            if pixels is not None:
+                image = box.imshow(pixels, interpolation="nearest")
             else:
                 image = box.text(0.5, 0.5, "no sample grid", ha="center", va="center",
                                  transform=box.transAxes, fontsize=8)
@@ -581,11 +582,16 @@ def _write_gif(out: Path, frames: list[Any], durations: list[int]) -> None:
         loop=0))
 
 
-def _read_image(path: Path) -> np.ndarray:
-    """Read a sample grid as an array."""
+def read_image(path: Path) -> np.ndarray | None:
+    """A sample grid as an (H, W, 3) array; None, with a warning naming it, when unreadable."""
     import imageio.v3 as iio
 
-    return iio.imread(path)
+    try:
+        return iio.imread(path, extension=".png")[..., :3]
+    except Exception as exc:  # noqa: BLE001 - Pillow raises several kinds for a bad file
+        log(WARNING, "sample grid %s cannot be read (%s: %s); skipped", path,
+            type(exc).__name__, exc)
+        return None
 
 
 def read_csv_rows(path: Path) -> list[dict[str, Any]]:

@@ -45,6 +45,7 @@ from fedgan_app.animate import (
     class_colors,
     load_run,
     read_csv_rows,
+    read_image,
     read_run_config,
     render_federation_gif,
 )
@@ -109,14 +110,17 @@ def write_plots(run_dir: Path) -> list[Path]:
 
 
 def write_progress_gif(run_dir: Path) -> Path | None:
-    """Write progress.gif from samples/round_NNNN.png in round order (4 fps, looping)."""
+    """Write progress.gif from samples/round_NNNN.png in round order (4 fps, looping).
+
+    A grid that cannot be read is skipped with a warning naming it.
+    """
     import imageio.v3 as iio
 
     run_dir = Path(run_dir)
-    grids = _rounds_of(run_dir / "samples", "round_")
-    if not grids:
+    frames = [f for path in _rounds_of(run_dir / "samples", "round_").values()
+              if (f := read_image(path)) is not None]
+    if not frames:
         return None
-    frames = [iio.imread(path) for path in grids.values()]
     size = frames[-1].shape
     same = [f for f in frames if f.shape == size]
     if len(same) < len(frames):
@@ -207,8 +211,8 @@ def _image_panel(run_dir: Path, path: Path | None, caption: str, key: str,
                 f'</div><figcaption>{html.escape(caption)}</figcaption></figure>')
     rel = path.relative_to(run_dir).as_posix()
     size = ""
-    if scale != 1:
-        height, width = _png_size(path)
+    if scale != 1 and (shape := _image_size(path)) is not None:
+        height, width = shape
         size = f' width="{width * scale}" height="{height * scale}" class="pixelated"'
     return (f'<figure class="panel" id="{key}"><img src="{html.escape(rel)}?v='
             f'{path.stat().st_mtime_ns}" alt="{html.escape(caption)}"{size}>'
@@ -323,12 +327,15 @@ def _file(path: Path) -> Path | None:
     return path if path.is_file() else None
 
 
-def _png_size(path: Path) -> tuple[int, int]:
-    """(height, width) of an image file."""
-    from PIL import Image
+def _image_size(path: Path) -> tuple[int, int] | None:
+    """(height, width) of an image file; None when it cannot be read."""
+    from PIL import Image, UnidentifiedImageError
 
-    with Image.open(path) as image:
-        return image.height, image.width
+    try:
+        with Image.open(path) as image:
+            return image.height, image.width
+    except (OSError, UnidentifiedImageError):
+        return None
 
 
 def _plot(rows: list[dict[str, Any]], path: Path, panels: list[tuple[str, ...]]) -> bool:
