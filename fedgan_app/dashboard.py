@@ -348,9 +348,14 @@ def _plot(rows: list[dict[str, Any]], path: Path, panels: list[tuple[str, ...]])
     panels = [cols for cols in panels if any(series[c][0] for c in cols)]
     if not panels:
         return False
-    fig = Figure(figsize=(7, 3 * len(panels)), layout="constrained")
-    for ax, columns in zip(fig.subplots(len(panels), 1, squeeze=False)[:, 0], panels,
-                           strict=True):
+    # One column for two panels, two columns beyond: a page shows it without scrolling.
+    ncols = 1 if len(panels) <= 2 else 2
+    nrows = math.ceil(len(panels) / ncols)
+    fig = Figure(figsize=(6.4 if ncols == 1 else 9.2, 2.4 * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    for ax, columns in zip(axes, panels, strict=False):
         for column in columns:
             rounds, values = series[column]
             if rounds:

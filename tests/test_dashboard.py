@@ -44,7 +44,7 @@ CHROMIUM_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
     "--force-device-scale-factor=1", "--force-color-profile=srgb", "--hide-scrollbars",
-    "--window-size=1600,1500",
+    "--window-size=1800,2000",
 ]
 
 
