@@ -311,3 +311,63 @@ def _wandb_warnings(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]
     return [
         r for r in caplog.records if r.levelno == logging.WARNING and "W&B" in r.getMessage()
     ]
+
+
+def test_wandb_offline_run_holds_the_animation_and_the_clients_table(tmp_path: Path) -> None:
+    """Finish logs federation.gif, progress.gif and every clients.csv row to the offline run."""
+    # Prepare: contract rows (status, reason, weight, label histogram), one dropped
+    run_dir = tmp_path / "run"
+    tracker = RunTracker(run_dir, CONFIG, wandb_mode="offline", run_name="test")
+    reason = "norm: update norm 12.3 > 10 x median 1.1"
+    for r in (1, 2):
+        tracker.log_clients(r, [
+            {"node-id": 11, "partition-id": 0, "num-examples": 60, "wall-time-s": 1.5,
+             "status": "accepted", "reason": "", "weight": 1.0, "label-histogram": "30;30"},
+            {"node-id": 12, "partition-id": 1, "num-examples": 40, "wall-time-s": 2.5,
+             "status": "dropped", "reason": reason, "weight": 0.0, "label-histogram": "0;40"},
+        ])
+        tracker.log_samples(r, _grid(r))
+        tracker.log_round(r, {"loss-d": 1.0, "loss-g": 2.0})
+
+    # Execute
+    tracker.finish()
+
+    # Assert: the GIFs as media files, byte for byte; the table with every row
+    (run,) = _offline_runs(run_dir)
+    media = run / "files" / "media"
+    (federation,) = media.glob("videos/federation_*.gif")
+    assert federation.read_bytes() == (run_dir / "federation.gif").read_bytes()
+    (progress,) = media.glob("videos/samples/progress_*.gif")
+    assert progress.read_bytes() == (run_dir / "progress.gif").read_bytes()
+    (table_file,) = media.glob("table/clients_*.table.json")
+    table = json.loads(table_file.read_text())
+    _, csv_rows = _read_csv(run_dir / "clients.csv")
+    assert table["columns"] == list(csv_rows[0])
+    assert len(table["data"]) == 4
+    status, why = table["columns"].index("status"), table["columns"].index("reason")
+    assert [(row[status], row[why]) for row in table["data"]][:2] == [
+        ("accepted", None), ("dropped", reason)]
+
+
+def test_class_grids_are_written_logged_and_dropped_on_resume(tmp_path: Path) -> None:
+    """The per-class grid hook: a file per round, a W&B image, later rounds dropped on resume."""
+    # Prepare
+    run_dir = tmp_path / "run"
+    first = RunTracker(run_dir, CONFIG, wandb_mode="offline")
+    for r in (1, 2, 3):
+        first.log_round(r, {"loss-d": 1.0})
+        first.log_class_samples(r, _grid(10 + r))
+    first.finish()
+
+    # Execute
+    second = RunTracker(run_dir, CONFIG, wandb_mode="disabled", resume_after_round=2)
+    second.finish()
+
+    # Assert
+    names = sorted(p.name for p in (run_dir / "samples").glob("classes_round_*.png"))
+    assert names == ["classes_round_0001.png", "classes_round_0002.png"]
+    assert np.array_equal(iio.imread(run_dir / "samples" / "classes_round_0002.png"), _grid(12))
+    logged = list(_offline_runs(run_dir)[0].glob("files/media/images/samples/classes_*.png"))
+    assert len(logged) == 3
+    with pytest.raises(ValueError, match="grid must be uint8"):
+        second.log_class_samples(4, _grid(1).astype(np.float32))
