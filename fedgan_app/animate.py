@@ -34,7 +34,7 @@ import math
 import sys
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from logging import WARNING
 from pathlib import Path
 from typing import Any
@@ -665,7 +665,7 @@ def _with_weights(replies: list[Reply]) -> list[Reply]:
         return replies
     total = sum(r.num_examples or 0 for r in accepted)
     return [
-        Reply(**{**r.__dict__, "weight": (r.num_examples or 0) / total})
+        replace(r, weight=(r.num_examples or 0) / total)
         if r.status == "accepted" and total > 0 else r
         for r in replies
     ]
@@ -804,7 +804,9 @@ def _metrics_line(metrics: dict[str, float]) -> str:
 def _counts_line(view: RoundView) -> str:
     """'3 accepted, 1 dropped, 0 failed' from the replies (or the metrics row)."""
     m = view.metrics
-    if view.replies and any(r.status != "accepted" for r in view.replies) or not m:
+    # Contract rows name every dropped and failed reply; older rows only the accepted
+    # ones, and then the metrics row has the counts.
+    if not m or any(r.status != "accepted" for r in view.replies):
         counts = {s: sum(1 for r in view.replies if r.status == s) for s in _STATUSES}
     else:
         counts = {"accepted": int(m.get("replies-accepted", len(view.replies))),

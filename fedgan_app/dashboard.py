@@ -198,7 +198,7 @@ def _page_html(run_dir: Path) -> str:
         metrics=_metrics_table(last),
         clients=_clients_table(run) if run is not None else "<p>no client rows yet</p>",
         progress_gif=_image_panel(run_dir, _file(run_dir / "progress.gif"),
-                                  "sample grids, round by round", "progress"),
+                                  "sample grids, round by round", "progress", GRID_SCALE),
         poll_ms=POLL_MS,
     )
 
@@ -363,6 +363,9 @@ def _plot(rows: list[dict[str, Any]], path: Path, panels: list[tuple[str, ...]])
                         label=column)
         ax.set_xlabel("round")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        shown = {r for c in columns for r in series[c][0]}
+        if len(shown) == 1:  # one point: one tick, not 2.84 .. 3.16
+            ax.set_xticks(sorted(shown))
         ax.grid(alpha=0.3)
         ax.legend()
     path.parent.mkdir(parents=True, exist_ok=True)
