@@ -587,7 +587,7 @@ def read_image(path: Path) -> np.ndarray | None:
     import imageio.v3 as iio
 
     try:
-        return iio.imread(path, extension=".png")[..., :3]
+        return iio.imread(path, plugin="pillow", mode="RGB")
     except Exception as exc:  # noqa: BLE001 - Pillow raises several kinds for a bad file
         log(WARNING, "sample grid %s cannot be read (%s: %s); skipped", path,
             type(exc).__name__, exc)
