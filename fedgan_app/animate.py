@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -66,11 +67,13 @@ AGGREGATE_COLOR = "#ffbf00"  # amber halo: the server aggregating
 UNKNOWN_DATA_COLOR = "#bdbdbd"  # grey pie: label histogram unknown
 SERVER_COLOR = "#404040"
 
-FIGSIZE = (7.2, 4.2)
+FIGSIZE = (7.2, 4.5)
 DPI = 80
 # The federation diagram's place in a frame (figure fraction: left, bottom, width,
 # height); the sample grid, legend and class colours lie to its right.
 DIAGRAM_BOX = (0.0, 0.07, 0.64, 0.8)
+INSET_BOX = (0.655, 0.2, 0.33, 0.57)  # the sample grid
+LEGEND_BOX = (0.655, 0.0, 0.345, 0.19)  # what the colours mean, the class colours
 _CLIENT_RING = 0.8  # clients sit on a circle of this radius around the server
 _SERVER_RADIUS = 0.17
 _STATUSES = ("accepted", "dropped", "failed")
@@ -265,7 +268,7 @@ class RoundFigure:
         self.canvas = FigureCanvasAgg(self.fig)
         self.ax = self.fig.add_axes(DIAGRAM_BOX)
         self.ax.set_xlim(-1.3, 1.3)
-        self.ax.set_ylim(-1.18, 1.05)
+        self.ax.set_ylim(-1.33, 1.1)
         self.ax.set_aspect("equal")
         self.ax.axis("off")
         # (artist, phases it shows in, the only train step it shows in or None)
@@ -358,11 +361,15 @@ class RoundFigure:
         for wedge in _pie(center, radius, client.histogram, self.run.num_classes):
             wedge.set_alpha(alpha)
             self.ax.add_patch(wedge)
-        self.ax.text(center[0], center[1] + radius + 0.07, client.label, ha="center",
-                     va="bottom", fontsize=7, alpha=alpha)
+        # Its name (and wall time) on the side away from the server, clear of arrows.
+        label = client.label if len(self.run.clients) <= 6 else client.key.removeprefix("p")
+        if reply is not None and reply.wall_time_s is not None:
+            label += f" · {reply.wall_time_s:.1f} s"
+        x, y, va = _label_place(center, radius)
+        self.ax.text(x, y, label, ha="center", va=va, fontsize=7, alpha=alpha)
         if reply is None:
-            self.ax.text(center[0], center[1] - radius - 0.06, "no reply", ha="center",
-                         va="top", fontsize=6.5, color="#999999")
+            x, y, va = _note_place(center, radius)
+            self.ax.text(x, y, "no reply", ha="center", va=va, fontsize=6.5, color="#999999")
             return
         if reply.status == "failed":
             self._draw_failed(center, radius, reply)
@@ -376,10 +383,6 @@ class RoundFigure:
                 ring = Wedge(center, radius + 0.045, 90 - 360 * share, 90, width=0.03,
                              color=PULSE_COLOR, lw=0, gid=f"pulse:{client.key}")
                 self._only_in(self.ax.add_patch(ring), "train", step=step)
-        if reply.wall_time_s is not None:
-            self._only_in(self.ax.text(center[0], center[1] - radius - 0.06,
-                                       f"{reply.wall_time_s:.1f} s", ha="center", va="top",
-                                       fontsize=6.5), "train")
         if reply.status == "dropped":
             self._draw_dropped(center, radius, reply)
         else:
@@ -413,9 +416,9 @@ class RoundFigure:
         self._only_in(arrow, "upload")
         self._only_in(self.ax.add_line(stop), "upload")
         # The reason stays up while the server aggregates without this reply.
-        self._only_in(self.ax.text(center[0], center[1] - radius - 0.07,
-                                   _wrap("dropped: " + (reply.reason or "(no reason)"), 30),
-                                   ha="center", va="top", fontsize=6.5, color=DROP_COLOR,
+        x, y, va = _note_place(center, radius)
+        self._only_in(self.ax.text(x, y, _wrap("dropped: " + (reply.reason or "(no reason)"), 30),
+                                   ha="center", va=va, fontsize=6.5, color=DROP_COLOR,
                                    weight="bold", zorder=6), "upload", "aggregate")
 
     def _draw_failed(self, center: tuple[float, float], radius: float, reply: Reply) -> None:
@@ -425,9 +428,9 @@ class RoundFigure:
         self.ax.add_line(Line2D([center[0]], [center[1]], marker="X", markersize=18,
                                 color=FAIL_COLOR, markeredgecolor="white", zorder=7,
                                 gid=f"failed:{reply.client}"))
-        self.ax.text(center[0], center[1] - radius - 0.06,
-                     _wrap("failed" + (": " + reply.reason if reply.reason else ""), 30),
-                     ha="center", va="top", fontsize=6.5, color=FAIL_COLOR, weight="bold")
+        x, y, va = _note_place(center, radius)
+        self.ax.text(x, y, _wrap("failed" + (": " + reply.reason if reply.reason else ""), 30),
+                     ha="center", va=va, fontsize=6.5, color=FAIL_COLOR, weight="bold")
 
     def _arrow(self, start: tuple[float, float], end: tuple[float, float], start_gap: float,
                end_gap: float, color: str, width: float, style: str = "-|>",
@@ -446,51 +449,33 @@ class RoundFigure:
 
     def _draw_inset(self) -> None:
         """The global sample grid: before the round while training, after it at the end."""
-        box = self.fig.add_axes((0.655, 0.19, 0.33, 0.58))
-        box.axis("off")
-        view = self.view
+        left, bottom, width, height = INSET_BOX
+        fig_w, fig_h = FIGSIZE[0] * DPI, FIGSIZE[1] * DPI
+        box = (round(width * fig_w), round(height * fig_h))
         for key, path, title in (
-            ("before", view.grid_before, "global G before this round"),
-            ("after", view.grid_after, f"global G after round {view.server_round}"),
+            ("before", self.view.grid_before, "global G before this round"),
+            ("after", self.view.grid_after, f"global G after round {self.view.server_round}"),
         ):
             phases = ("aggregate", "broadcast") if key == "after" else ("train", "upload")
-            pixels = read_image(path) if path is not None else None
+            pixels = _fit(read_image(path), box) if path is not None else None
             if pixels is not None:
-                image = box.imshow(pixels, interpolation="nearest")
+                # Resampled once here and pasted pixel for pixel: far cheaper per frame
+                # than an imshow that resamples the grid in every frame.
+                x0 = left * fig_w + (box[0] - pixels.shape[1]) / 2
+                y0 = (bottom + height) * fig_h - pixels.shape[0]
+                self._only_in(self.fig.figimage(pixels, x0, y0, zorder=3), *phases)
             else:
-                image = box.text(0.5, 0.5, "no sample grid", ha="center", va="center",
-                                 transform=box.transAxes, fontsize=8)
-            self._only_in(image, *phases)
-            self._only_in(box.text(0.5, 1.02, title, ha="center", va="bottom",
-                                   transform=box.transAxes, fontsize=7.5), *phases)
+                self._only_in(self.fig.text(left + width / 2, bottom + height / 2,
+                                            "no sample grid", ha="center", va="center",
+                                            fontsize=8), *phases)
+            self._only_in(self.fig.text(left + width / 2, bottom + height + 0.01, title,
+                                        ha="center", va="bottom", fontsize=7.5), *phases)
 
     def _draw_legend(self) -> None:
-        """What the colours mean, and the class colours of the pies."""
-        from matplotlib.lines import Line2D
-
-        handles = [
-            Line2D([], [], color=PULSE_COLOR, lw=3, label="training (ring = wall time)"),
-            Line2D([], [], color=UPDATE_COLOR, lw=3, label="update (width = p_j)"),
-            Line2D([], [], color=DROP_COLOR, lw=3, label="dropped reply"),
-            Line2D([], [], color=MODEL_COLOR, lw=3, label="new global model"),
-            Line2D([], [], color=FAIL_COLOR, lw=0, marker="X", label="failed client"),
-        ]
-        self.fig.legend(handles=handles, loc="lower right", bbox_to_anchor=(0.995, 0.005),
-                        fontsize=6, ncol=2, frameon=False, handlelength=1.5)
-        if self.run.num_classes:
-            from matplotlib.patches import Rectangle
-
-            colors = class_colors(self.run.num_classes)
-            self.fig.text(0.655, 0.165, "pie = label histogram, class:", fontsize=6,
-                          va="center")
-            width = min(0.03, 0.33 / self.run.num_classes)
-            for c, color in enumerate(colors):
-                x = 0.655 + c * width
-                self.fig.add_artist(Rectangle((x, 0.115), width * 0.9, 0.03, fc=color, lw=0,
-                                              transform=self.fig.transFigure))
-                if self.run.num_classes <= 20:
-                    self.fig.text(x + width * 0.45, 0.13, str(c), fontsize=5, ha="center",
-                                  va="center", color="white")
+        """What the colours mean and the class colours: one bitmap per run, pasted."""
+        pixels = _legend_pixels(self.run.num_classes)
+        self.fig.figimage(pixels, LEGEND_BOX[0] * FIGSIZE[0] * DPI,
+                          LEGEND_BOX[1] * FIGSIZE[1] * DPI)
 
     def _draw_timeline(self) -> None:
         """A bar under the picture with a marker at this frame: every frame differs.
@@ -514,6 +499,50 @@ class RoundFigure:
                                 transform=self.fig.transFigure)
                 self._only_in(self.fig.add_artist(marker), phase, step=step)
                 index += 1
+
+
+@functools.lru_cache(maxsize=8)
+def _legend_pixels(num_classes: int) -> np.ndarray:
+    """The legend and the class colour strip as an RGB bitmap (drawn once per class count)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Rectangle
+
+    fig = Figure(figsize=(LEGEND_BOX[2] * FIGSIZE[0], LEGEND_BOX[3] * FIGSIZE[1]), dpi=DPI)
+    canvas = FigureCanvasAgg(fig)
+    handles = [
+        Line2D([], [], color=PULSE_COLOR, lw=3, label="training (ring = wall time)"),
+        Line2D([], [], color=UPDATE_COLOR, lw=3, label="update (width = p_j)"),
+        Line2D([], [], color=DROP_COLOR, lw=3, label="dropped reply"),
+        Line2D([], [], color=MODEL_COLOR, lw=3, label="new global model"),
+        Line2D([], [], color=FAIL_COLOR, lw=0, marker="X", label="failed client"),
+    ]
+    fig.legend(handles=handles, loc="lower left", bbox_to_anchor=(0.0, 0.0), fontsize=6,
+               ncol=2, frameon=False, handlelength=1.5, borderaxespad=0.2)
+    if num_classes:
+        fig.text(0.01, 0.86, "pie = label histogram, class:", fontsize=6, va="center")
+        width = min(0.09, 0.98 / num_classes)
+        for c, color in enumerate(class_colors(num_classes)):
+            x = 0.01 + c * width
+            fig.add_artist(Rectangle((x, 0.58), width * 0.9, 0.17, fc=color, lw=0,
+                                     transform=fig.transFigure))
+            if num_classes <= 20:
+                fig.text(x + width * 0.45, 0.665, str(c), fontsize=5, ha="center",
+                         va="center", color="white")
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def _fit(pixels: np.ndarray | None, box: tuple[int, int]) -> np.ndarray | None:
+    """An image scaled (area-averaged) to fit a (width, height) box, aspect kept."""
+    from PIL import Image
+
+    if pixels is None:
+        return None
+    scale = min(box[0] / pixels.shape[1], box[1] / pixels.shape[0])
+    size = (max(1, round(pixels.shape[1] * scale)), max(1, round(pixels.shape[0] * scale)))
+    return np.asarray(Image.fromarray(pixels).resize(size, Image.Resampling.BOX))
 
 
 def _cached_round_frames(run_dir: Path, run: RunView, view: RoundView,
@@ -733,7 +762,7 @@ def _client_radius(client: Client, clients: Sequence[Client]) -> float:
     """Radius with area proportional to the client's examples, capped by spacing."""
     largest = max((c.num_examples or 0) for c in clients) or 1
     share = (client.num_examples or largest * 0.5) / largest
-    cap = 0.8 * _CLIENT_RING * math.sin(math.pi / max(2, len(clients)))
+    cap = 0.55 * _CLIENT_RING * math.sin(math.pi / max(2, len(clients)))
     return min(0.07 + 0.09 * math.sqrt(share), cap)
 
 
@@ -778,6 +807,26 @@ def _progress(wall: float | None, slowest: float, elapsed_share: float) -> float
 def _towards(a: tuple[float, float], b: tuple[float, float], t: float) -> tuple[float, float]:
     """The point t of the way from a to b."""
     return a[0] + (b[0] - a[0]) * t, a[1] + (b[1] - a[1]) * t
+
+
+def _label_place(center: tuple[float, float], radius: float) -> tuple[float, float, str]:
+    """(x, y, va) of a client's name: below a client in the lower half, else above."""
+    if center[1] < -0.05:
+        return center[0], center[1] - radius - 0.07, "top"
+    return center[0], center[1] + radius + 0.07, "bottom"
+
+
+def _note_place(center: tuple[float, float], radius: float) -> tuple[float, float, str]:
+    """(x, y, va) of a client's note (drop reason, failure), beyond its name.
+
+    Outward from the server (above in the upper half, below in the lower half,
+    below for a client level with it), so a note never covers the arrows.
+    """
+    if center[1] > 0.05:
+        return center[0], center[1] + radius + 0.17, "bottom"
+    if center[1] < -0.05:
+        return center[0], center[1] - radius - 0.17, "top"
+    return center[0], center[1] - radius - 0.07, "top"
 
 
 def _wrap(text: str, width: int, lines: int = 2) -> str:
