@@ -8,6 +8,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import pytest
 import torch
 
 from fedgan_app.tracking import RunTracker, make_grid
+from tests.test_faults import _wandb_history, _wandb_records
 
 # Keep W&B's banner out of the test output.
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -135,9 +137,11 @@ def test_disabled_mode_writes_local_outputs_without_wandb(tmp_path: Path) -> Non
     run_dir = tmp_path / "run"
     script = f"""
 import sys
+import time
 from pathlib import Path
 import torch
 from fedgan_app.tracking import RunTracker, make_grid
+from tests.test_faults import _wandb_history, _wandb_records
 tracker = RunTracker(Path({str(run_dir)!r}), {{"a": 1}}, wandb_mode="disabled")
 tracker.log_round(1, {{"loss-d": 0.5, "loss-g": 1.0}})
 tracker.log_clients(1, [{{"partition-id": 0, "loss-d": 0.5}}])
@@ -306,6 +310,17 @@ def test_log_event_counts_join_next_round_and_summary(tmp_path: Path) -> None:
     }
 
 
+def _closed_run_records(run_dir: Path, timeout: float = 60.0) -> list[Any]:
+    """The offline run's records once W&B has written its exit record (it writes late)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = list(_wandb_records(run_dir))
+        if any(r.WhichOneof("record_type") == "exit" for r in records):
+            return records
+        assert time.monotonic() < deadline, "W&B never closed the offline run file"
+        time.sleep(0.2)
+
+
 def _wandb_warnings(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
     """The W&B warnings the tracker logged."""
     return [
@@ -314,7 +329,7 @@ def _wandb_warnings(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]
 
 
 def test_wandb_offline_run_holds_the_animation_and_the_clients_table(tmp_path: Path) -> None:
-    """Finish logs federation.gif, progress.gif and every clients.csv row to the offline run."""
+    """The offline run holds the GIFs, every clients.csv row, the config and the summary."""
     # Prepare: contract rows (status, reason, weight, label histogram), one dropped
     run_dir = tmp_path / "run"
     tracker = RunTracker(run_dir, CONFIG, wandb_mode="offline", run_name="test")
@@ -329,6 +344,8 @@ def test_wandb_offline_run_holds_the_animation_and_the_clients_table(tmp_path: P
         tracker.log_samples(r, _grid(r))
         tracker.log_round(r, {"loss-d": 1.0, "loss-g": 2.0})
 
+    tracker.log_summary({"best/fid": 42.5})
+
     # Execute
     tracker.finish()
 
@@ -339,6 +356,20 @@ def test_wandb_offline_run_holds_the_animation_and_the_clients_table(tmp_path: P
     assert federation.read_bytes() == (run_dir / "federation.gif").read_bytes()
     (progress,) = media.glob("videos/samples/progress_*.gif")
     assert progress.read_bytes() == (run_dir / "progress.gif").read_bytes()
+    # ... and referenced by the run's own log, beside the config
+    records = _closed_run_records(run_dir)
+    rows = _wandb_history(run_dir)
+    (media_row,) = [row for row in rows if "federation/_type" in row]
+    assert media_row["federation/_type"] == "video-file"
+    assert media_row["federation/path"] == federation.relative_to(run / "files").as_posix()
+    assert any(row.get("clients/_type") == "table-file" for row in rows)
+    config = {item.key: json.loads(item.value_json) for r in records
+              if r.WhichOneof("record_type") == "run" for item in r.run.config.update}
+    assert {k: config[k] for k in CONFIG} == CONFIG
+    summary = {item.key or "/".join(item.nested_key): json.loads(item.value_json)
+               for r in records if r.WhichOneof("record_type") == "summary"
+               for item in r.summary.update}
+    assert summary["best/fid"] == 42.5
     (table_file,) = media.glob("table/clients_*.table.json")
     table = json.loads(table_file.read_text())
     _, csv_rows = _read_csv(run_dir / "clients.csv")
