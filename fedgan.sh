@@ -4,6 +4,9 @@
 #   ./fedgan.sh run [flwr run options]   train (default: 5 clients), then stop the SuperLink
 #   ./fedgan.sh test [pytest options]    run the test suite
 #   ./fedgan.sh stop                     stop the local SuperLink fedgan.sh started
+#   ./fedgan.sh dashboard [outputs/<run>] [--port P] [--no-open]
+#                                        serve a run's live page on localhost (default:
+#                                        the newest run); Ctrl-C stops it
 #   ./fedgan.sh setup                    only create/update .venv
 #
 # `run` uses its own Flower home (.flwr/ in this folder) and ports, so the
@@ -98,5 +101,7 @@ case "${1:-}" in
   run) shift; run "$@" ;;
   stop) stop ;;
   test) shift; setup; exec "$VENV/bin/python" -m pytest "$@" ;;
-  *) sed -n '2,13p' "$0"; exit 2 ;;
+  # exec: Ctrl-C goes straight to the server, which stops cleanly.
+  dashboard) shift; setup; exec "$VENV/bin/python" -m fedgan_app.dashboard "$@" ;;
+  *) sed -n '2,17p' "$0"; exit 2 ;;
 esac

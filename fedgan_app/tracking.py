@@ -6,16 +6,16 @@
     metrics.csv              one row per server round ("round" first)
     clients.csv              one row per reply per round ("round" first)
     samples/round_NNNN.png   sample grid of the fixed noise batch
-    progress.gif             all sample grids in round order (every round)
-    plots/losses.png         loss-d, loss-g (+ d-x, d-gz) vs round (every round)
-    plots/quality.png        fid, classifier-score, ... vs round (every round)
+    samples/classes_round_NNNN.png  one row per class (conditional runs)
     summary.json             final summary values
 
+The views of those files (plots/, progress.gif, federation.gif,
+dashboard.html) are rebuilt after every round by
+``fedgan_app.dashboard.refresh_run``, which `LocalFiles.refresh` calls.
 `WandbRun` mirrors the same calls to a W&B run (``wandb/``, offline unless
-chosen otherwise). Both implement `Output`; the recorder (fedgan_app.recorder)
-is their only caller. `refresh_run_folder` rebuilds the per-round artefacts
-(GIF, plots) of a run folder from its files; the recorder calls it through
-`LocalFiles.refresh` after every round.
+chosen otherwise), and at the end logs the animations and the clients table.
+Both implement `Output`; the recorder (fedgan_app.recorder) is their only
+caller.
 
 Every file is written to a temp file and renamed, so a crash never leaves a half
 file behind. W&B is best effort: its first failure is logged once as a warning,
@@ -25,7 +25,6 @@ W&B is switched off for the rest of the run, and local outputs keep coming.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import math
@@ -46,13 +45,7 @@ METRICS_CSV = "metrics.csv"
 CLIENTS_CSV = "clients.csv"
 SAMPLES_DIR = "samples"
 PLOTS_DIR = "plots"
-PROGRESS_GIF = "progress.gif"
-PLOT_DIGEST_KEY = "fedgan-data-digest"  # PNG text chunk: what a plot shows
-LOSS_COLUMNS = ("loss-d", "loss-g")
-D_OUTPUT_COLUMNS = ("d-x", "d-gz")
-QUALITY_COLUMNS = ("fid", "classifier-score", "class-coverage", "precision", "recall")
-GIF_FPS = 4.0
-_SAMPLE_RE = re.compile(r"^round_(\d+)\.png$")
+_SAMPLE_RE = re.compile(r"^(classes_)?round_(\d+)\.png$")
 
 
 def make_grid(images: torch.Tensor, nrow: int = 8, padding: int = 2) -> np.ndarray:
@@ -84,7 +77,7 @@ def make_grid(images: torch.Tensor, nrow: int = 8, padding: int = 2) -> np.ndarr
     return grid.numpy()
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Call ``write(tmp)`` on a temp file beside ``path``, then rename it onto it."""
     # Same folder, so os.replace is an atomic rename; same suffix, so writers that
     # infer the format from the name (Pillow, imageio, matplotlib) still work.
@@ -99,9 +92,9 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         raise
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` atomically."""
-    _atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def _json_default(value: Any) -> Any:
@@ -194,7 +187,7 @@ class _CsvTable:
         writer = csv.DictWriter(buf, fieldnames=self.columns, restval="", lineterminator="\n")
         writer.writeheader()
         writer.writerows(self.rows)
-        _write_text_atomic(self.path, buf.getvalue())
+        write_text_atomic(self.path, buf.getvalue())
 
     def column(self, name: str) -> tuple[list[int], list[float]]:
         """Return (rounds, values) of the numeric cells of column ``name``."""
@@ -237,100 +230,14 @@ class Output(Protocol):
         """Write what is left and close; later calls do nothing."""
 
 
-def refresh_run_folder(run_dir: Path) -> None:
-    """Rebuild progress.gif and plots/*.png of a run folder from its files.
-
-    Parameters
-    ----------
-    run_dir : Path
-        A run folder (``outputs/<run>``) holding ``samples/round_NNNN.png`` and
-        ``metrics.csv``; either may be missing (then its artefacts are skipped).
-
-    """
-    run_dir = Path(run_dir)
-    write_progress_gif(run_dir)
-    metrics = _CsvTable(run_dir / METRICS_CSV)
-    metrics.load(keep_up_to_round=None)
-    (run_dir / PLOTS_DIR).mkdir(parents=True, exist_ok=True)
-    _plot(metrics, run_dir / PLOTS_DIR / "losses.png", [LOSS_COLUMNS, D_OUTPUT_COLUMNS])
-    _plot(metrics, run_dir / PLOTS_DIR / "quality.png", [(c,) for c in QUALITY_COLUMNS])
-
-
-def sample_paths(run_dir: Path) -> dict[int, Path]:
-    """Round -> samples/round_NNNN.png of a run folder."""
+def sample_paths(run_dir: Path, per_class: bool = False) -> dict[int, Path]:
+    """Round -> samples/round_NNNN.png (or classes_round_NNNN.png) of a run folder."""
     found = {}
-    for path in (Path(run_dir) / SAMPLES_DIR).glob("round_*.png"):
+    for path in (Path(run_dir) / SAMPLES_DIR).glob("*round_*.png"):
         match = _SAMPLE_RE.match(path.name)
-        if match is not None:
-            found[int(match.group(1))] = path
+        if match is not None and bool(match.group(1)) == per_class:
+            found[int(match.group(2))] = path
     return dict(sorted(found.items()))
-
-
-def write_progress_gif(run_dir: Path) -> None:
-    """Write progress.gif from the sample grids in round order (4 fps, looping)."""
-    samples = sample_paths(run_dir)
-    if not samples:
-        return
-    import imageio.v3 as iio
-
-    frames = [iio.imread(path) for path in samples.values()]
-    size = frames[-1].shape
-    same = [f for f in frames if f.shape == size]
-    if len(same) < len(frames):
-        log(WARNING, "progress.gif: skipped %d grids whose size differs from %s",
-            len(frames) - len(same), size)
-    _atomic_write(
-        Path(run_dir) / PROGRESS_GIF,
-        lambda tmp: iio.imwrite(tmp, np.stack(same), duration=1000 / GIF_FPS, loop=0),
-    )
-
-
-def _plot(metrics: _CsvTable, path: Path, panels: list[tuple[str, ...]]) -> None:
-    """Plot metrics.csv columns vs round, one panel per group that has data.
-
-    The PNG carries a digest of what it shows; an unchanged plot (the quality
-    panels between evaluations) is not drawn again.
-    """
-    data = {c: metrics.column(c) for cols in panels for c in cols}
-    panels = [cols for cols in panels if any(data[c][0] for c in cols)]
-    if not panels:
-        return
-    digest = hashlib.sha256(repr([(c, data[c]) for cols in panels for c in cols]).encode())
-    if _png_digest(path) == digest.hexdigest():
-        return
-    # No pyplot: no global figure state to close, no GUI backend to pick.
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7, 3 * len(panels)))
-    for ax, columns in zip(fig.subplots(len(panels), 1, squeeze=False)[:, 0], panels,
-                           strict=True):
-        for column in columns:
-            rounds, values = data[column]
-            if rounds:
-                ax.plot(rounds, values, marker="." if len(rounds) < 50 else None,
-                        label=column)
-        ax.set_xlabel("round")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    # A fixed layout: matplotlib's constrained layout tripled the time of a plot.
-    height = 3 * len(panels)  # inches
-    fig.subplots_adjust(left=0.12, right=0.97, top=1 - 0.15 / height,
-                        bottom=0.5 / height, hspace=0.35)
-    _atomic_write(path, lambda tmp: fig.savefig(
-        tmp, dpi=100, metadata={PLOT_DIGEST_KEY: digest.hexdigest()}))
-
-
-def _png_digest(path: Path) -> str | None:
-    """The data digest a plot PNG was written with, if it has one."""
-    if not path.is_file():
-        return None
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            return image.text.get(PLOT_DIGEST_KEY)
-    except (OSError, AttributeError):
-        return None
 
 
 class LocalFiles:
@@ -357,7 +264,7 @@ class LocalFiles:
         self._samples_dir = self.run_dir / SAMPLES_DIR
         for folder in (self.run_dir, self._samples_dir, self.run_dir / PLOTS_DIR):
             folder.mkdir(parents=True, exist_ok=True)
-        _write_text_atomic(
+        write_text_atomic(
             self.run_dir / "run_config.json",
             json.dumps(config, indent=2, sort_keys=True, default=_json_default) + "\n",
         )
@@ -384,19 +291,29 @@ class LocalFiles:
         from PIL import Image
 
         path = self._samples_dir / f"round_{server_round:04d}.png"
-        _atomic_write(path, lambda tmp: Image.fromarray(grid).save(tmp, format="PNG"))
+        atomic_write(path, lambda tmp: Image.fromarray(grid).save(tmp, format="PNG"))
+
+    def log_class_samples(self, server_round: int, grid: np.ndarray) -> None:
+        """Write samples/classes_round_NNNN.png (one row per class) from a uint8 grid."""
+        _check_grid(grid)
+        from PIL import Image
+
+        path = self._samples_dir / f"classes_round_{server_round:04d}.png"
+        atomic_write(path, lambda tmp: Image.fromarray(grid).save(tmp, format="PNG"))
 
     def log_summary(self, summary: Mapping[str, Any]) -> None:
         """Merge ``summary`` into summary.json."""
         self._summary.update(summary)
-        _write_text_atomic(
+        write_text_atomic(
             self.run_dir / "summary.json",
             json.dumps(self._summary, indent=2, sort_keys=True, default=_json_default) + "\n",
         )
 
     def refresh(self) -> None:
-        """Rebuild progress.gif and the plots from the rounds so far."""
-        refresh_run_folder(self.run_dir)
+        """Rebuild the views (plots, progress.gif, federation.gif, dashboard page)."""
+        from fedgan_app.dashboard import refresh_run  # the views read this module's files
+
+        refresh_run(self.run_dir)
 
     def finish(self) -> None:
         """Refresh once more (a crashed round's grid included); idempotent."""
@@ -414,12 +331,13 @@ class LocalFiles:
         self._metrics.write()
         self._clients.write()
         kept, dropped_samples = 0, 0
-        for server_round, path in sample_paths(self.run_dir).items():
-            if server_round <= resume_after_round:
-                kept += 1
-            else:
-                path.unlink()  # the crashed run's grid; the resumed run writes its own
-                dropped_samples += 1
+        for per_class in (False, True):
+            for server_round, path in sample_paths(self.run_dir, per_class).items():
+                if server_round <= resume_after_round:
+                    kept += not per_class
+                else:
+                    path.unlink()  # the crashed run's grid; the resumed run writes its own
+                    dropped_samples += 1
         log(INFO, "Resuming after round %d: kept %d metric rows, %d client rows, "
             "%d sample grids; dropped %d, %d, %d of later rounds", resume_after_round,
             len(self._metrics.rows), len(self._clients.rows), kept, dropped_metrics,
@@ -506,6 +424,16 @@ class WandbRun:
                 "samples/grid": self._wandb.Image(grid, caption=f"round {server_round}"),
             }))
 
+    def log_class_samples(self, server_round: int, grid: np.ndarray) -> None:
+        """Log the per-class grid as ``samples/classes``."""
+        _check_grid(grid)
+        if self._run is not None:
+            self._call("log of the per-class grid", lambda: self._run.log({
+                "round": server_round,
+                "samples/classes": self._wandb.Image(
+                    grid, caption=f"one row per class, round {server_round}"),
+            }))
+
     def log_summary(self, summary: Mapping[str, Any]) -> None:
         """Merge values into the W&B run summary."""
         if self._run is not None:
@@ -515,10 +443,11 @@ class WandbRun:
         """Nothing to rebuild: W&B draws its own charts."""
 
     def finish(self) -> None:
-        """Log the clients table and finish the run; idempotent."""
+        """Log the clients table and the animations, and finish the run; idempotent."""
         if self._run is None:
             return
         self._call("log of the clients table", self._log_clients_table)
+        self._call("log of the animations", self._log_animations)
         run, self._run = self._run, None  # later calls do nothing
         self._call("finish", run.finish)
 
@@ -555,6 +484,20 @@ class WandbRun:
         data = [[_parse_value(row.get(c, "")) for c in clients.columns]
                 for row in clients.rows]
         self._run.log({"clients": self._wandb.Table(columns=clients.columns, data=data)})
+
+
+    def _log_animations(self) -> None:
+        """Log federation.gif and progress.gif as W&B videos (a GIF file needs no codec)."""
+        media = {
+            key: self._wandb.Video(str(path), caption=caption)
+            for key, name, caption in (
+                ("federation", "federation.gif", "the federation, round by round"),
+                ("samples/progress", "progress.gif", "sample grids, round by round"),
+            )
+            if (path := self.run_dir / name).is_file()
+        }
+        if media:
+            self._run.log(media)
 
 
 def _check_grid(grid: np.ndarray) -> None:

@@ -8,6 +8,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from fedgan_app.tracking import LocalFiles, Output, WandbRun, make_grid, refresh_run_folder
+from fedgan_app.dashboard import refresh_run
+from fedgan_app.tracking import LocalFiles, Output, WandbRun, make_grid
+from tests.test_faults import _wandb_history, _wandb_records
 
 # Keep W&B's banner out of the test output.
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -154,7 +157,7 @@ def test_refresh_rebuilds_gif_and_plots_every_round_and_skips_unchanged_plots(
     assert quality_bytes[1] == quality_bytes[2] == quality_bytes[3]
     losses = run_dir / "plots" / "losses.png"
     before = losses.read_bytes()
-    refresh_run_folder(run_dir)
+    refresh_run(run_dir)
     assert losses.read_bytes() == before  # same data, same file
 
 
@@ -311,3 +314,96 @@ def _wandb_warnings(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]
     return [
         r for r in caplog.records if r.levelno == logging.WARNING and "W&B" in r.getMessage()
     ]
+
+
+def _closed_run_records(run_dir: Path, timeout: float = 60.0) -> list[Any]:
+    """The offline run's records once W&B has written its exit record (it writes late)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = list(_wandb_records(run_dir))
+        if any(r.WhichOneof("record_type") == "exit" for r in records):
+            return records
+        assert time.monotonic() < deadline, "W&B never closed the offline run file"
+        time.sleep(0.2)
+
+
+def test_wandb_offline_run_holds_the_animation_and_the_clients_table(tmp_path: Path) -> None:
+    """The offline run holds the GIFs, every clients.csv row, the config and the summary."""
+    # Prepare: contract rows (status, reason, weight, label histogram), one dropped
+    run_dir = tmp_path / "run"
+    outputs: list[Output] = [LocalFiles(run_dir, CONFIG),
+                             WandbRun(run_dir, CONFIG, mode="offline", run_name="test")]
+    reason = "norm: update norm 12.3 > 10 x median 1.1"
+    for r in (1, 2):
+        for output in outputs:
+            output.log_clients(r, [
+                {"node-id": 11, "partition-id": 0, "num-examples": 60, "wall-time-s": 1.5,
+                 "status": "accepted", "reason": "", "weight": 1.0,
+                 "label-histogram": "30;30"},
+                {"node-id": 12, "partition-id": 1, "num-examples": 40, "wall-time-s": 2.5,
+                 "status": "dropped", "reason": reason, "weight": 0.0,
+                 "label-histogram": "0;40"},
+            ])
+            output.log_samples(r, _grid(r))
+            output.log_round(r, {"loss-d": 1.0, "loss-g": 2.0})
+    for output in outputs:
+        output.log_summary({"best/fid": 42.5})
+
+    # Execute
+    _finish(outputs)
+
+    # Assert: the GIFs as media files, byte for byte; the table with every row
+    (run,) = _offline_runs(run_dir)
+    media = run / "files" / "media"
+    (federation,) = media.glob("videos/federation_*.gif")
+    assert federation.read_bytes() == (run_dir / "federation.gif").read_bytes()
+    (progress,) = media.glob("videos/samples/progress_*.gif")
+    assert progress.read_bytes() == (run_dir / "progress.gif").read_bytes()
+    # ... and referenced by the run's own log, beside the config
+    records = _closed_run_records(run_dir)
+    rows = _wandb_history(run_dir)
+    (media_row,) = [row for row in rows if "federation/_type" in row]
+    assert media_row["federation/_type"] == "video-file"
+    assert media_row["federation/path"] == federation.relative_to(run / "files").as_posix()
+    assert any(row.get("clients/_type") == "table-file" for row in rows)
+    config = {item.key: json.loads(item.value_json) for r in records
+              if r.WhichOneof("record_type") == "run" for item in r.run.config.update}
+    assert {k: config[k] for k in CONFIG} == CONFIG
+    summary = {item.key or "/".join(item.nested_key): json.loads(item.value_json)
+               for r in records if r.WhichOneof("record_type") == "summary"
+               for item in r.summary.update}
+    assert summary["best/fid"] == 42.5
+    (table_file,) = media.glob("table/clients_*.table.json")
+    table = json.loads(table_file.read_text())
+    _, csv_rows = _read_csv(run_dir / "clients.csv")
+    assert table["columns"] == list(csv_rows[0])
+    assert len(table["data"]) == 4
+    status, why = table["columns"].index("status"), table["columns"].index("reason")
+    assert [(row[status], row[why]) for row in table["data"]][:2] == [
+        ("accepted", None), ("dropped", reason)]
+
+
+def test_class_grids_are_written_logged_and_dropped_on_resume(tmp_path: Path) -> None:
+    """The per-class grid: a file per round, a W&B image, later rounds dropped on resume."""
+    # Prepare
+    run_dir = tmp_path / "run"
+    first: list[Output] = [LocalFiles(run_dir, CONFIG),
+                           WandbRun(run_dir, CONFIG, mode="offline")]
+    for r in (1, 2, 3):
+        for output in first:
+            output.log_round(r, {"loss-d": 1.0})
+            output.log_class_samples(r, _grid(10 + r))
+    _finish(first)
+
+    # Execute
+    second = LocalFiles(run_dir, CONFIG, resume_after_round=2)
+    second.finish()
+
+    # Assert
+    names = sorted(p.name for p in (run_dir / "samples").glob("classes_round_*.png"))
+    assert names == ["classes_round_0001.png", "classes_round_0002.png"]
+    assert np.array_equal(iio.imread(run_dir / "samples" / "classes_round_0002.png"), _grid(12))
+    logged = list(_offline_runs(run_dir)[0].glob("files/media/images/samples/classes_*.png"))
+    assert len(logged) == 3
+    with pytest.raises(ValueError, match="grid must be uint8"):
+        second.log_class_samples(4, _grid(1).astype(np.float32))
