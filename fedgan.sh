@@ -2,13 +2,19 @@
 # fedgan: set up the environment, run the default federation, or run the tests.
 #
 #   ./fedgan.sh run [flwr run options]   train (default: 5 clients), then stop the SuperLink
+#   ./fedgan.sh deploy [N] [--run-config "k=v ..."]
+#                                        the same on Flower's Deployment Engine: a SuperLink
+#                                        and N SuperNodes (default 2) as separate processes
+#                                        on this machine, over TLS with node authentication
 #   ./fedgan.sh test [pytest options]    run the test suite
 #   ./fedgan.sh setup                    only create/update .venv
 #
 # `run` uses its own Flower home (.flwr/ in this folder) and ports, so the
 # local SuperLink it starts has Flower's runtime dependency installer turned
 # off (it would otherwise reinstall torch into a per-run environment), and it
-# stops that SuperLink when the run ends, even on Ctrl-C.
+# stops that SuperLink when the run ends, even on Ctrl-C. `deploy` (deploy/launch.py)
+# keeps its certificates, Flower homes and logs in .deploy/ and stops every
+# process it started when the run ends, even on Ctrl-C.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -85,6 +91,7 @@ run() {
 case "${1:-}" in
   setup) setup ;;
   run) shift; run "$@" ;;
+  deploy) shift; setup; exec "$VENV/bin/python" -m deploy.launch "$@" ;;
   test) shift; setup; exec "$VENV/bin/python" -m pytest "$@" ;;
-  *) sed -n '2,11p' "$0"; exit 2 ;;
+  *) sed -n '2,17p' "$0"; exit 2 ;;
 esac

@@ -7,7 +7,9 @@ Writes, into one folder:
   ``ca.key`` stays with whoever issues certificates.
 - ``superlink.crt`` / ``superlink.key``: the SuperLink's server certificate,
   signed by the CA, valid for the given host names and IP addresses (the
-  subject alternative names: what SuperNodes put in ``--superlink``).
+  subject alternative names: what SuperNodes put in ``--superlink``) and
+  always for loopback, since the SuperLink's own SuperExec connects to it
+  over TLS on 127.0.0.1 (also when it listens on 0.0.0.0).
 - ``supernode-<i>`` / ``supernode-<i>.pub``: one EC (NIST P-384) key pair per
   SuperNode in OpenSSH format. The private key stays on that node
   (``--auth-supernode-private-key``); the public key is registered on the
@@ -79,7 +81,8 @@ def generate_credentials(folder: Path, num_nodes: int,
         SuperNode key pairs to write (``supernode-0`` .. ``supernode-<n-1>``).
     hosts : Sequence[str]
         Host names and IP addresses the SuperLink is reached at; each becomes a
-        subject alternative name of its certificate. The first is its common name.
+        subject alternative name of its certificate, beside the loopback
+        names. The first is its common name.
 
     Returns
     -------
@@ -139,7 +142,7 @@ def _server_certificate(key: ec.EllipticCurvePrivateKey, ca_key: ec.EllipticCurv
                         ca_cert: x509.Certificate, hosts: Sequence[str]) -> x509.Certificate:
     """The SuperLink's certificate, valid for `hosts` (DNS names and IP addresses)."""
     names: list[x509.GeneralName] = []
-    for host in hosts:
+    for host in dict.fromkeys([*hosts, *LOOPBACK_HOSTS]):
         try:
             names.append(x509.IPAddress(ipaddress.ip_address(host)))
         except ValueError:
@@ -202,13 +205,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("folder", type=Path, help="output folder")
     parser.add_argument("--nodes", type=int, default=2,
                         help="SuperNode key pairs to write (default: 2)")
+    parser.add_argument("--node-keys-only", action="store_true",
+                        help="write only the SuperNode key pairs (on a SuperNode's own "
+                             "machine: its private key then never travels)")
     parser.add_argument("--host", action="append", dest="hosts", metavar="NAME_OR_IP",
                         help="a host name or IP address SuperNodes use to reach the "
-                             "SuperLink; repeat for several (default: 127.0.0.1, ::1, "
-                             "localhost)")
+                             "SuperLink; repeat for several (127.0.0.1, ::1 and "
+                             "localhost are always included)")
     args = parser.parse_args(argv)
     if args.nodes < 0:
         parser.error(f"--nodes must be >= 0, got {args.nodes}")
+    if args.node_keys_only:
+        args.folder.mkdir(parents=True, exist_ok=True)
+        creds = Credentials(args.folder, args.nodes)
+        for index in range(args.nodes):
+            write_node_key_pair(creds.node_key(index), creds.node_public_key(index))
+        print(f"wrote {args.nodes} SuperNode key pairs in {args.folder}")
+        return 0
     creds = generate_credentials(args.folder, args.nodes, args.hosts or LOOPBACK_HOSTS)
     print(f"wrote {creds.ca_cert}, {creds.server_cert}, {creds.server_key} "
           f"and {args.nodes} SuperNode key pairs in {creds.folder}")
