@@ -17,7 +17,9 @@ runs) does what an operator does across machines, with every party on loopback:
 6. stops every process it started, by PID, also on Ctrl-C, SIGTERM or an
    error: each process (and everything it spawns, e.g. the ServerApp and
    ClientApp subprocesses) carries a marker in its environment, and the launcher
-   stops exactly the processes with its marker.
+   stops exactly the processes with its marker (``FEDGAN_DEPLOYMENT_ID``: a
+   fresh id, or the one already in the launcher's environment, which is how a
+   caller can find every process of a deployment).
 
 Each party keeps its own Flower home and log in the work folder:
 ``flwr-home/`` (the SuperLink's state and the CLI's ``config.toml``),
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import fcntl
 import json
 import os
 import re
@@ -52,7 +55,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_WORKDIR = REPO_ROOT / ".deploy"
 CONNECTION = "fedgan-deploy"
 MARKER_ENV = "FEDGAN_DEPLOYMENT_ID"  # every process we start carries it
-WORKDIR_STAMP = ".fedgan-deploy"  # a folder with it may be wiped by the next deploy
+WORKDIR_STAMP = ".fedgan-deploy"  # marks (and locks) a work folder of ours
 COMPLETED = "finished:completed"
 ACTIVATED_LOG_LINE = "SuperNode ID:"  # a SuperNode logs it once the SuperLink let it in
 _PR_SET_PDEATHSIG = 1
@@ -118,7 +121,8 @@ class Deployment:
                  bin_dir: Path | None = None,
                  echo: Callable[[str], None] | None = None) -> None:
         self.workdir = workdir.resolve()
-        self.credentials = credentials
+        # Absolute: each party runs in its own folder.
+        self.credentials = Credentials(credentials.folder.resolve(), credentials.num_nodes)
         self.app_dir = app_dir.resolve()
         self.bin_dir = bin_dir or Path(sys.executable).parent
         self.echo = echo or (lambda _line: None)
@@ -345,9 +349,9 @@ class Deployment:
     def stop(self, grace: float = 15) -> None:
         """Stop every process of this deployment: SIGTERM by PID, then SIGKILL what is left.
 
-        The SuperNodes go first (they deregister cleanly), then the SuperLink;
-        their children (SuperExec, ServerApp, ClientApp) follow their parents or
-        are killed by the marker.
+        The `flwr` CLI goes first, then the SuperNodes (they sign off at the
+        SuperLink), then the SuperLink; their children (SuperExec, ServerApp,
+        ClientApp) follow their parents or are found by the marker.
         """
         nodes = [n.process for n in self.supernodes]
         link = [self.superlink] if self.superlink else []
@@ -510,15 +514,34 @@ def _json_or_none(text: str) -> dict | None:
         return None
 
 
-def prepare_workdir(workdir: Path) -> None:
-    """Empty the work folder of an earlier deploy (only one this launcher made)."""
-    if workdir.exists() and any(workdir.iterdir()):
-        if not (workdir / WORKDIR_STAMP).exists():
-            raise DeploymentError(f"{workdir} is not empty and was not made by "
-                                  f"`deploy.launch`: choose another --workdir")
-        shutil.rmtree(workdir)
+def claim_workdir(workdir: Path) -> IO[str]:
+    """Lock the work folder for this deploy and empty it of an earlier one's files.
+
+    Only a folder this launcher made (it holds the stamp file) is emptied, and
+    not while another deploy holds its lock. Close the returned handle to
+    release the lock.
+    """
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / WORKDIR_STAMP).write_text("written by deploy.launch; wiped by the next run\n")
+    stamp = workdir / WORKDIR_STAMP
+    if not stamp.exists() and any(workdir.iterdir()):
+        raise DeploymentError(f"{workdir} is not empty and was not made by "
+                              f"`deploy.launch`: choose another --workdir")
+    handle = open(stamp, "a+")  # noqa: SIM115 (held for the whole deployment)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise DeploymentError(f"{workdir} is in use by another deploy: wait for it, "
+                              f"or choose another --workdir") from None
+    for child in workdir.iterdir():
+        if child.is_dir():
+            shutil.rmtree(child)
+        elif child.name != WORKDIR_STAMP:
+            child.unlink()
+    handle.truncate(0)
+    handle.write("written by deploy.launch; emptied by the next deploy\n")
+    handle.flush()
+    return handle
 
 
 def deploy(num_nodes: int, run_config: Sequence[str], workdir: Path = DEFAULT_WORKDIR,
@@ -533,7 +556,8 @@ def deploy(num_nodes: int, run_config: Sequence[str], workdir: Path = DEFAULT_WO
     run_config : Sequence[str]
         `--run-config` values for `flwr run` (e.g. "num-server-rounds=2").
     workdir : Path
-        Folder for credentials, Flower homes and logs (wiped first).
+        Folder for credentials, Flower homes and logs (emptied first; locked
+        while the deployment runs).
     timeout : float | None
         Seconds the run may take (None: no limit).
     echo : Callable[[str], None]
@@ -547,16 +571,16 @@ def deploy(num_nodes: int, run_config: Sequence[str], workdir: Path = DEFAULT_WO
     """
     if num_nodes < 1:
         raise DeploymentError(f"the number of SuperNodes must be >= 1, got {num_nodes}")
-    prepare_workdir(workdir)
-    creds = generate_credentials(workdir / "credentials", num_nodes)
-    echo(f"credentials for {num_nodes} SuperNodes in {creds.folder}")
-    with Deployment(workdir, creds, echo=echo) as dep:
-        dep.start_superlink()
-        node_ids = dep.register([creds.node_public_key(i) for i in range(num_nodes)])
-        nodes = [dep.start_supernode(i, num_nodes) for i in range(num_nodes)]
-        dep.wait_online(node_ids, nodes)
-        result = dep.run_app(run_config, timeout=timeout)
-        echo("stopping the SuperNodes and the SuperLink")
+    with claim_workdir(workdir):
+        creds = generate_credentials(workdir / "credentials", num_nodes)
+        echo(f"credentials for {num_nodes} SuperNodes in {creds.folder}")
+        with Deployment(workdir, creds, echo=echo) as dep:
+            dep.start_superlink()
+            node_ids = dep.register([creds.node_public_key(i) for i in range(num_nodes)])
+            nodes = [dep.start_supernode(i, num_nodes) for i in range(num_nodes)]
+            dep.wait_online(node_ids, nodes)
+            result = dep.run_app(run_config, timeout=timeout)
+            echo("stopping the SuperNodes and the SuperLink")
     return result
 
 
@@ -576,7 +600,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--run-config", action="append", default=[], metavar="'K=V ...'",
                         help="run config overrides passed to `flwr run` (repeatable)")
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR,
-                        help="folder for credentials, Flower homes and logs; wiped at "
+                        help="folder for credentials, Flower homes and logs; emptied at "
                              "the start (default: .deploy/ in the repository)")
     parser.add_argument("--timeout", type=float, default=None,
                         help="seconds the run may take before it is stopped (default: none)")

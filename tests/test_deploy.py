@@ -28,13 +28,14 @@ from flwr.supercore.exit import ExitCode
 from deploy.credentials import Credentials, generate_credentials, write_node_key_pair
 from deploy.launch import (
     MARKER_ENV,
+    WORKDIR_STAMP,
     Deployment,
+    DeploymentError,
     SuperNode,
+    claim_workdir,
     processes_with_marker,
 )
 from tests.flwr_local import REPO_ROOT, alive, descendants, process_table
-
-pytestmark = pytest.mark.e2e
 
 # Two local steps on 16 images, a 100-image quality check, no client evaluation.
 TINY = ("local-steps=2 batch-size=16 eval-samples=100 eval-every=1 fraction-evaluate=0.0 "
@@ -98,13 +99,14 @@ def federation(credentials: Credentials,
     assert dep.processes() == [], "processes of the deployment left running"
 
 
+@pytest.mark.e2e
 def test_two_authenticated_supernodes_complete_a_run_over_tls(federation: Federation,
                                                               credentials: Credentials) -> None:
     # Prepare
     port = federation.deployment.superlink_port
 
     # Execute
-    result = federation.deployment.run_app(_run_config(federation.outputs, 2), timeout=420)
+    result = federation.deployment.run_app(_run_config(federation.outputs, 2), timeout=600)
 
     # Assert: TLS with a certificate of our CA (the system's CAs reject it)
     _tls_handshake(port, ssl.create_default_context(cafile=str(credentials.ca_cert)))
@@ -123,6 +125,7 @@ def test_two_authenticated_supernodes_complete_a_run_over_tls(federation: Federa
     assert (run_dir / "samples" / "round_0002.png").is_file()
 
 
+@pytest.mark.e2e
 def test_supernode_with_unregistered_key_is_refused(federation: Federation) -> None:
     # Prepare: the stranger was started beside the two registered nodes, same flags
     stranger = federation.stranger
@@ -166,6 +169,7 @@ def _kill_when_training(node: SuperNode, killed: threading.Event,
         time.sleep(0.2)
 
 
+@pytest.mark.e2e
 def test_killed_supernode_is_counted_failed_and_run_finishes(credentials: Credentials,
                                                              tmp_path: Path) -> None:
     # Prepare: two nodes; node 1 is SIGKILLed while it trains in round 1.
@@ -183,7 +187,7 @@ def test_killed_supernode_is_counted_failed_and_run_finishes(credentials: Creden
 
         # Execute
         result = dep.run_app(_run_config(tmp_path / "outputs", 1, **{"round-timeout": "300"}),
-                             timeout=420)
+                             timeout=600)
         killer.join()
 
     # Assert: the kill happened mid-run, the run completed, the failure is counted
@@ -196,6 +200,7 @@ def test_killed_supernode_is_counted_failed_and_run_finishes(credentials: Creden
     assert dep.processes() == [], "processes of the deployment left running"
 
 
+@pytest.mark.e2e
 def test_ctrl_c_stops_every_process(tmp_path: Path) -> None:
     # Prepare: the command line a user runs, marked so its processes can be found
     marker = f"test-{os.getpid()}-{time.monotonic_ns()}"
@@ -226,3 +231,30 @@ def test_ctrl_c_stops_every_process(tmp_path: Path) -> None:
     assert launcher.returncode == 130, output[-3000:]
     assert "interrupted" in rest
     assert processes_with_marker(marker) == []
+
+
+def test_work_folder_is_emptied_for_a_new_deploy_but_not_while_one_runs(tmp_path: Path) -> None:
+    # Prepare: an earlier deploy's folder
+    workdir = tmp_path / "wd"
+    with claim_workdir(workdir):
+        (workdir / "credentials").mkdir()
+        (workdir / "superlink.log").write_text("old")
+
+    # Execute
+    with claim_workdir(workdir):
+        left = sorted(p.name for p in workdir.iterdir())
+        with pytest.raises(DeploymentError, match="in use by another deploy"):
+            claim_workdir(workdir)
+
+    # Assert
+    assert left == [WORKDIR_STAMP]
+
+
+def test_foreign_work_folder_is_refused(tmp_path: Path) -> None:
+    # Prepare
+    (tmp_path / "notes.txt").write_text("mine")
+
+    # Execute / Assert: nothing of it is touched
+    with pytest.raises(DeploymentError, match="not made by"):
+        claim_workdir(tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
