@@ -38,7 +38,7 @@ from deploy.launch import (
 from tests.flwr_local import REPO_ROOT, alive, descendants, process_table
 
 # Two local steps on 16 images, a 100-image quality check, no client evaluation.
-TINY = ("local-steps=2 batch-size=16 eval-samples=100 eval-every=1 fraction-evaluate=0.0 "
+TINY = ("local-steps=2 batch-size=16 eval-samples=100 fraction-evaluate=0.0 "
         "wandb-mode='disabled'")
 
 
@@ -99,60 +99,31 @@ def federation(credentials: Credentials,
     assert dep.processes() == [], "processes of the deployment left running"
 
 
-@pytest.mark.e2e
-def test_two_authenticated_supernodes_complete_a_run_over_tls(federation: Federation,
-                                                              credentials: Credentials) -> None:
-    # Prepare
-    port = federation.deployment.superlink_port
+def test_work_folder_is_emptied_for_a_new_deploy_but_not_while_one_runs(tmp_path: Path) -> None:
+    # Prepare: an earlier deploy's folder
+    workdir = tmp_path / "wd"
+    with claim_workdir(workdir):
+        (workdir / "credentials").mkdir()
+        (workdir / "superlink.log").write_text("old")
 
     # Execute
-    result = federation.deployment.run_app(_run_config(federation.outputs, 2), timeout=600)
+    with claim_workdir(workdir):
+        left = sorted(p.name for p in workdir.iterdir())
+        with pytest.raises(DeploymentError, match="in use by another deploy"):
+            claim_workdir(workdir)
 
-    # Assert: TLS with a certificate of our CA (the system's CAs reject it)
-    _tls_handshake(port, ssl.create_default_context(cafile=str(credentials.ca_cert)))
-    with pytest.raises(ssl.SSLCertVerificationError):
-        _tls_handshake(port, ssl.create_default_context())
-    # completed, with both registered nodes training in both rounds
-    assert result.completed, result.output[-3000:]
-    run_dir = federation.outputs / "run"
-    rows = _read_csv(run_dir / "metrics.csv")
-    assert [r["round"] for r in rows] == ["1", "2"]
-    for row in rows:
-        assert float(row["replies-accepted"]) == 2, row
-        assert float(row["replies-failed"]) == float(row["replies-missing"]) == 0, row
-    assert float(rows[-1]["fid"]) > 0
-    assert (run_dir / "checkpoints" / "latest.pt").is_file()
-    assert (run_dir / "samples" / "round_0002.png").is_file()
+    # Assert
+    assert left == [WORKDIR_STAMP]
 
 
-@pytest.mark.e2e
-def test_supernode_with_unregistered_key_is_refused(federation: Federation) -> None:
-    # Prepare: the stranger was started beside the two registered nodes, same flags
-    stranger = federation.stranger
-    refused = f"[code: {int(ApiErrorCode.FLEET_NODE_ACTIVATION_FAILED)}]"
+def test_foreign_work_folder_is_refused(tmp_path: Path) -> None:
+    # Prepare
+    (tmp_path / "notes.txt").write_text("mine")
 
-    # Execute: wait for its verdict (the process itself lingers a while after it)
-    log = _wait_for_text(stranger.log, refused, timeout=120)
-
-    # Assert: refused at activation, for its unknown key; only the registered
-    # nodes are known to the SuperLink, and both are online
-    assert f"Exit Code: {ExitCode.SUPERNODE_CONNECTION_ERROR}" in log, log[-2000:]
-    superlink_log = (federation.deployment.workdir / "superlink.log").read_text()
-    assert "No SuperNode found with the given public key" in superlink_log
-    listed = {int(n["node-id"]): n["status"] for n in federation.deployment.list_nodes()}
-    assert listed == {node_id: "online" for node_id in federation.node_ids}
-    assert all(node.process.poll() is None for node in federation.nodes)
-
-
-def _wait_for_text(path: Path, text: str, timeout: float) -> str:
-    """Poll a log file until it holds `text`; return the log."""
-    deadline = time.monotonic() + timeout
-    while True:
-        log = path.read_text(errors="replace") if path.exists() else ""
-        if text in log or time.monotonic() > deadline:
-            assert text in log, log[-2000:]
-            return log
-        time.sleep(0.5)
+    # Execute / Assert: nothing of it is touched
+    with pytest.raises(DeploymentError, match="not made by"):
+        claim_workdir(tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
 def _kill_when_training(node: SuperNode, killed: threading.Event,
@@ -233,28 +204,61 @@ def test_ctrl_c_stops_every_process(tmp_path: Path) -> None:
     assert processes_with_marker(marker) == []
 
 
-def test_work_folder_is_emptied_for_a_new_deploy_but_not_while_one_runs(tmp_path: Path) -> None:
-    # Prepare: an earlier deploy's folder
-    workdir = tmp_path / "wd"
-    with claim_workdir(workdir):
-        (workdir / "credentials").mkdir()
-        (workdir / "superlink.log").write_text("old")
+# The two tests below share one SuperLink (module fixture `federation`); they come
+# last, so it is stopped right after them and idles beside no other test.
+
+
+@pytest.mark.e2e
+def test_two_authenticated_supernodes_complete_a_run_over_tls(federation: Federation,
+                                                              credentials: Credentials) -> None:
+    # Prepare
+    port = federation.deployment.superlink_port
 
     # Execute
-    with claim_workdir(workdir):
-        left = sorted(p.name for p in workdir.iterdir())
-        with pytest.raises(DeploymentError, match="in use by another deploy"):
-            claim_workdir(workdir)
+    result = federation.deployment.run_app(_run_config(federation.outputs, 2), timeout=600)
 
-    # Assert
-    assert left == [WORKDIR_STAMP]
+    # Assert: TLS with a certificate of our CA (the system's CAs reject it)
+    _tls_handshake(port, ssl.create_default_context(cafile=str(credentials.ca_cert)))
+    with pytest.raises(ssl.SSLCertVerificationError):
+        _tls_handshake(port, ssl.create_default_context())
+    # completed, with both registered nodes training in both rounds
+    assert result.completed, result.output[-3000:]
+    run_dir = federation.outputs / "run"
+    rows = _read_csv(run_dir / "metrics.csv")
+    assert [r["round"] for r in rows] == ["1", "2"]
+    for row in rows:
+        assert float(row["replies-accepted"]) == 2, row
+        assert float(row["replies-failed"]) == float(row["replies-missing"]) == 0, row
+    assert float(rows[-1]["fid"]) > 0
+    assert (run_dir / "checkpoints" / "latest.pt").is_file()
+    assert (run_dir / "samples" / "round_0002.png").is_file()
 
 
-def test_foreign_work_folder_is_refused(tmp_path: Path) -> None:
-    # Prepare
-    (tmp_path / "notes.txt").write_text("mine")
+@pytest.mark.e2e
+def test_supernode_with_unregistered_key_is_refused(federation: Federation) -> None:
+    # Prepare: the stranger was started beside the two registered nodes, same flags
+    stranger = federation.stranger
+    refused = f"[code: {int(ApiErrorCode.FLEET_NODE_ACTIVATION_FAILED)}]"
 
-    # Execute / Assert: nothing of it is touched
-    with pytest.raises(DeploymentError, match="not made by"):
-        claim_workdir(tmp_path)
-    assert (tmp_path / "notes.txt").read_text() == "mine"
+    # Execute: wait for its verdict (the process itself lingers a while after it)
+    log = _wait_for_text(stranger.log, refused, timeout=120)
+
+    # Assert: refused at activation, for its unknown key; only the registered
+    # nodes are known to the SuperLink, and both are online
+    assert f"Exit Code: {ExitCode.SUPERNODE_CONNECTION_ERROR}" in log, log[-2000:]
+    superlink_log = (federation.deployment.workdir / "superlink.log").read_text()
+    assert "No SuperNode found with the given public key" in superlink_log
+    listed = {int(n["node-id"]): n["status"] for n in federation.deployment.list_nodes()}
+    assert listed == {node_id: "online" for node_id in federation.node_ids}
+    assert all(node.process.poll() is None for node in federation.nodes)
+
+
+def _wait_for_text(path: Path, text: str, timeout: float) -> str:
+    """Poll a log file until it holds `text`; return the log."""
+    deadline = time.monotonic() + timeout
+    while True:
+        log = path.read_text(errors="replace") if path.exists() else ""
+        if text in log or time.monotonic() > deadline:
+            assert text in log, log[-2000:]
+            return log
+        time.sleep(0.5)
