@@ -317,7 +317,7 @@ class Deployment:
                 reader.join(timeout=10)
         output = "".join(lines)
         match = re.search(r"started run (\d+)", output)
-        if proc.returncode != 0 or not match:
+        if not match:
             return RunResult(None, "not-started", output)
         run_id = int(match.group(1))
         return RunResult(run_id, self.wait_finished(run_id), output)
