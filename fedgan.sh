@@ -2,6 +2,10 @@
 # fedgan: set up the environment, run the default federation, or run the tests.
 #
 #   ./fedgan.sh run [flwr run options]   train (default: 5 clients), then stop the SuperLink
+#   ./fedgan.sh deploy [N] [--run-config "k=v ..."]
+#                                        the same on Flower's Deployment Engine: a SuperLink
+#                                        and N SuperNodes (default 2) as separate processes
+#                                        on this machine, over TLS with node authentication
 #   ./fedgan.sh test [pytest options]    run the test suite
 #   ./fedgan.sh stop                     stop the local SuperLink fedgan.sh started
 #   ./fedgan.sh dashboard [outputs/<run>] [--port P] [--no-open]
@@ -13,7 +17,9 @@
 # local SuperLink it starts has Flower's runtime dependency installer turned
 # off (it would otherwise reinstall torch into a per-run environment), and it
 # stops that SuperLink when the run ends, even on Ctrl-C. `stop` stops only
-# that SuperLink (found by its own control port), never another one.
+# that SuperLink (found by its own control port), never another one. `deploy`
+# (deploy/launch.py) keeps its certificates, Flower homes and logs in .deploy/
+# and stops every process it started when the run ends, even on Ctrl-C.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -100,8 +106,9 @@ case "${1:-}" in
   setup) setup ;;
   run) shift; run "$@" ;;
   stop) stop ;;
+  deploy) shift; setup; exec "$VENV/bin/python" -m deploy.launch "$@" ;;
   test) shift; setup; exec "$VENV/bin/python" -m pytest "$@" ;;
   # exec: Ctrl-C goes straight to the server, which stops cleanly.
   dashboard) shift; setup; exec "$VENV/bin/python" -m fedgan_app.dashboard "$@" ;;
-  *) sed -n '2,17p' "$0"; exit 2 ;;
+  *) sed -n '2,21p' "$0"; exit 2 ;;
 esac

@@ -1,0 +1,1 @@
+"""Run fedgan on Flower's Deployment Engine: credentials and a loopback launcher."""
