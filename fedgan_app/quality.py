@@ -1,11 +1,18 @@
 """The server's judge of sample quality, and the constants benchmarks must share.
 
 `QualityJudge` scores a generator the way the ServerApp does: `eval_samples`
-images from a fixed noise stream against the server's held-out split, in the
-cached evaluator classifier (fedgan_app.evaluator_cache). The noise streams,
-the grid size and the evaluator's cache key live here, so a benchmark that
+images from a fixed noise stream (and, for a conditional G, balanced labels
+0, 1, ..., C-1, 0, ...) against the server's held-out split, in the cached
+evaluator classifier (fedgan_app.evaluator_cache). The noise streams, the
+grid size and the evaluator's cache key live here, so a benchmark that
 imports them scores exactly as the app does. The metrics themselves are the
 pure functions of fedgan_app.evaluation.
+
+Every generator the server samples is built by `generator_from`, which
+recomputes G's BatchNorm statistics from noise for its current weights
+(`models.recalibrate_batchnorm`): averaged client statistics belong to the
+clients' pre-average weights, an EMA generator has none of its own, and with
+batchnorm='local' the clients keep theirs.
 """
 
 from __future__ import annotations
@@ -22,9 +29,14 @@ from flwr.app import ArrayRecord
 from flwr.common.logger import log
 
 from fedgan_app.data import ImageData, PartitionSpec, load_train_pool
-from fedgan_app.evaluation import QUALITY_KEYS, Evaluator, compute_quality
+from fedgan_app.evaluation import (
+    QUALITY_KEYS,
+    Evaluator,
+    compute_quality,
+    conditional_quality,
+)
 from fedgan_app.evaluator_cache import load_or_train_evaluator
-from fedgan_app.models import GANConfig, Generator, split_state
+from fedgan_app.models import G_PREFIX, GANConfig, Generator, recalibrate_batchnorm
 from fedgan_app.tracking import make_grid
 from fedgan_app.training import derive_seed, sample_images
 
@@ -32,7 +44,9 @@ GRID_IMAGES = 64  # the fixed-noise sample grid: 8 x 8
 GRID_COLUMNS = 8
 GRID_NOISE_STREAM = 0  # derive_seed(seed, stream) seeds each noise stream
 EVAL_NOISE_STREAM = 1
+BATCHNORM_NOISE_STREAM = 2  # the noise that recomputes G's BatchNorm statistics
 EVAL_BATCH = 500  # images generated per forward pass when scoring
+CLASS_GRID_COLUMNS = 8  # per-class grid: one row per class, the same 8 noises per row
 
 
 def grid_noise(seed: int, latent_dim: int) -> torch.Tensor:
@@ -41,31 +55,88 @@ def grid_noise(seed: int, latent_dim: int) -> torch.Tensor:
     return torch.randn(GRID_IMAGES, latent_dim, generator=rng)
 
 
-def sample_grid(generator: torch.nn.Module, noise: torch.Tensor,
+def balanced_labels(n: int, num_classes: int, start: int = 0) -> torch.Tensor | None:
+    """Labels start, start+1, ... modulo C for a conditional G (None when unconditional)."""
+    if num_classes == 0:
+        return None
+    return torch.arange(start, start + n) % num_classes
+
+
+def sample_grid(generator: Generator, noise: torch.Tensor,
                 device: torch.device) -> np.ndarray:
-    """G's images of the fixed noise as one uint8 (H, W, 3) grid."""
-    return make_grid(sample_images(generator, noise, device), nrow=GRID_COLUMNS)
+    """G's images of the fixed noise as one uint8 (H, W, 3) grid (labels 0..C-1, 0, ...)."""
+    labels = balanced_labels(noise.size(0), generator.num_classes)
+    return make_grid(sample_images(generator, noise, device, labels), nrow=GRID_COLUMNS)
 
 
-def generate_eval_images(generator: torch.nn.Module, num_images: int, latent_dim: int,
+def class_grid(generator: Generator, noise: torch.Tensor, device: torch.device) -> np.ndarray:
+    """A conditional G's per-class grid: row c holds class c, one noise per column."""
+    columns = noise[:CLASS_GRID_COLUMNS]
+    classes = generator.num_classes
+    z = columns.repeat(classes, 1)
+    labels = torch.arange(classes).repeat_interleave(columns.size(0))
+    return make_grid(sample_images(generator, z, device, labels), nrow=columns.size(0))
+
+
+def generate_eval_images(generator: Generator, num_images: int, latent_dim: int,
                          seed: int, device: torch.device) -> torch.Tensor:
     """The images a quality evaluation scores: the run's evaluation noise stream."""
+    return generate_eval_batch(generator, num_images, latent_dim, seed, device)[0]
+
+
+def generate_eval_batch(
+    generator: Generator, num_images: int, latent_dim: int, seed: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(images, labels) of a quality evaluation; labels are None for an unconditional G."""
     rng = torch.Generator().manual_seed(derive_seed(seed, EVAL_NOISE_STREAM))
     fakes = []
     for start in range(0, num_images, EVAL_BATCH):
         z = torch.randn(min(EVAL_BATCH, num_images - start), latent_dim, generator=rng)
-        fakes.append(sample_images(generator, z, device))
-    return torch.cat(fakes)
+        labels = balanced_labels(z.size(0), generator.num_classes, start)
+        fakes.append(sample_images(generator, z, device, labels))
+    labels = balanced_labels(num_images, generator.num_classes)
+    return torch.cat(fakes), labels
 
 
 def generator_from(arrays: ArrayRecord | Mapping[str, torch.Tensor], gan_cfg: GANConfig,
-                   device: torch.device) -> Generator:
-    """Build G from packed global arrays (an ArrayRecord or a packed state_dict)."""
+                   device: torch.device, seed: int = 0) -> Generator:
+    """Build G from packed arrays; its BatchNorm statistics recomputed from noise.
+
+    `arrays` is an ArrayRecord or a packed state_dict (``generator.*`` keys;
+    ``discriminator.*`` keys, if any, are ignored). `seed` picks the noise of
+    the statistics, so the same weights always give the same samples.
+    """
     state = arrays.to_torch_state_dict() if isinstance(arrays, ArrayRecord) else arrays
     generator = Generator(gan_cfg)
-    g_state, _ = split_state(dict(state))
+    g_state = {k[len(G_PREFIX):]: v for k, v in state.items() if k.startswith(G_PREFIX)}
     generator.load_state_dict(g_state)
-    return generator.to(device)
+    generator = generator.to(device)
+    recalibrate_batchnorm(generator, seed=derive_seed(seed, BATCHNORM_NOISE_STREAM),
+                          device=device)
+    return generator
+
+
+def update_ema(ema: Mapping[str, torch.Tensor] | None,
+               arrays: ArrayRecord | Mapping[str, torch.Tensor],
+               decay: float) -> dict[str, torch.Tensor]:
+    """One round of the server-side EMA of the global generator (packed G keys).
+
+    ema <- decay * ema + (1 - decay) * G for floating-point entries; the first
+    call starts the average at G. Integer buffers are copied. The EMA's
+    BatchNorm statistics are recomputed whenever it is sampled.
+    """
+    state = arrays.to_torch_state_dict() if isinstance(arrays, ArrayRecord) else arrays
+    current = {k: v.detach().cpu() for k, v in state.items() if k.startswith(G_PREFIX)}
+    if ema is None:
+        return {k: v.clone() for k, v in current.items()}
+    out = {}
+    for key, value in current.items():
+        old = ema.get(key)
+        if old is None or not value.is_floating_point() or old.shape != value.shape:
+            out[key] = value.clone()
+        else:
+            out[key] = old.to(value.dtype) * decay + value * (1.0 - decay)
+    return out
 
 
 def evaluator_cache_key(dataset: str, seed: int, num_server_images: int) -> str:
@@ -145,12 +216,19 @@ class QualityJudge:
                                   pool.images[order[:n]])
         return {"evaluator-accuracy": float(self.evaluator_accuracy), **quality}
 
-    def evaluate(self, generator: torch.nn.Module, device: torch.device) -> dict[str, float]:
-        """Score `eval_samples` images of G; adds `eval-time-s` (seconds it took)."""
+    def evaluate(self, generator: Generator, device: torch.device) -> dict[str, float]:
+        """Score `eval_samples` images of G; adds `eval-time-s` (seconds it took).
+
+        A conditional G is also scored per class (conditional-accuracy, overall
+        and per class, and a per-class fid).
+        """
         start = time.perf_counter()
         evaluator = self.evaluator()
-        fakes = generate_eval_images(generator, self.eval_samples,
-                                     generator.latent_dim, self.seed, device)
+        fakes, labels = generate_eval_batch(generator, self.eval_samples,
+                                            generator.latent_dim, self.seed, device)
         real = self.server_data.images[: self.eval_samples]
         quality = compute_quality(evaluator, real, fakes)
+        if labels is not None:
+            quality.update(conditional_quality(
+                evaluator, real, self.server_data.labels[: self.eval_samples], fakes, labels))
         return {**quality, "eval-time-s": time.perf_counter() - start}

@@ -43,6 +43,9 @@ from fedgan_app.tracking import LocalFiles, Output, WandbRun
 WANDB_INIT_TIMEOUT_S = 30.0
 LATEST = "latest.pt"
 BEST = "best.pt"
+# Parts of the run's time measured before the commit: part -> metrics.csv column.
+ROW_TIMES = {"clients": "time-clients-s", "aggregate": "time-aggregate-s",
+             "sample": "time-sample-s", "eval": "eval-time-s"}
 # Settings a resumed run may change without changing what the run computes.
 RESUME_MAY_CHANGE = frozenset(
     {"num-server-rounds", "resume-from", "output-dir", "run-name", "wandb-mode",
@@ -91,6 +94,10 @@ class Recorder:
         self._strategy_state: dict[str, Any] = dict(resume.strategy_state) if resume else {}
         self._pending: dict[int, _Pending] = {}
         self._clock = time.perf_counter()
+        # Seconds spent in each part of the server's work, over the whole run
+        # (summary.json "time/<part>-s"): the throughput benchmark's breakdown.
+        self._created = time.perf_counter()
+        self.timings: dict[str, float] = {}
 
     @property
     def resumed(self) -> bool:
@@ -148,6 +155,16 @@ class Recorder:
         for output in self.outputs:
             output.log_samples(server_round, grid)
 
+    def record_class_samples(self, server_round: int, grid: Any) -> None:
+        """Write a round's per-class grid (one row per class) to every output."""
+        for output in self.outputs:
+            output.log_class_samples(server_round, grid)
+
+    def refresh(self) -> None:
+        """Rebuild every output's views now (e.g. the dashboard page before round 1)."""
+        for output in self.outputs:
+            output.refresh()
+
     def record_reference(self, reference: Mapping[str, float]) -> None:
         """Put the real-vs-real reference row into the run summary."""
         for output in self.outputs:
@@ -161,7 +178,10 @@ class Recorder:
                quality: Mapping[str, float]) -> dict[str, float]:
         """End a round: row, latest.pt, best.pt, refresh; returns the round's row."""
         pending = self._pending.pop(server_round, _Pending())
-        row = {**pending.row, **quality, "round-time-s": time.perf_counter() - self._clock}
+        started = time.perf_counter()
+        row = {**pending.row, **quality, "round-time-s": started - self._clock}
+        for part, column in ROW_TIMES.items():
+            self._add_time(part, row.get(column, 0.0))
         improved = self._update_best(server_round, row)
         # The rows first, latest.pt next: latest.pt is the commit point. A crash
         # before it leaves rows of this round that a resume drops and redoes; the
@@ -170,20 +190,28 @@ class Recorder:
             output.log_round(server_round, row)
             if pending.clients:
                 output.log_clients(server_round, pending.clients)
+        written = time.perf_counter()
         checkpoint = self._checkpoint(server_round, arrays)
         save_checkpoint(checkpoint, self.checkpoint_dir / LATEST)
         if improved:
             save_checkpoint(checkpoint, self.checkpoint_dir / BEST)
+        saved = time.perf_counter()
         _log_round_line(server_round, self.cfg.num_server_rounds, row)
         if server_round == self.cfg.num_server_rounds:
             self._final_summary(row)
         for output in self.outputs:
             output.refresh()
         self._clock = time.perf_counter()
+        self._add_time("outputs", written - started)
+        self._add_time("checkpoint", saved - written)
+        self._add_time("refresh", self._clock - saved)
         return row
 
     def finish(self) -> None:
         """Finish every output (also after a failed round); re-raise the first error."""
+        self._add_time("run", time.perf_counter() - self._created)
+        for output in self.outputs:
+            output.log_summary({f"time/{k}-s": v for k, v in self.timings.items()})
         errors = []
         for output in self.outputs:
             try:
@@ -192,6 +220,10 @@ class Recorder:
                 errors.append(exc)
         if errors:
             raise errors[0]
+
+    def _add_time(self, part: str, seconds: float) -> None:
+        """Add seconds to a part of the run's time."""
+        self.timings[part] = self.timings.get(part, 0.0) + float(seconds)
 
     def _checkpoint(self, server_round: int, arrays: ArrayRecord) -> Checkpoint:
         """Everything needed to resume after this round."""

@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
+import torch
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from fedgan_app.config import RunConfig
 from fedgan_app.data import load_server_split, partition_spec
-from fedgan_app.models import GANConfig, build_gan, gan_config, pack_gan, pick_device
-from fedgan_app.quality import QualityJudge, generator_from, grid_noise, sample_grid
+from fedgan_app.models import GANConfig, Generator, build_gan, gan_config, pack_gan, pick_device
+from fedgan_app.quality import (
+    QualityJudge,
+    class_grid,
+    generator_from,
+    grid_noise,
+    sample_grid,
+    update_ema,
+)
 from fedgan_app.recorder import Recorder, load_resume, resume_arrays, run_folder
 from fedgan_app.strategy import FedGAN, buffer_keys, check_federation, make_inner_strategy
 
@@ -57,26 +66,47 @@ def main(grid: Grid, context: Context) -> None:
 def make_evaluate_fn(
     cfg: RunConfig, gan_cfg: GANConfig, recorder: Recorder, judge: QualityJudge
 ) -> Callable[[int, ArrayRecord], MetricRecord | None]:
-    """Build the server-side evaluate_fn: sample grid, quality, then the round's commit."""
+    """Build the server-side evaluate_fn: EMA, sample grids, quality, the round's commit.
+
+    With generator-ema > 0 the EMA generator is the run's generator: the grids
+    and the quality columns show it, and the raw global generator's quality
+    goes to the `raw-*` columns.
+    """
     device = pick_device(cfg.device)
     noise = grid_noise(cfg.seed, cfg.latent_dim)
 
     def evaluate_fn(local_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Evaluate the global model after a round (round 0: the initial model)."""
         server_round = recorder.absolute(local_round)
-        last = server_round == cfg.num_server_rounds
-        generator = generator_from(arrays, gan_cfg, device)
+        if local_round > 0 and cfg.generator_ema > 0:
+            recorder.set_ema_state(update_ema(recorder.ema_state, arrays, cfg.generator_ema))
+        start = time.perf_counter()
+        generator = generator_from(recorder.ema_state or arrays, gan_cfg, device, cfg.seed)
         if local_round == 0:
             # Before round 1 only the starting grid; a resumed run has it already.
             if not recorder.resumed:
-                recorder.record_samples(0, sample_grid(generator, noise, device))
+                _record_grids(recorder, 0, generator, noise, device)
+            recorder.refresh()  # the dashboard page exists before round 1
             recorder.start_clock()
             return None
+        last = server_round == cfg.num_server_rounds
         if server_round % cfg.sample_every == 0 or last:
-            recorder.record_samples(server_round, sample_grid(generator, noise, device))
-        quality = {}
+            _record_grids(recorder, server_round, generator, noise, device)
+        timing = {"time-sample-s": time.perf_counter() - start}
+        quality: dict[str, float] = {}
         if server_round % cfg.eval_every == 0 or last:
             quality = judge.evaluate(generator, device)
-        return MetricRecord(recorder.commit(server_round, arrays, quality))
+            if recorder.ema_state is not None:
+                raw = judge.evaluate(generator_from(arrays, gan_cfg, device, cfg.seed), device)
+                quality.update({f"raw-{k}": v for k, v in raw.items()})
+        return MetricRecord(recorder.commit(server_round, arrays, {**quality, **timing}))
 
     return evaluate_fn
+
+
+def _record_grids(recorder: Recorder, server_round: int, generator: Generator,
+                  noise: torch.Tensor, device: torch.device) -> None:
+    """The fixed-noise grid, and for a conditional G the one-row-per-class grid."""
+    recorder.record_samples(server_round, sample_grid(generator, noise, device))
+    if generator.num_classes:
+        recorder.record_class_samples(server_round, class_grid(generator, noise, device))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
@@ -225,6 +226,8 @@ class FedGAN(Strategy):
         self._params = [k for k in self._expected if k not in self._buffers]
         self._global: dict[str, np.ndarray] = {}
         self._sent = 0
+        self._sent_messages: list[Message] = []
+        self._sent_at = time.perf_counter()
         self._validations = 0  # checks run this round: one per reply, never more
 
     def summary(self) -> None:
@@ -257,7 +260,11 @@ class FedGAN(Strategy):
         messages = list(self.strategy.configure_train(server_round, params, config, grid))
         for msg in messages:
             msg.content[ARRAYS_KEY] = arrays
-        self._sent = len(messages)  # replies missing after the timeout are counted
+        # Kept to count replies missing after the timeout, and to name the node of an
+        # error reply the SuperLink writes itself (its source is the SuperLink).
+        self._sent_messages = messages
+        self._sent = len(messages)
+        self._sent_at = time.perf_counter()
         return messages
 
     def aggregate_train(
@@ -265,6 +272,7 @@ class FedGAN(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Check every reply once, then let the inner strategy aggregate the rest."""
         server_round = self.sink.absolute(server_round)
+        started = time.perf_counter()
         replies = list(replies)
         screened = self._screen(server_round, replies)
         refusal = self._refusal(len(screened.accepted))
@@ -286,6 +294,10 @@ class FedGAN(Strategy):
             "num-examples-total": sum(m.num_examples for m in screened.metas),
             "model-updated": int(refusal is None),
             **{f"dropped-{kind}": n for kind, n in screened.drops.items()},
+            # Seconds from sending the model to having every reply (clients, Flower
+            # messaging, idle slots), and of the checks and the aggregation.
+            "time-clients-s": started - self._sent_at,
+            "time-aggregate-s": time.perf_counter() - started,
         })
         self.sink.record_train(server_round, {k: float(v) for k, v in row.items()},
                                list(screened.rows.values()), self.state())
@@ -376,9 +388,10 @@ class FedGAN(Strategy):
         for msg in replies:
             if msg.has_error():
                 screened.failed += 1
-                screened.rows[id(msg)] = _failed_row(msg)
-                log(WARNING, "round %d: node %d failed: %s", server_round,
-                    msg.metadata.src_node_id, msg.error.reason)
+                node = self._node_of_error(msg)
+                screened.rows[id(msg)] = _failed_row(msg, node)
+                log(WARNING, "round %d: node %d failed: %s", server_round, node,
+                    msg.error.reason)
                 continue
             meta, reason = self._validate(msg)
             screened.rows[id(msg)] = _client_row(msg, meta)
@@ -391,6 +404,17 @@ class FedGAN(Strategy):
                     msg.metadata.src_node_id, reason)
         self._screen_norms(server_round, screened)
         return screened
+
+    def _node_of_error(self, msg: Message) -> int:
+        """The node an error reply stands for.
+
+        When a node vanishes, the SuperLink answers in its place, with its own id
+        as the source; the message the reply answers names the node.
+        """
+        for sent in self._sent_messages:
+            if sent.metadata.message_id == msg.metadata.reply_to_message_id:
+                return sent.metadata.dst_node_id
+        return msg.metadata.src_node_id
 
     def _validate(self, msg: Message) -> tuple[TrainMetadata | None, str | None]:
         """Return (metadata, None) for a usable reply, else (None, reason)."""
@@ -568,9 +592,9 @@ def _client_row(msg: Message, meta: TrainMetadata | None) -> dict[str, Any]:
     return row
 
 
-def _failed_row(msg: Message) -> dict[str, Any]:
+def _failed_row(msg: Message, node_id: int) -> dict[str, Any]:
     """The clients.csv row of an error reply: only its node id is known."""
-    return {"node-id": msg.metadata.src_node_id, "status": "failed",
+    return {"node-id": node_id, "status": "failed",
             "reason": f"error: {msg.error.reason}", "weight": 0.0}
 
 
