@@ -31,6 +31,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
@@ -411,8 +412,11 @@ class FedGAN(Strategy):
         When a node vanishes, the SuperLink answers in its place, with its own id
         as the source; the message the reply answers names the node.
         """
+        answered = msg.metadata.reply_to_message_id
+        if msg.metadata.src_node_id != SUPERLINK_NODE_ID or not answered:
+            return msg.metadata.src_node_id
         for sent in self._sent_messages:
-            if sent.metadata.message_id == msg.metadata.reply_to_message_id:
+            if sent.metadata.message_id == answered:
                 return sent.metadata.dst_node_id
         return msg.metadata.src_node_id
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.app.error import Error
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp.strategy import (
     Bulyan,
     FedAdagrad,
@@ -611,3 +612,20 @@ def test_server_optimizers_keep_the_model_finite_and_buffers_plainly_averaged(
                     "num_batches_tracked") else mean, rtol=1e-6, atol=1e-7)
     assert not torch.equal(latest.state[G_WEIGHT], grid.sent[10][G_WEIGHT])
     assert set(latest.strategy_state) >= {f"m_t/{G_WEIGHT}", f"v_t/{G_WEIGHT}"}
+
+
+def test_an_error_the_superlink_writes_for_a_vanished_node_names_that_node() -> None:
+    # Prepare: the request as pushed (with its id), and the SuperLink's own error reply
+    strategy, sink = _strategy()
+    request = Message(content=RecordDict(), dst_node_id=30, message_type="train")
+    request.metadata.__dict__["_message_id"] = "request-to-30"
+    strategy._sent_messages = [request]
+    failed = Message(Error(code=1, reason="node unavailable"), reply_to=request)
+    failed.metadata.__dict__["_src_node_id"] = SUPERLINK_NODE_ID
+
+    # Execute
+    strategy.aggregate_train(1, [_reply(10, _client_arrays(1), 100), failed])
+
+    # Assert: the row and the count name node 30, not the SuperLink
+    assert sink.clients[1][1]["node-id"] == 30
+    assert sink.rows[1]["replies-failed"] == 1
