@@ -1,0 +1,145 @@
+"""Shared pieces of the hand-run benchmarks: machine header, in-process runs, job pool.
+
+Every benchmark that trains runs the real ServerApp `main` with the real
+ClientApp on an in-process grid (fedgan_app.inprocess), so it trains and scores
+exactly as the app does. Jobs run in separate single-thread processes (two
+one-thread processes beat one two-thread process on these machines), and
+their results accumulate in a JSON file, so an interrupted benchmark continues
+where it stopped.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import multiprocessing
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
+RUNS_DIR = REPO_ROOT / "benchmarks" / "runs"
+
+
+def quiet_environment() -> None:
+    """No network probes, no W&B banner, one torch thread per process."""
+    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("WANDB_SILENT", "true")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def cpu_model() -> str:
+    """The CPU model as lscpu names it (or the platform's guess)."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return platform.processor() or "unknown CPU"
+    for line in out.splitlines():
+        if line.startswith("Model name:"):
+            return line.split(":", 1)[1].strip()
+    return "unknown CPU"
+
+
+def machine_header() -> str:
+    """One paragraph naming the machine: CPU model, cores, load, torch and flwr versions."""
+    import flwr
+    import torch
+
+    gpu = (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (f"Machine: {cpu_model()}, {os.cpu_count()} cores, {gpu}; torch "
+            f"{torch.__version__}, flwr {flwr.__version__}, Python "
+            f"{platform.python_version()}; load average {load:.2f} at the start; "
+            f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC.")
+
+
+def run_in_process(run_config: dict[str, Any], num_nodes: int) -> tuple[Path, float]:
+    """Run the app (real ServerApp and ClientApps) in this process; (run folder, wall s)."""
+    from fedgan_app import client_app
+    from fedgan_app.inprocess import InProcessGrid, server_context
+    from fedgan_app.server_app import main
+
+    grid = InProcessGrid(client_app.app, num_nodes=num_nodes, run_config=run_config)
+    start = time.perf_counter()
+    main(grid, server_context(run_config))
+    return Path(run_config["output-dir"]) / run_config["run-name"], time.perf_counter() - start
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """A CSV's rows, numbers parsed (empty cells dropped)."""
+    if not path.is_file():
+        return []
+    rows = []
+    with open(path, newline="") as handle:
+        for row in csv.DictReader(handle):
+            parsed: dict[str, Any] = {}
+            for key, cell in row.items():
+                if cell in ("", None):
+                    continue
+                try:
+                    parsed[key] = float(cell)
+                except ValueError:
+                    parsed[key] = cell
+            rows.append(parsed)
+    return rows
+
+
+def run_jobs(jobs: dict[str, Callable[[], dict[str, Any]]], results_path: Path,
+             processes: int) -> dict[str, dict[str, Any]]:
+    """Run the jobs not yet in `results_path`, `processes` at a time; all results.
+
+    Each job runs in a fresh process (spawned, one torch thread); its result
+    is saved as soon as it ends, so a rerun skips it.
+    """
+    results: dict[str, dict[str, Any]] = (json.loads(results_path.read_text())
+                                          if results_path.is_file() else {})
+    todo = [name for name in jobs if name not in results]
+    print(f"{len(jobs) - len(todo)} of {len(jobs)} jobs already done; running "
+          f"{len(todo)} with {processes} process(es)", flush=True)
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(processes, initializer=quiet_environment, maxtasksperchild=1) as pool:
+        pending = {name: pool.apply_async(_call, (jobs[name],)) for name in todo}
+        for name, handle in pending.items():
+            results[name] = handle.get()
+            results_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = results_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(results, indent=1, sort_keys=True))
+            os.replace(tmp, results_path)
+            print(f"[{len(results)}/{len(jobs)}] {name}: "
+                  + ", ".join(f"{k} {v:.4g}" for k, v in results[name].items()
+                              if isinstance(v, float) and k in ("fid", "wall_s")),
+                  flush=True)
+    return results
+
+
+def _call(job: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run one job in a pool process (one torch thread)."""
+    import torch
+
+    torch.set_num_threads(1)
+    return job()
+
+
+def spread(values: Iterable[float], digits: str = ".3g") -> str:
+    """'median (min–max)' of the values ('–' when none; the value alone when one)."""
+    values = [v for v in values if v == v]  # drop NaN
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return format(values[0], digits)
+    return (f"{format(statistics.median(values), digits)} "
+            f"({format(min(values), digits)}–{format(max(values), digits)})")
+
+
+def command_line() -> str:
+    """The command that is running, as a user would type it."""
+    return " ".join(["python", *[a if " " not in a else repr(a) for a in sys.argv]])

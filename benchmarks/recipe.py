@@ -1,0 +1,153 @@
+"""Which training recipe makes the federated generator good per image seen.
+
+Run by hand from the repository root, alone on the machine:
+
+    .venv/bin/python benchmarks/recipe.py                     # every candidate, 3 seeds
+    .venv/bin/python benchmarks/recipe.py --only baseline diffaugment --seeds 0
+    .venv/bin/python benchmarks/recipe.py --quick             # smoke run (tiny budget)
+
+Every candidate is a set of the app's own settings (see the README's settings
+table) on top of the defaults, run as the default run is: 5 clients, iid, the
+real ServerApp and ClientApps in process (fedgan_app.inprocess), scored by the
+app's quality judge every quarter of the budget. Every candidate sees the same
+number of images in all (rounds x 5 clients x local steps x batch), so the
+table compares quality per image; the wall column tells quality per second.
+The report goes to benchmarks/results/recipe.md; results accumulate in
+benchmarks/runs/recipe/results.json, so a rerun continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import (  # noqa: E402
+    RESULTS_DIR,
+    RUNS_DIR,
+    command_line,
+    machine_header,
+    quiet_environment,
+    read_rows,
+    run_in_process,
+    run_jobs,
+    spread,
+)
+
+NUM_CLIENTS = 5
+IMAGES = 160_000  # the issue's budget for the default run: half of the old default's
+EVALUATIONS = 4  # quality at 1/4, 1/2, 3/4 and all of the budget
+METRICS = ("fid", "classifier-score", "class-coverage", "density", "coverage")
+
+# name -> (settings, local steps, batch): rounds follow from the image budget.
+BASE = {"diffaugment": "none", "generator-ema": 0.0}
+CANDIDATES: dict[str, tuple[dict[str, Any], int, int]] = {
+    "baseline (old default)": ({}, 100, 32),
+    "diffaugment": ({"diffaugment": "translation,cutout"}, 100, 32),
+}
+
+
+def rounds_for(local_steps: int, batch: int, images: int) -> int:
+    """Rounds that spend the image budget with 5 clients."""
+    return max(1, round(images / (NUM_CLIENTS * local_steps * batch)))
+
+
+def run_candidate(name: str, seed: int, images: int, eval_samples: int,
+                  out_dir: str) -> dict[str, Any]:
+    """Train one candidate with one seed; its quality curve and wall time."""
+    settings, local_steps, batch = CANDIDATES[name]
+    rounds = rounds_for(local_steps, batch, images)
+    run_name = f"{_slug(name)}-s{seed}"
+    config = {
+        **BASE, **settings, "seed": seed, "num-server-rounds": rounds,
+        "local-steps": local_steps, "batch-size": batch,
+        "eval-every": max(1, rounds // EVALUATIONS), "eval-samples": eval_samples,
+        "sample-every": max(1, rounds // EVALUATIONS), "fraction-evaluate": 0.0,
+        "client-threads": 1, "wandb-mode": "disabled", "output-dir": out_dir,
+        "run-name": run_name,
+    }
+    shutil.rmtree(Path(out_dir) / run_name, ignore_errors=True)  # never a mix of runs
+    run_dir, wall = run_in_process(config, NUM_CLIENTS)
+    rows = read_rows(run_dir / "metrics.csv")
+    per_round = NUM_CLIENTS * local_steps * batch
+    curve = [{"images": int(r["round"]) * per_round,
+              **{k: r[k] for k in r if k.startswith(("fid", "raw-fid", "classifier-score",
+                                                     "class-coverage", "density",
+                                                     "coverage", "conditional-accuracy"))}}
+             for r in rows if "fid" in r]
+    train_s = sum(r.get("time-clients-s", 0.0) for r in rows)
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # megabytes a run
+    return {**{k: curve[-1].get(k, float("nan")) for k in METRICS},
+            "curve": curve, "wall_s": wall, "train_s": train_s,
+            "images": rounds * per_round, "rounds": rounds}
+
+
+def _slug(name: str) -> str:
+    """A file-safe version of a candidate's name."""
+    return "".join(c if c.isalnum() else "-" for c in name).strip("-")
+
+
+def report(results: dict[str, dict[str, Any]], names: list[str], seeds: list[int],
+           header: str) -> str:
+    """The markdown report: one row per candidate, median (min–max) over seeds."""
+    head = ["candidate", "settings", "K x batch, rounds", *METRICS, "train s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name in names:
+        runs = [results[f"{name}|{s}"] for s in seeds if f"{name}|{s}" in results]
+        if not runs:
+            continue
+        settings, steps, batch = CANDIDATES[name]
+        text = ", ".join(f"{k}={v}" for k, v in settings.items()) or "defaults of the old app"
+        cells = [spread([r[m] for r in runs], ".3g") for m in METRICS]
+        lines.append(f"| {name} | {text} | {steps} x {batch}, {runs[0]['rounds']} | "
+                     + " | ".join(cells) + f" | {spread([r['train_s'] for r in runs], '.0f')} |")
+    curves = ["| candidate | fid at images seen: median (min–max) |", "|---|---|"]
+    for name in names:
+        runs = [results[f"{name}|{s}"] for s in seeds if f"{name}|{s}" in results]
+        if runs:
+            points = [f"{p['images'] // 1000}k: "
+                      + spread([r["curve"][i]["fid"] for r in runs if len(r["curve"]) > i])
+                      for i, p in enumerate(runs[0]["curve"])]
+            curves.append(f"| {name} | " + "; ".join(points) + " |")
+    return "\n".join([
+        "# Training recipe: quality per image seen", "", f"Command: `{command_line()}`", "",
+        header, "", "## Final quality", "", *lines, "", "## fid along the budget", "",
+        *curves, ""])
+
+
+def main() -> None:
+    """Parse options, run the missing jobs, write the report."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--only", nargs="+", help="candidates to run (prefix match)")
+    parser.add_argument("--images", type=int, default=IMAGES)
+    parser.add_argument("--eval-samples", type=int, default=1000)
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="a smoke run: tiny budget")
+    args = parser.parse_args()
+    quiet_environment()
+    names = [n for n in CANDIDATES if not args.only or any(n.startswith(o) for o in args.only)]
+    if args.quick:
+        args.images, args.eval_samples, args.seeds = 3_200, 100, args.seeds[:1]
+    out = RUNS_DIR / ("recipe-quick" if args.quick else "recipe")
+    header = machine_header()
+    jobs = {f"{n}|{s}": partial(run_candidate, n, s, args.images, args.eval_samples,
+                                str(out)) for n in names for s in args.seeds}
+    results = run_jobs(jobs, out / "results.json", args.processes)
+    # The report shows every candidate and seed run so far, not only this call's.
+    done = [n for n in CANDIDATES if any(k.startswith(n + "|") for k in results)]
+    seeds = sorted({int(k.rsplit("|", 1)[1]) for k in results})
+    text = report(results, done, seeds, header)
+    target = (out if args.quick else RESULTS_DIR) / "recipe.md"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(text)
+    print(f"wrote {target}")
+
+
+if __name__ == "__main__":
+    main()
