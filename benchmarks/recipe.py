@@ -46,9 +46,20 @@ METRICS = ("fid", "classifier-score", "class-coverage", "density", "coverage")
 
 # name -> (settings, local steps, batch): rounds follow from the image budget.
 BASE = {"diffaugment": "none", "generator-ema": 0.0}
+DA = {"diffaugment": "translation,cutout"}
+SNGAN = {"d-norm": "spectral", "gan-loss": "hinge"}
+WIDE = {"g-width": 64}
 CANDIDATES: dict[str, tuple[dict[str, Any], int, int]] = {
     "baseline (old default)": ({}, 100, 32),
-    "diffaugment": ({"diffaugment": "translation,cutout"}, 100, 32),
+    "diffaugment": ({**DA}, 100, 32),
+    "wide-sngan-da": ({**WIDE, **SNGAN, **DA}, 50, 32),
+    "wide-sngan-da-lr5e-4": ({**WIDE, **SNGAN, **DA, "lr-generator": 5e-4,
+                              "lr-discriminator": 5e-4}, 50, 32),
+    "wide-sngan-da-ema0.7": ({**WIDE, **SNGAN, **DA, "generator-ema": 0.7}, 50, 32),
+    "acgan-wide-sngan-da": ({**WIDE, **SNGAN, **DA, "conditional": True}, 50, 32),
+    "projection-wide-sngan-da": ({**WIDE, **SNGAN, **DA, "conditional": True,
+                                  "conditioning": "projection"}, 50, 32),
+    "acgan-da": ({**DA, "conditional": True}, 50, 32),
 }
 
 

@@ -179,7 +179,8 @@ class Recorder:
         """End a round: row, latest.pt, best.pt, refresh; returns the round's row."""
         pending = self._pending.pop(server_round, _Pending())
         started = time.perf_counter()
-        row = {**pending.row, **quality, "round-time-s": started - self._clock}
+        row = {**pending.row, **quality, "round-time-s": started - self._clock,
+               "unix-time": time.time()}  # when the round ended: start-up is measurable
         for part, column in ROW_TIMES.items():
             self._add_time(part, row.get(column, 0.0))
         improved = self._update_best(server_round, row)
