@@ -8,6 +8,7 @@
 #                                        on this machine, over TLS with node authentication
 #   ./fedgan.sh test [pytest options]    run the test suite
 #   ./fedgan.sh stop                     stop the local SuperLink fedgan.sh started
+#   ./fedgan.sh federation               print the --federation-config `run` uses here
 #   ./fedgan.sh dashboard [outputs/<run>] [--port P] [--no-open]
 #                                        serve a run's live page on localhost (default:
 #                                        the newest run); Ctrl-C stops it
@@ -74,7 +75,7 @@ run() {
   local had_superlink
   had_superlink="$(superlink_pid)"
   [[ -n "$had_superlink" ]] || trap stop_superlink EXIT
-  local federation=(--federation-config "num-supernodes=${FEDGAN_CLIENTS:-5} client-resources-num-cpus=1")
+  local federation=(--federation-config "$(federation_config)")
   local log
   log="$(mktemp)"
   flwr run . --stream "${federation[@]}" "$@" 2>&1 | tee "$log"
@@ -93,6 +94,23 @@ run() {
   fi
 }
 
+federation_config() {
+  # One CPU per client: Ray runs as many clients at a time as there are cores,
+  # and the clients share the cores among themselves (client-threads = 0), so a
+  # short last wave leaves no core idle. With NVIDIA GPUs, the clients running
+  # at the same time share them (a fractional client-resources-num-gpus).
+  local clients="${FEDGAN_CLIENTS:-5}" cores gpus running
+  cores="$(nproc)"
+  local config="num-supernodes=$clients client-resources-num-cpus=1"
+  gpus="$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || true)"
+  if (( gpus > 0 )); then
+    running=$(( clients < cores ? clients : cores ))
+    config+=" client-resources-num-gpus=$(awk -v g="$gpus" -v n="$running" \
+      'BEGIN { printf "%.4g", (g < n ? g / n : 1) }')"
+  fi
+  echo "$config"
+}
+
 stop() {
   flwr_env
   if [[ -z "$(superlink_pid)" ]]; then
@@ -106,9 +124,10 @@ case "${1:-}" in
   setup) setup ;;
   run) shift; run "$@" ;;
   stop) stop ;;
+  federation) federation_config ;;
   deploy) shift; setup; exec "$VENV/bin/python" -m deploy.launch "$@" ;;
   test) shift; setup; exec "$VENV/bin/python" -m pytest "$@" ;;
   # exec: Ctrl-C goes straight to the server, which stops cleanly.
   dashboard) shift; setup; exec "$VENV/bin/python" -m fedgan_app.dashboard "$@" ;;
-  *) sed -n '2,21p' "$0"; exit 2 ;;
+  *) sed -n '2,22p' "$0"; exit 2 ;;
 esac

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -45,3 +46,33 @@ def test_stop_ends_only_the_superlink_on_its_control_port(tmp_path: Path) -> Non
     finally:
         ours.stop()
         other.stop()
+
+
+@pytest.mark.parametrize("gpus,clients", [(0, 5), (1, 5), (1, 1), (2, 5)])
+def test_federation_config_uses_every_core_and_shares_gpus(
+        tmp_path: Path, gpus: int, clients: int) -> None:
+    # Prepare: an nvidia-smi on PATH that lists `gpus` GPUs (none: no GPU machine)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    if gpus:
+        listing = "\\n".join(f"GPU {i}: NVIDIA H100 (UUID: GPU-{i})" for i in range(gpus))
+        fake = bin_dir / "nvidia-smi"
+        fake.write_text(f"#!/bin/sh\nprintf '{listing}\\n'\n")
+        fake.chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "FEDGAN_CLIENTS": str(clients)}
+
+    # Execute
+    out = subprocess.run([str(REPO_ROOT / "fedgan.sh"), "federation"], env=env,
+                         capture_output=True, text=True, timeout=30, check=True).stdout
+
+    # Assert: one CPU per client (Ray runs min(clients, cores) at once; the clients
+    # share the cores by threads); the clients running at once share the GPUs
+    settings = dict(item.split("=") for item in out.split())
+    assert settings["num-supernodes"] == str(clients)
+    assert settings["client-resources-num-cpus"] == "1"
+    running = min(clients, os.cpu_count() or 1)
+    if gpus:
+        assert float(settings["client-resources-num-gpus"]) == pytest.approx(
+            min(1.0, gpus / running), rel=1e-3)
+    else:
+        assert "client-resources-num-gpus" not in settings

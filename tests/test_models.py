@@ -12,6 +12,8 @@ from fedgan_app.models import (
     ModelShapeError,
     build_gan,
     pack_gan,
+    pick_device,
+    recalibrate_batchnorm,
     unpack_gan,
 )
 
@@ -74,3 +76,68 @@ def test_unpack_rejects_foreign_keys() -> None:
 def test_unsupported_shapes_fail_clearly(channels: int, size: int) -> None:
     with pytest.raises(ModelShapeError):
         GANConfig(channels=channels, image_size=size)
+
+
+def test_device_choice_follows_cuda_availability(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Execute / Assert: no CUDA -> auto is the CPU, and cuda is a clear error
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_device("auto") == torch.device("cpu")
+    assert pick_device("cpu") == torch.device("cpu")
+    with pytest.raises(RuntimeError, match="'device' is 'cuda'"):
+        pick_device("cuda")
+    # With CUDA, auto picks it (a GPU machine; checked here without one)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert pick_device("auto") == torch.device("cuda")
+    assert pick_device("cuda") == torch.device("cuda")
+
+
+@pytest.mark.parametrize("cfg", [
+    GANConfig(num_classes=10), GANConfig(num_classes=10, conditioning="projection"),
+    GANConfig(d_norm="spectral", g_width=16, d_width=16),
+])
+def test_conditional_and_spectral_variants_shapes_and_packing(cfg: GANConfig) -> None:
+    # Prepare
+    generator, discriminator = build_gan(cfg, 0)
+    labels = torch.arange(6) % 10 if cfg.num_classes else None
+
+    # Execute
+    images = generator(torch.randn(6, cfg.latent_dim), labels)
+    logits = discriminator(images, labels)
+    target_g, target_d = build_gan(cfg, 1)
+    unpack_gan(pack_gan(generator, discriminator), target_g, target_d)
+
+    # Assert
+    assert images.shape == (6, 1, 28, 28) and logits.shape == (6,)
+    for a, b in zip(discriminator.state_dict().values(), target_d.state_dict().values(),
+                    strict=True):
+        assert torch.equal(a, b)
+    if cfg.conditioning == "acgan" and cfg.num_classes:
+        assert discriminator.class_logits(discriminator.features(images)).shape == (6, 10)
+
+
+def test_conditional_generator_needs_labels_and_bad_settings_fail() -> None:
+    generator, _ = build_gan(GANConfig(num_classes=10), 0)
+    with pytest.raises(ValueError, match="needs labels"):
+        generator(torch.randn(2, 100))
+    with pytest.raises(ModelShapeError, match="num_classes"):
+        GANConfig(num_classes=1)
+    with pytest.raises(ModelShapeError, match="d_norm"):
+        GANConfig(d_norm="layernorm")
+
+
+def test_recalibrated_batchnorm_statistics_match_the_weights() -> None:
+    # Prepare: G whose running statistics are stale (never updated: mean 0, var 1)
+    generator, _ = build_gan(GANConfig(), 0)
+    layer = generator.net[1]
+
+    # Execute
+    recalibrate_batchnorm(generator, num_batches=8, batch_size=64, seed=3)
+
+    # Assert: the statistics are those of G's own activations, and G is in eval mode
+    with torch.no_grad():
+        z = torch.randn(512, 100, generator=torch.Generator().manual_seed(3))
+        acts = generator.net[0](z.view(512, -1, 1, 1))
+    assert not generator.training
+    torch.testing.assert_close(layer.running_mean, acts.mean(dim=(0, 2, 3)),
+                               rtol=0.05, atol=1e-3)
+    assert layer.momentum == 0.1  # restored
