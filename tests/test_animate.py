@@ -12,6 +12,7 @@ import pytest
 
 from fedgan_app import animate
 from fedgan_app import client_app as client_module
+from fedgan_app import dashboard as dashboard_module
 from fedgan_app import server_app as server_module
 from fedgan_app.animate import (
     DIAGRAM_BOX,
@@ -22,8 +23,8 @@ from fedgan_app.animate import (
     load_run,
     render_federation_gif,
 )
+from fedgan_app.inprocess import InProcessGrid, server_context
 from fedgan_app.tracking import LocalFiles
-from tests.harness import InProcessGrid, server_context
 from tests.run_folder import HISTOGRAMS, NORM_REASON, sample_grid, write_contract_run
 
 UPLOAD = sum(n for phase, n in PHASES[: [p for p, _ in PHASES].index("upload")])
@@ -253,14 +254,14 @@ def test_real_run_refreshes_the_animation_every_round(tiny_run_config: dict,
     # record federation.gif's frame count after each per-round refresh
     run_dir = Path(tiny_run_config["output-dir"]) / "test-run"
     counts: list[int] = []
-    real_refresh = server_module.refresh_run
+    real_refresh = dashboard_module.refresh_run
 
     def counting_refresh(folder: Path) -> None:
         real_refresh(folder)
         gif = folder / "federation.gif"
         counts.append(len(_frames(gif)) if gif.exists() else 0)
 
-    monkeypatch.setattr(server_module, "refresh_run", counting_refresh)
+    monkeypatch.setattr(dashboard_module, "refresh_run", counting_refresh)
 
     def fail(node_id: int, msg: Any) -> bool:
         return node_id == 102 and msg.content["config"]["server-round"] == 1
@@ -270,8 +271,9 @@ def test_real_run_refreshes_the_animation_every_round(tiny_run_config: dict,
     # Execute
     server_module.main(grid, server_context(tiny_run_config))
 
-    # Assert: none before round 1, then one round more after each round
-    assert counts == [0, FRAMES_PER_ROUND, 2 * FRAMES_PER_ROUND]
+    # Assert: none before round 1, one round more after each round, and the finish's
+    # refresh draws the same two rounds
+    assert counts == [0, FRAMES_PER_ROUND, 2 * FRAMES_PER_ROUND, 2 * FRAMES_PER_ROUND]
     assert len(_frames(run_dir / "federation.gif")) == 2 * FRAMES_PER_ROUND
     run = load_run(run_dir)
     assert [v.server_round for v in run.rounds] == [1, 2]

@@ -34,8 +34,8 @@ from fedgan_app.dashboard import (
     serve,
     write_page,
 )
+from fedgan_app.inprocess import InProcessGrid, server_context
 from fedgan_app.server_app import main as server_main
-from tests.harness import InProcessGrid, server_context
 from tests.run_folder import NORM_REASON, sample_grid, write_contract_run
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
