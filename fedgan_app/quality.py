@@ -17,7 +17,6 @@ batchnorm='local' the clients keep theirs.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Mapping
 from logging import INFO
@@ -28,7 +27,7 @@ import torch
 from flwr.app import ArrayRecord
 from flwr.common.logger import log
 
-from fedgan_app.data import ImageData, PartitionSpec, load_train_pool
+from fedgan_app.data import ImageData, PartitionSpec, cache_root, load_train_pool
 from fedgan_app.evaluation import (
     QUALITY_KEYS,
     Evaluator,
@@ -146,8 +145,7 @@ def evaluator_cache_key(dataset: str, seed: int, num_server_images: int) -> str:
 
 def evaluator_cache_dir() -> Path:
     """Where evaluator classifiers are cached: $FEDGAN_CACHE_DIR or ~/.cache/fedgan."""
-    root = os.environ.get("FEDGAN_CACHE_DIR") or Path.home() / ".cache" / "fedgan"
-    return Path(root).expanduser() / "evaluator"
+    return cache_root() / "evaluator"
 
 
 def format_quality(row: Mapping[str, float]) -> str:

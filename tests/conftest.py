@@ -15,7 +15,8 @@ os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("WANDB_SILENT", "true")
 REPO_ROOT = Path(__file__).resolve().parent.parent
-# One evaluator cache for the whole suite (training it takes tens of seconds).
+# One cache folder for the whole suite: the evaluator (training it takes tens of
+# seconds) and the prepared data (tests/test_data.py uses empty folders of its own).
 os.environ.setdefault("FEDGAN_CACHE_DIR", str(REPO_ROOT / ".cache" / "test"))
 # Tests build Messages outside a Flower run; those need a task identity.
 set_task_identity()

