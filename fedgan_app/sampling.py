@@ -59,19 +59,22 @@ def query_reply(msg: Message, partition_id: int, num_partitions: int) -> Message
     return Message(content=RecordDict({QUERY_RECORD_KEY: record}), reply_to=msg)
 
 
-def exchange(grid: Grid, messages: Sequence[Message], timeout: float) -> list[Message]:
-    """Push messages, then pull their replies until all came or `timeout` seconds passed.
+def exchange(grid: Grid, messages: Sequence[Message],
+             timeout: float) -> list[tuple[float, Message]]:
+    """Push messages, then pull replies until all came or `timeout` seconds passed.
 
-    Grid.send_and_receive does the same but sleeps 3 s between pulls; this polls
+    Returns each reply with the seconds from the push to its pull. Grid's
+    send_and_receive does the same but sleeps 3 s between pulls; this polls
     after 0.05 s, then doubling up to 1 s.
     """
+    started = time.monotonic()
     pending = {msg_id for msg_id in grid.push_messages(messages) if msg_id}
-    deadline = time.monotonic() + timeout
+    deadline = started + timeout
     wait = FIRST_POLL_S
-    replies: list[Message] = []
+    replies: list[tuple[float, Message]] = []
     while pending:
         pulled = list(grid.pull_messages(pending))
-        replies += pulled
+        replies += [(time.monotonic() - started, reply) for reply in pulled]
         pending -= {reply.metadata.reply_to_message_id for reply in pulled}
         left = deadline - time.monotonic()
         if not pending or left <= 0:
@@ -156,12 +159,17 @@ class PartitionSampler:
                     for node in unknown]
         self.queried += len(messages)
         replies = exchange(grid, messages, self.timeout)
+        if replies:
+            # The first answer waits for the ClientApp's start (a training round
+            # would wait as long); the rest is the query's own cost.
+            log(INFO, "round %d: partition query answers after %.2fs (first) to %.2fs "
+                "(last)", server_round, replies[0][0], replies[-1][0])
         # The request a reply answers names its node (a SuperLink-written error
         # reply carries the SuperLink's id as its source).
         node_of = {msg.metadata.message_id: msg.metadata.dst_node_id for msg in messages}
         answers: dict[int, tuple[int, int]] = {}
         replied: set[int] = set()
-        for reply in replies:
+        for _, reply in replies:
             node = node_of.get(reply.metadata.reply_to_message_id)
             if node is None or node in replied:
                 continue

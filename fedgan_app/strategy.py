@@ -260,6 +260,10 @@ class FedGAN(Strategy):
         log(INFO, "\t├──> inner strategy %s on %d parameter arrays; %d buffers %s",
             type(self.strategy).__name__, len(self._params), len(self._buffers),
             "by median" if self.cfg.strategy in ROBUST_STRATEGIES else "by weighted mean")
+        if self.sampler is not None:
+            log(INFO, "\t├──> seeded sampling by partition: fraction-train %g, "
+                "fraction-evaluate %g (the inner strategy sends to the sampled nodes)",
+                self.cfg.fraction_train, self.cfg.fraction_evaluate)
         self.strategy.summary()
 
     def configure_train(
