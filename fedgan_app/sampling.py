@@ -9,25 +9,24 @@ are partitions, so the sampling here works on partitions:
    one batch, which partition it holds: a ``query`` message that the ClientApp
    answers from ``context.node_config`` (two integers, no arrays). Nodes that
    join later (Deployment Engine) are asked when they first show up.
-2. `PartitionSampler.sample` shuffles the partition ids 0..N-1 with an RNG of
-   its own, seeded from ``derive_seed(seed, round, stream)``, and takes the
-   first ``count`` partitions that a connected node holds. A partition whose
-   node is gone is replaced by the next one in that order, so the others stay
-   the ones a full federation would train.
+2. `PartitionSampler.sample` ranks the partitions that a connected node holds
+   by ``derive_seed(seed, round, stream, partition)`` (a seeded shuffle of
+   their own, never the global `random` state) and takes the first
+   ``count``. A partition whose node is gone is replaced by the next one in
+   that order, so the others stay the ones a full federation would train.
 3. `SampledGrid` shows the inner Flower strategy only the chosen nodes; built
    with fraction 1.0, it sends to exactly those.
 
 Answers are untrusted: a node that does not answer (crashed, timed out) is
 logged and left out until it answers; an answer that is malformed, outside
-0..N-1 or from another partitioning (``num-partitions`` differs) is logged and
-the node is never sampled; a partition claimed twice is trained by the node
-that claimed it first (the lowest node id within one batch), the other is
-logged and kept in reserve for when the first is gone.
+0..N-1 or from another partitioning (its ``num-partitions`` is not the one
+most nodes give) is logged and the node is never sampled; a partition claimed
+twice is trained by the node that claimed it first (the lowest node id within
+one batch), the other is logged and kept in reserve for when the first is gone.
 """
 
 from __future__ import annotations
 
-import random
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -57,6 +56,18 @@ def query_reply(msg: Message, partition_id: int, num_partitions: int) -> Message
     """A node's answer to a query: the partition it holds, of how many."""
     record = ConfigRecord({"partition-id": partition_id, "num-partitions": num_partitions})
     return Message(content=RecordDict({QUERY_RECORD_KEY: record}), reply_to=msg)
+
+
+def partition_order(seed: int, server_round: int, stream: int,
+                    partitions: Iterable[int]) -> list[int]:
+    """The partitions in a round's seeded order; a round takes the first.
+
+    Each partition's rank is ``derive_seed(seed, round, stream, partition)``: a
+    seeded shuffle that depends neither on the global `random` state nor on
+    which other partitions are there, so a partition whose node is gone is
+    replaced by the next one and the rest of the choice stays.
+    """
+    return sorted(partitions, key=lambda p: derive_seed(seed, server_round, stream, p))
 
 
 def exchange(grid: Grid, messages: Sequence[Message],
@@ -133,8 +144,8 @@ class PartitionSampler:
     Parameters
     ----------
     seed : int
-        The run's seed; a round's sample is seeded by ``derive_seed(seed,
-        round, stream)``.
+        The run's seed; a round's choice is ranked by ``derive_seed(seed,
+        round, stream, partition)``.
     timeout : float
         Seconds to wait for the answers to one query batch.
 
@@ -143,14 +154,18 @@ class PartitionSampler:
     def __init__(self, seed: int, timeout: float) -> None:
         self.seed = seed
         self.timeout = timeout
-        self.claims: dict[int, int] = {}  # node id -> partition id, in the order learned
-        self.refused: dict[int, str] = {}  # node id -> why its answer was refused
-        self.num_partitions: int | None = None
+        # Well-formed answers, node id -> (partition id, num-partitions), in the
+        # order learned (one batch by node id); the first claimant of a partition wins.
+        self.answers: dict[int, tuple[int, int]] = {}
+        self.malformed: dict[int, str] = {}  # node id -> what was wrong with its answer
+        self.num_partitions: int | None = None  # the federation's: most nodes say so
+        self.claims: dict[int, int] = {}  # node id -> partition id, answers that fit
+        self.refused: dict[int, str] = {}  # node id -> why it is never sampled
         self.queried = 0  # query messages sent so far
 
     def learn(self, grid: Grid, connected: Sequence[int], server_round: int) -> float:
         """Ask the connected nodes not known yet for their partition; return the seconds."""
-        unknown = sorted(set(connected) - set(self.claims) - set(self.refused))
+        unknown = sorted(set(connected) - set(self.answers) - set(self.malformed))
         if not unknown:
             return 0.0
         started = time.perf_counter()
@@ -168,23 +183,22 @@ class PartitionSampler:
         # reply carries the SuperLink's id as its source).
         node_of = {msg.metadata.message_id: msg.metadata.dst_node_id for msg in messages}
         answers: dict[int, tuple[int, int]] = {}
-        replied: set[int] = set()
         for _, reply in replies:
-            node = node_of.get(reply.metadata.reply_to_message_id)
-            if node is None or node in replied:
-                continue
-            replied.add(node)
+            node = node_of.pop(reply.metadata.reply_to_message_id, None)
+            if node is None:
+                continue  # not ours, or a second reply to one request
             if reply.has_error():
                 log(WARNING, "round %d: node %d failed the partition query (%s); it is "
                     "not sampled until it answers", server_round, node, reply.error.reason)
                 continue
             answer, reason = _read_answer(reply)
             if answer is None:
-                self._refuse(node, reason, server_round)
+                self.malformed[node] = reason
             else:
                 answers[node] = answer
-        self._accept(answers, server_round)
-        silent = [node for node in unknown if node not in replied]
+        self.answers.update(sorted(answers.items()))
+        self._settle(server_round)
+        silent = sorted(node_of.values())
         if silent:
             log(WARNING, "round %d: %d nodes did not answer the partition query within "
                 "%gs (%s); they are not sampled until they answer", server_round,
@@ -196,15 +210,13 @@ class PartitionSampler:
 
     def sample(self, connected: Sequence[int], server_round: int, count: int,
                stream: int) -> list[int]:
-        """Node ids of the round's `count` partitions, chosen by the seeded RNG."""
+        """Node ids of the round's `count` partitions, chosen by the seeded ranking."""
         live = set(connected)
         owners: dict[int, int] = {}  # partition -> the first claimant still connected
         for node, partition in self.claims.items():
             if node in live:
                 owners.setdefault(partition, node)
-        rng = random.Random(derive_seed(self.seed, server_round, stream))
-        order = rng.sample(range(self.num_partitions or 0), self.num_partitions or 0)
-        chosen = [p for p in order if p in owners][:count]
+        chosen = partition_order(self.seed, server_round, stream, owners)[:count]
         if len(chosen) < count:
             log(WARNING, "round %d: %d clients to sample, but only %d partitions have a "
                 "node that answered the partition query", server_round, count, len(chosen))
@@ -212,37 +224,40 @@ class PartitionSampler:
             _some(sorted(chosen)))
         return [owners[p] for p in chosen]
 
-    def _accept(self, answers: dict[int, tuple[int, int]], server_round: int) -> None:
-        """Keep the well-formed answers that fit the federation; log the rest."""
-        if self.num_partitions is None and answers:
-            # The federation's partitioning: what most nodes say (ties: the smallest).
-            counts = Counter(n for _, n in answers.values())
-            self.num_partitions = max(counts, key=lambda n: (counts[n], -n))
-            log(INFO, "the federation has %d partitions (num-partitions of %d of the %d "
-                "nodes that answered)", self.num_partitions, counts[self.num_partitions],
-                len(answers))
-        held = {partition: node for node, partition in reversed(self.claims.items())}
-        for node in sorted(answers):
-            partition, num_partitions = answers[node]
-            if num_partitions != self.num_partitions:
-                self._refuse(node, f"num-partitions {num_partitions} differs from the "
-                             f"federation's {self.num_partitions}", server_round)
-            elif not 0 <= partition < num_partitions:
-                self._refuse(node, f"partition-id {partition} is outside 0.."
-                             f"{num_partitions - 1}", server_round)
+    def _settle(self, server_round: int) -> None:
+        """Recount the federation's partitions; keep the answers that fit, log the rest."""
+        counts = Counter(n for _, n in self.answers.values())
+        if not counts:
+            return
+        # What most nodes say (ties: the smallest), recounted as nodes join.
+        num_partitions = max(counts, key=lambda n: (counts[n], -n))
+        if num_partitions != self.num_partitions:
+            log(INFO if self.num_partitions is None else WARNING,
+                "the federation has %d partitions (num-partitions of %d of the %d nodes "
+                "that answered)", num_partitions, counts[num_partitions], len(self.answers))
+        self.num_partitions = num_partitions
+        claims: dict[int, int] = {}
+        refused = dict(self.malformed)
+        held: dict[int, int] = {}  # partition -> its first claimant
+        for node, (partition, n) in self.answers.items():
+            if n != num_partitions:
+                refused[node] = f"num-partitions {n} differs from the federation's " \
+                                f"{num_partitions}"
+            elif not 0 <= partition < n:
+                refused[node] = f"partition-id {partition} is outside 0..{n - 1}"
             else:
-                if partition in held:
+                if partition in held and node not in self.claims:
                     log(WARNING, "round %d: node %d claims partition %d, which node %d "
                         "holds; node %d is sampled for it only while node %d is gone",
                         server_round, node, partition, held[partition], node,
                         held[partition])
                 held.setdefault(partition, node)
-                self.claims[node] = partition
-
-    def _refuse(self, node: int, reason: str, server_round: int) -> None:
-        """Never sample a node whose answer does not fit; say why."""
-        self.refused[node] = reason
-        log(WARNING, "round %d: node %d is never sampled: %s", server_round, node, reason)
+                claims[node] = partition
+        for node, reason in refused.items():
+            if self.refused.get(node) != reason:
+                log(WARNING, "round %d: node %d is never sampled: %s", server_round, node,
+                    reason)
+        self.claims, self.refused = claims, refused
 
 
 def _read_answer(reply: Message) -> tuple[tuple[int, int] | None, str]:

@@ -13,7 +13,14 @@ from fedgan_app import client_app
 from fedgan_app.config import RunConfig
 from fedgan_app.inprocess import InProcessGrid
 from fedgan_app.models import GANConfig, build_gan, pack_gan
-from fedgan_app.sampling import QUERY_RECORD_KEY, PartitionSampler, SampledGrid
+from fedgan_app.sampling import (
+    EVALUATE_STREAM,
+    QUERY_RECORD_KEY,
+    TRAIN_STREAM,
+    PartitionSampler,
+    SampledGrid,
+    partition_order,
+)
 from fedgan_app.strategy import FedGAN, buffer_keys, make_inner_strategy
 from tests.test_strategy import CollectingSink
 
@@ -261,3 +268,38 @@ def test_the_sampled_grid_shows_only_the_sampled_nodes() -> None:
     # Assert: Flower's FedAvg (fraction 1.0) sends to exactly those nodes
     assert sorted(sampled.get_node_ids()) == [101, 103]
     assert sorted(m.metadata.dst_node_id for m in messages) == [101, 103]
+
+
+def test_a_lone_first_answer_cannot_set_the_federation_size(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Prepare: node 101 answers alone first, claiming a huge partitioning
+    grid = _grid(num_nodes=4)
+    grid.contexts[101].node_config["num-partitions"] = 10**12
+    sampler = PartitionSampler(seed=0, timeout=1.0)
+    sampler.learn(grid, [101], server_round=1)
+
+    # Execute: the others join
+    with caplog.at_level(logging.WARNING):
+        sampler.learn(grid, list(grid.contexts), server_round=2)
+        sampled = sampler.sample(list(grid.contexts), server_round=2, count=4, stream=-1)
+
+    # Assert: the federation's size is what most nodes say; 101 is refused
+    assert sampler.num_partitions == 4
+    assert sorted(sampled) == [102, 103, 104] and set(sampler.refused) == {101}
+    assert "node 101 is never sampled: num-partitions 1000000000000 differs from the " \
+        "federation's 4" in _warnings(caplog)
+
+
+def test_a_missing_partition_is_replaced_and_the_rest_of_the_choice_stays() -> None:
+    # Prepare
+    full = partition_order(9, 3, TRAIN_STREAM, range(10))
+
+    # Execute: partition full[1] has no node this round
+    without = partition_order(9, 3, TRAIN_STREAM, [p for p in range(10) if p != full[1]])
+
+    # Assert: the same order less that partition; another round or stream differs
+    assert without == [p for p in full if p != full[1]]
+    assert sorted(full) == list(range(10))
+    assert full != partition_order(9, 4, TRAIN_STREAM, range(10))
+    assert full != partition_order(9, 3, EVALUATE_STREAM, range(10))
