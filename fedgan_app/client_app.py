@@ -26,6 +26,7 @@ from fedgan_app.models import (
     split_state,
     unpack_gan,
 )
+from fedgan_app.sampling import query_reply
 from fedgan_app.training import (
     StepRecipe,
     derive_seed,
@@ -132,16 +133,27 @@ def evaluate(msg: Message, context: Context) -> Message:
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
 
 
-def _load_local_data(cfg: RunConfig, context: Context) -> tuple[int, ImageData]:
-    """Return this node's partition id and its (cached) partition."""
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Tell the server which partition this node holds (for its seeded sampling)."""
+    return query_reply(msg, *_partition_of(context))
+
+
+def _partition_of(context: Context) -> tuple[int, int]:
+    """Partition id and number of partitions, from the node's node_config."""
     try:
-        partition_id = int(context.node_config["partition-id"])
-        num_partitions = int(context.node_config["num-partitions"])
+        return (int(context.node_config["partition-id"]),
+                int(context.node_config["num-partitions"]))
     except KeyError as exc:
         raise ValueError(
             "node_config needs 'partition-id' and 'num-partitions' (simulation sets "
             "them; a SuperNode takes --node-config \"partition-id=0 num-partitions=2\")"
         ) from exc
+
+
+def _load_local_data(cfg: RunConfig, context: Context) -> tuple[int, ImageData]:
+    """Return this node's partition id and its (cached) partition."""
+    partition_id, num_partitions = _partition_of(context)
     return partition_id, load_partition(partition_spec(cfg, num_partitions), partition_id)
 
 

@@ -70,8 +70,9 @@ DEVICES = ("auto", "cpu", "cuda")
 SETTINGS: tuple[Setting, ...] = (
     # --- federation -------------------------------------------------------
     Setting("num-server-rounds", int, 20, "Federated rounds to run.", low=1),
-    Setting("fraction-train", float, 1.0, "Fraction of clients sampled each round.",
-            low=0.0, high=1.0, low_open=True),
+    Setting("fraction-train", float, 1.0,
+            "Fraction of clients sampled each round (below 1: seeded, by partition, so "
+            "the same seed trains the same clients).", low=0.0, high=1.0, low_open=True),
     Setting("fraction-evaluate", float, 0.2,
             "Fraction of clients asked each round for D's accuracy on local real "
             "vs generated images (0 turns client evaluation off).", low=0.0, high=1.0),

@@ -9,7 +9,7 @@ subprocesses. Flower's runtime is not involved, so nothing here is used by
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from flwr.app import Context, Message, RecordDict
@@ -46,14 +46,17 @@ class InProcessGrid(Grid):
     client_app : Callable[[Message, Context], Message]
         The ClientApp (``fedgan_app.client_app.app``) or any callable like it.
     num_nodes : int
-        Nodes 101, 102, ... get partition ids 0 .. num_nodes - 1.
+        Nodes 101, 102, ... (or `node_ids`) get partition ids 0 .. num_nodes - 1.
     run_config : dict[str, Any]
         The run config every node's Context carries.
     fail : Callable[[int, Message], bool] | None
         ``fail(node_id, message)`` True makes that node raise; the reply is
         then an error Message, as Flower sends one.
-    tamper : Callable[[int, Message], Message] | None
-        ``tamper(node_id, reply)`` may replace a node's (non-error) reply.
+    tamper : Callable[[int, Message], Message | None] | None
+        ``tamper(node_id, reply)`` may replace a node's (non-error) reply, or
+        return None: the reply is lost (a node that never answers).
+    node_ids : Sequence[int] | None
+        The nodes' ids, in partition order (a simulation draws them at random).
 
     """
 
@@ -63,7 +66,8 @@ class InProcessGrid(Grid):
         num_nodes: int,
         run_config: dict[str, Any],
         fail: Callable[[int, Message], bool] | None = None,
-        tamper: Callable[[int, Message], Message] | None = None,
+        tamper: Callable[[int, Message], Message | None] | None = None,
+        node_ids: Sequence[int] | None = None,
     ) -> None:
         set_task_identity()
         self.client_app = client_app
@@ -77,9 +81,12 @@ class InProcessGrid(Grid):
                 state=RecordDict(),
                 run_config=dict(run_config),
             )
-            for i, node_id in enumerate(range(101, 101 + num_nodes))
+            for i, node_id in enumerate(node_ids or range(101, 101 + num_nodes))
         }
+        if len(self.contexts) != num_nodes:
+            raise ValueError(f"{num_nodes} nodes need {num_nodes} distinct node ids")
         self.calls: list[tuple[int, str]] = []
+        self._replies: dict[str, Message] = {}  # pushed message id -> its reply
 
     def set_run(self, run_id: int) -> None:
         """Not used in process."""
@@ -99,28 +106,38 @@ class InProcessGrid(Grid):
         return list(self.contexts)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        """Not used: send_and_receive calls the ClientApp directly."""
-        raise NotImplementedError
+        """Run the ClientApp for each message now; pull_messages returns the replies."""
+        message_ids = []
+        for msg in messages:
+            # A pushed message's id is its object id, as the SuperLink's grid sets it.
+            msg.metadata.__dict__["_message_id"] = msg.object_id
+            reply = self._answer(msg)
+            if reply is not None:
+                self._replies[msg.metadata.message_id] = reply
+            message_ids.append(msg.metadata.message_id)
+        return message_ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        """Not used: send_and_receive calls the ClientApp directly."""
-        raise NotImplementedError
+        """The replies to pushed messages (each once)."""
+        return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
         """Run the ClientApp for each message and collect the replies."""
-        replies = []
-        for msg in messages:
-            node_id = msg.metadata.dst_node_id
-            self.calls.append((node_id, msg.metadata.message_type))
-            try:
-                if self.fail is not None and self.fail(node_id, msg):
-                    raise RuntimeError(f"injected failure on node {node_id}")
-                reply = self.client_app(msg, self.contexts[node_id])
-            except Exception as exc:  # Flower turns ClientApp errors into error replies
-                reply = Message(Error(code=1, reason=repr(exc)), reply_to=msg)
-            if self.tamper is not None and not reply.has_error():
-                reply = self.tamper(node_id, reply)
-            replies.append(reply)
-        return replies
+        replies = [self._answer(msg) for msg in messages]
+        return [reply for reply in replies if reply is not None]
+
+    def _answer(self, msg: Message) -> Message | None:
+        """Run the ClientApp on one message; its reply (None: lost by `tamper`)."""
+        node_id = msg.metadata.dst_node_id
+        self.calls.append((node_id, msg.metadata.message_type))
+        try:
+            if self.fail is not None and self.fail(node_id, msg):
+                raise RuntimeError(f"injected failure on node {node_id}")
+            reply = self.client_app(msg, self.contexts[node_id])
+        except Exception as exc:  # Flower turns ClientApp errors into error replies
+            reply = Message(Error(code=1, reason=repr(exc)), reply_to=msg)
+        if self.tamper is not None and not reply.has_error():
+            return self.tamper(node_id, reply)
+        return reply

@@ -44,8 +44,9 @@ WANDB_INIT_TIMEOUT_S = 30.0
 LATEST = "latest.pt"
 BEST = "best.pt"
 # Parts of the run's time measured before the commit: part -> metrics.csv column.
-ROW_TIMES = {"clients": "time-clients-s", "aggregate": "time-aggregate-s",
-             "sample": "time-sample-s", "eval": "eval-time-s"}
+ROW_TIMES = {"query": "time-query-s", "clients": "time-clients-s",
+             "aggregate": "time-aggregate-s", "sample": "time-sample-s",
+             "eval": "eval-time-s"}
 # Settings a resumed run may change without changing what the run computes.
 RESUME_MAY_CHANGE = frozenset(
     {"num-server-rounds", "resume-from", "output-dir", "run-name", "wandb-mode",

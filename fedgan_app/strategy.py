@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from pathlib import Path
@@ -54,6 +54,7 @@ from fedgan_app.checkpoint import CheckpointError
 from fedgan_app.config import ConfigError, RunConfig
 from fedgan_app.metadata import MetadataError, TrainMetadata, decode_metadata
 from fedgan_app.models import D_PREFIX, G_PREFIX
+from fedgan_app.sampling import EVALUATE_STREAM, TRAIN_STREAM, PartitionSampler, SampledGrid
 
 ARRAYS_KEY = "arrays"
 METRICS_KEY = "metrics"
@@ -95,6 +96,16 @@ def buffer_keys(generator: nn.Module, discriminator: nn.Module) -> frozenset[str
 def sampled_per_round(cfg: RunConfig, num_nodes: int) -> int:
     """Clients sampled each round (as Flower's FedAvg samples them)."""
     return max(int(num_nodes * cfg.fraction_train), 1)
+
+
+def evaluated_per_round(cfg: RunConfig, num_nodes: int) -> int:
+    """Clients asked for D's accuracy each round (as Flower's FedAvg samples them)."""
+    return max(int(num_nodes * cfg.fraction_evaluate), 1)
+
+
+def samples_clients(cfg: RunConfig) -> bool:
+    """Whether some rounds take only a fraction of the clients (then seeded sampling)."""
+    return cfg.fraction_train < 1 or 0 < cfg.fraction_evaluate < 1
 
 
 def rule_min_replies(cfg: RunConfig) -> tuple[int, str]:
@@ -140,10 +151,14 @@ def check_federation(cfg: RunConfig, num_nodes: int) -> None:
 
 
 def make_inner_strategy(cfg: RunConfig, num_nodes: int) -> Strategy:
-    """Flower's strategy for the 'strategy' setting, with its documented settings."""
+    """Flower's strategy for the 'strategy' setting, with its documented settings.
+
+    It sends to every node of the grid it is given: FedGAN samples (seeded) and
+    gives it a grid of the sampled nodes.
+    """
     common: dict[str, Any] = {
-        "fraction_train": cfg.fraction_train,
-        "fraction_evaluate": cfg.fraction_evaluate,
+        "fraction_train": 1.0,
+        "fraction_evaluate": 1.0 if cfg.fraction_evaluate > 0 else 0.0,
         "min_train_nodes": 1,
         "min_evaluate_nodes": 1 if cfg.fraction_evaluate > 0 else 0,
         "min_available_nodes": 1,
@@ -200,7 +215,8 @@ class FedGAN(Strategy):
     Parameters
     ----------
     strategy : Strategy
-        The inner Flower strategy; it samples clients and aggregates the
+        The inner Flower strategy (built by `make_inner_strategy`: fraction
+        1.0); it sends to the nodes FedGAN sampled and aggregates the
         parameters of the replies that passed every check.
     cfg : RunConfig
         The run's settings (schedule, checks, the rule's name).
@@ -230,6 +246,10 @@ class FedGAN(Strategy):
         self._sent_messages: list[Message] = []
         self._sent_at = time.perf_counter()
         self._validations = 0  # checks run this round: one per reply, never more
+        # Seeded sampling by partition when a round takes only some clients.
+        self.sampler = (PartitionSampler(cfg.seed, cfg.round_timeout)
+                        if samples_clients(cfg) else None)
+        self._query_s = 0.0
 
     def summary(self) -> None:
         """Log the wrapper's checks, then the inner strategy's settings."""
@@ -240,6 +260,10 @@ class FedGAN(Strategy):
         log(INFO, "\t├──> inner strategy %s on %d parameter arrays; %d buffers %s",
             type(self.strategy).__name__, len(self._params), len(self._buffers),
             "by median" if self.cfg.strategy in ROBUST_STRATEGIES else "by weighted mean")
+        if self.sampler is not None:
+            log(INFO, "\t├──> seeded sampling by partition: fraction-train %g, "
+                "fraction-evaluate %g (the inner strategy sends to the sampled nodes)",
+                self.cfg.fraction_train, self.cfg.fraction_evaluate)
         self.strategy.summary()
 
     def configure_train(
@@ -255,10 +279,18 @@ class FedGAN(Strategy):
         })
         # Kept to measure each client's update against it.
         self._global = {k: v.numpy() for k, v in arrays.items()}
-        # The inner strategy samples nodes and keeps the parameters it will step
-        # from; every client gets the whole model, buffers included.
+        # The round's nodes (seeded, by partition), then the inner strategy keeps
+        # the parameters it will step from; every client gets the whole model.
+        self._query_s = 0.0
+        if self.cfg.fraction_train < 1:
+            grid = self._sampled_grid(grid, server_round, sampled_per_round, TRAIN_STREAM)
+        elif self.sampler is not None:  # only client evaluation samples: learn now
+            self._query_s = self.sampler.learn(grid, list(grid.get_node_ids()),
+                                               server_round)
         params = ArrayRecord({k: arrays[k] for k in self._params})
-        messages = list(self.strategy.configure_train(server_round, params, config, grid))
+        # No node answered the partition query: nothing is sent, the round is refused.
+        messages = ([] if isinstance(grid, SampledGrid) and not grid.node_ids else
+                    list(self.strategy.configure_train(server_round, params, config, grid)))
         for msg in messages:
             msg.content[ARRAYS_KEY] = arrays
         # Kept to count replies missing after the timeout, and to name the node of an
@@ -299,6 +331,8 @@ class FedGAN(Strategy):
             # messaging, idle slots), and of the checks and the aggregation.
             "time-clients-s": started - self._sent_at,
             "time-aggregate-s": time.perf_counter() - started,
+            # Seconds configure_train spent asking new nodes for their partition.
+            "time-query-s": self._query_s,
         })
         self.sink.record_train(server_round, {k: float(v) for k, v in row.items()},
                                list(screened.rows.values()), self.state())
@@ -308,8 +342,13 @@ class FedGAN(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Ask clients for D's accuracy on the global model."""
-        return self.strategy.configure_evaluate(self.sink.absolute(server_round), arrays,
-                                                config, grid)
+        server_round = self.sink.absolute(server_round)
+        if 0 < self.cfg.fraction_evaluate < 1:
+            grid = self._sampled_grid(grid, server_round, evaluated_per_round,
+                                      EVALUATE_STREAM)
+            if not grid.node_ids:
+                return []
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
@@ -381,6 +420,20 @@ class FedGAN(Strategy):
                     list(ordered.values()) if slot == "momentum_vector" else ordered)
         log(INFO, "restored the %s server optimizer state (%s) from %s", self.cfg.strategy,
             ", ".join(restored), source)
+
+    def _sampled_grid(self, grid: Grid, server_round: int,
+                      per_round: Callable[[RunConfig, int], int],
+                      stream: int) -> SampledGrid:
+        """The grid of this round's seeded sample of partitions (new nodes asked first)."""
+        assert self.sampler is not None
+        # Nobody to ask yet: wait for a node, as Flower's own sampling does.
+        while not (connected := list(grid.get_node_ids())):
+            log(INFO, "round %d: waiting for nodes to connect", server_round)
+            time.sleep(1)
+        self._query_s += self.sampler.learn(grid, connected, server_round)
+        nodes = self.sampler.sample(connected, server_round,
+                                    per_round(self.cfg, len(connected)), stream)
+        return SampledGrid(grid, nodes)
 
     def _screen(self, server_round: int, replies: list[Message]) -> _Screened:
         """Validate each reply once, then screen update norms; one row per reply."""
