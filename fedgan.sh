@@ -37,7 +37,7 @@ setup() {
   echo "fedgan: installing into $VENV (first time: a few minutes)" >&2
   [[ -x "$VENV/bin/python" ]] || "$PYTHON" -m venv "$VENV"
   "$VENV/bin/python" -m pip install --quiet --upgrade pip
-  # torch first, exact pin: pip then takes the local CPU wheel (STACK.md).
+  # torch first, exact pin: pip then takes the local CPU wheel.
   "$VENV/bin/python" -m pip install --quiet "torch==2.13.0"
   "$VENV/bin/python" -m pip install --quiet -e ".[dev]"
   echo "$want" >"$stamp"

@@ -49,6 +49,7 @@ BASE = {"diffaugment": "none", "generator-ema": 0.0}
 DA = {"diffaugment": "translation,cutout"}
 SNGAN = {"d-norm": "spectral", "gan-loss": "hinge"}
 WIDE = {"g-width": 64}
+FAST = {"lr-generator": 1e-3, "lr-discriminator": 1e-3}
 CANDIDATES: dict[str, tuple[dict[str, Any], int, int]] = {
     "baseline (old default)": ({}, 100, 32),
     "diffaugment": ({**DA}, 100, 32),
@@ -60,6 +61,10 @@ CANDIDATES: dict[str, tuple[dict[str, Any], int, int]] = {
     "projection-wide-sngan-da": ({**WIDE, **SNGAN, **DA, "conditional": True,
                                   "conditioning": "projection"}, 50, 32),
     "acgan-da": ({**DA, "conditional": True}, 50, 32),
+    "diffaugment-lr1e-3": ({**DA, **FAST}, 50, 32),
+    "acgan-da-lr1e-3": ({**DA, **FAST, "conditional": True}, 50, 32),
+    "projection-da-lr1e-3": ({**DA, **FAST, "conditional": True,
+                              "conditioning": "projection"}, 50, 32),
 }
 
 
@@ -145,7 +150,8 @@ def main() -> None:
     names = [n for n in CANDIDATES if not args.only or any(n.startswith(o) for o in args.only)]
     if args.quick:
         args.images, args.eval_samples, args.seeds = 3_200, 100, args.seeds[:1]
-    out = RUNS_DIR / ("recipe-quick" if args.quick else "recipe")
+    # One results file per budget: a candidate's runs at another budget never mix.
+    out = RUNS_DIR / ("recipe-quick" if args.quick else f"recipe-{args.images // 1000}k")
     header = machine_header()
     jobs = {f"{n}|{s}": partial(run_candidate, n, s, args.images, args.eval_samples,
                                 str(out)) for n in names for s in args.seeds}
@@ -153,7 +159,9 @@ def main() -> None:
     # The report shows every candidate and seed run so far, not only this call's.
     done = [n for n in CANDIDATES if any(k.startswith(n + "|") for k in results)]
     seeds = sorted({int(k.rsplit("|", 1)[1]) for k in results})
-    text = report(results, done, seeds, header)
+    text = report(results, done, seeds,
+                  f"{header}\n\nBudget: {args.images:,} images seen in all by {NUM_CLIENTS} "
+                  f"clients (iid); quality from {args.eval_samples} samples.")
     target = (out if args.quick else RESULTS_DIR) / "recipe.md"
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(text)

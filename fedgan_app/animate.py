@@ -189,7 +189,7 @@ def load_run(run_dir: Path) -> RunView:
         rounds=tuple(rounds),
         clients=clients,
         num_rounds=int(num_rounds) if isinstance(num_rounds, int | float) else None,
-        aggregation=str(config.get("aggregation", "")),
+        aggregation=str(config.get("strategy", config.get("aggregation", ""))),
         num_classes=num_classes,
     )
 

@@ -366,7 +366,7 @@ def _installed_version(distribution: str) -> str:
 
 
 # --------------------------------------------------------------------------
-# Caches: keyed on what defines the result, never on nothing (STYLE rule 5)
+# Caches: keyed on what defines the result, never on nothing
 # --------------------------------------------------------------------------
 
 

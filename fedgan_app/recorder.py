@@ -4,9 +4,10 @@ The strategy pushes what it learns in a round (counts, client metrics, one row
 per reply, the server optimizer's state) and the evaluate callback pushes the
 sample grid and quality metrics; `Recorder.commit` then ends the round in one
 order: the metrics and clients rows, latest.pt (the commit point), best.pt,
-and the per-round refresh of the outputs (progress.gif, plots). Round numbers
-are the run's own: a resumed run's `Strategy.start` counts from 1 again, and
-`Recorder.absolute` is the one place that adds the checkpoint's round.
+and the per-round refresh of the outputs (plots, progress.gif, federation.gif,
+dashboard page). Round numbers are the run's own: a resumed run's
+`Strategy.start` counts from 1 again, and `Recorder.absolute` is the one place
+that adds the checkpoint's round.
 
 Resume lives here too: `load_resume` reads and checks the checkpoint named by
 'resume-from', `run_folder` picks the folder to continue in.
@@ -90,6 +91,13 @@ class Recorder:
         self.best_round = resume.best_round if resume else None
         # The server-side EMA generator's packed state (None: the run keeps none).
         self.ema_state = resume.ema_state if resume else None
+        if self.ema_state is not None and cfg.generator_ema <= 0:
+            # An EMA nobody updates would be sampled, scored and kept as best.pt
+            # for the rest of the run: the resumed run uses the raw generator.
+            log(WARNING, "Resume: %s holds an EMA generator but generator-ema is 0: "
+                "it is dropped and the raw generator is sampled from here on",
+                resume_path)
+            self.ema_state = None
         self.outputs: list[Output] = []
         self._wandb: WandbRun | None = None
         self._strategy_state: dict[str, Any] = dict(resume.strategy_state) if resume else {}

@@ -11,7 +11,15 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedgan_app.config import RunConfig
 from fedgan_app.data import load_server_split, partition_spec
-from fedgan_app.models import GANConfig, Generator, build_gan, gan_config, pack_gan, pick_device
+from fedgan_app.models import (
+    GANConfig,
+    Generator,
+    buffer_keys,
+    build_gan,
+    gan_config,
+    pack_gan,
+    pick_device,
+)
 from fedgan_app.quality import (
     QualityJudge,
     class_grid,
@@ -21,7 +29,7 @@ from fedgan_app.quality import (
     update_ema,
 )
 from fedgan_app.recorder import Recorder, load_resume, resume_arrays, run_folder
-from fedgan_app.strategy import FedGAN, buffer_keys, check_federation, make_inner_strategy
+from fedgan_app.strategy import FedGAN, check_federation, make_inner_strategy
 
 app = ServerApp()
 
@@ -81,7 +89,12 @@ def make_evaluate_fn(
         if local_round > 0 and cfg.generator_ema > 0:
             recorder.set_ema_state(update_ema(recorder.ema_state, arrays, cfg.generator_ema))
         start = time.perf_counter()
-        generator = generator_from(recorder.ema_state or arrays, gan_cfg, device, cfg.seed)
+        last = server_round == cfg.num_server_rounds
+        sample = local_round == 0 or server_round % cfg.sample_every == 0 or last
+        score = local_round > 0 and (server_round % cfg.eval_every == 0 or last)
+        # G is rebuilt (and its BatchNorm statistics recomputed) only when used.
+        generator = (generator_from(recorder.ema_state or arrays, gan_cfg, device, cfg.seed)
+                     if sample or score else None)
         if local_round == 0:
             # Before round 1 only the starting grid; a resumed run has it already.
             if not recorder.resumed:
@@ -89,16 +102,17 @@ def make_evaluate_fn(
             recorder.refresh()  # the dashboard page exists before round 1
             recorder.start_clock()
             return None
-        last = server_round == cfg.num_server_rounds
-        if server_round % cfg.sample_every == 0 or last:
+        if sample:
             _record_grids(recorder, server_round, generator, noise, device)
         timing = {"time-sample-s": time.perf_counter() - start}
         quality: dict[str, float] = {}
-        if server_round % cfg.eval_every == 0 or last:
+        if score:
             quality = judge.evaluate(generator, device)
             if recorder.ema_state is not None:
                 raw = judge.evaluate(generator_from(arrays, gan_cfg, device, cfg.seed), device)
+                raw_seconds = raw.pop("eval-time-s")
                 quality.update({f"raw-{k}": v for k, v in raw.items()})
+                quality["eval-time-s"] += raw_seconds  # both scorings are evaluation time
         return MetricRecord(recorder.commit(server_round, arrays, {**quality, **timing}))
 
     return evaluate_fn

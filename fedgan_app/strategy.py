@@ -48,12 +48,10 @@ from flwr.serverapp.strategy import (
     MultiKrum,
     Strategy,
 )
-from torch import nn
 
 from fedgan_app.checkpoint import CheckpointError
 from fedgan_app.config import ConfigError, RunConfig
 from fedgan_app.metadata import MetadataError, TrainMetadata, decode_metadata
-from fedgan_app.models import D_PREFIX, G_PREFIX
 from fedgan_app.sampling import EVALUATE_STREAM, TRAIN_STREAM, PartitionSampler, SampledGrid
 
 ARRAYS_KEY = "arrays"
@@ -83,14 +81,6 @@ class RoundSink(Protocol):
 
     def record_evaluate(self, server_round: int, row: dict[str, float]) -> None:
         """Take a round's aggregated client-evaluation metrics."""
-
-
-def buffer_keys(generator: nn.Module, discriminator: nn.Module) -> frozenset[str]:
-    """Packed keys of the models' buffers (BatchNorm running stats and counters)."""
-    return frozenset(
-        [G_PREFIX + name for name, _ in generator.named_buffers()]
-        + [D_PREFIX + name for name, _ in discriminator.named_buffers()]
-    )
 
 
 def sampled_per_round(cfg: RunConfig, num_nodes: int) -> int:

@@ -220,6 +220,9 @@ class Output(Protocol):
     def log_samples(self, server_round: int, grid: np.ndarray) -> None:
         """Record the sample grid of a round (uint8, (H, W, 3))."""
 
+    def log_class_samples(self, server_round: int, grid: np.ndarray) -> None:
+        """Record a conditional run's per-class grid of a round (one row per class)."""
+
     def log_summary(self, summary: Mapping[str, Any]) -> None:
         """Merge values into the run summary."""
 

@@ -12,7 +12,7 @@ from flwr.app import ConfigRecord, Message
 from fedgan_app import client_app
 from fedgan_app.config import RunConfig
 from fedgan_app.inprocess import InProcessGrid
-from fedgan_app.models import GANConfig, build_gan, pack_gan
+from fedgan_app.models import GANConfig, buffer_keys, build_gan, pack_gan
 from fedgan_app.sampling import (
     EVALUATE_STREAM,
     QUERY_RECORD_KEY,
@@ -21,7 +21,7 @@ from fedgan_app.sampling import (
     SampledGrid,
     partition_order,
 )
-from fedgan_app.strategy import FedGAN, buffer_keys, make_inner_strategy
+from fedgan_app.strategy import FedGAN, make_inner_strategy
 from tests.test_strategy import CollectingSink
 
 ROUNDS = 6

@@ -32,8 +32,8 @@ from fedgan_app.checkpoint import CheckpointError
 from fedgan_app.config import STRATEGIES, ConfigError, RunConfig
 from fedgan_app.inprocess import InProcessGrid
 from fedgan_app.metadata import METADATA_KEY, encode_metadata
-from fedgan_app.models import GANConfig, build_gan, pack_gan
-from fedgan_app.strategy import FedGAN, buffer_keys, check_federation, make_inner_strategy
+from fedgan_app.models import GANConfig, buffer_keys, build_gan, pack_gan
+from fedgan_app.strategy import FedGAN, check_federation, make_inner_strategy
 from tests.test_metadata import _OsSystem, make_meta
 
 GAN = GANConfig()
