@@ -34,4 +34,7 @@ def tiny_run_config(tmp_path: Path) -> dict[str, Any]:
         "output-dir": str(tmp_path / "outputs"),
         "run-name": "test-run",
         "wandb-mode": "disabled",
+        # One torch thread per client: the adaptive share (0) follows whatever else
+        # runs on the machine, and other thread counts sum floats in another order.
+        "client-threads": 1,
     }

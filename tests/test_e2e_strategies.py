@@ -1,64 +1,95 @@
-"""Every strategy end to end: `flwr run` on one private SuperLink, tiny configs.
+"""Every strategy end to end through `flwr run`, tiny configs.
 
-Each run trains 1 round of 1 local step on as few nodes as its rule needs
-(krum, multikrum and bulyan need 2f+3 and 4f+3 replies: 3 nodes with f=0)
-and must complete with every reply validated exactly once: `replies-validated`
-equals the number of nodes, and clients.csv holds one accepted row per node.
-The runs are submitted a few at a time to the shared SuperLink, which runs
-them side by side, so their start-up costs overlap.
+Each run trains 1 round of 1 local step on 3 nodes (krum, multikrum and bulyan
+need 2f+3 and 4f+3 replies: 3 with f=0) and must complete with every reply
+validated exactly once: `replies-validated` equals the number of nodes, and
+clients.csv holds one accepted row per node.
+
+The runs go through Flower's Deployment Engine (`deploy.launch.Deployment`: a
+SuperLink and 3 SuperNodes as processes on loopback, TLS and SuperNode
+authentication), one after another on the same federation: a run there costs a
+ServerApp and a ClientApp process per node, while a simulation run would start
+a Ray cluster each time. Every strategy also runs in process
+(`InProcessGrid`: the same strategy, validation and recorder code).
 """
 
 from __future__ import annotations
 
 import csv
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from deploy.credentials import generate_credentials
+from deploy.launch import Deployment
+from fedgan_app import client_app as client_module
+from fedgan_app import server_app as server_module
 from fedgan_app.checkpoint import load_checkpoint
 from fedgan_app.config import STRATEGIES
-from tests.flwr_local import LocalFlower
+from fedgan_app.inprocess import InProcessGrid, server_context
 
-pytestmark = pytest.mark.e2e
-
-NODES = {"krum": 3, "multikrum": 3, "bulyan": 3}  # 2f+3 and 4f+3 with f = 0; else 2
-SIDE_BY_SIDE = 2  # runs at once (3 on 2 busy cores timed out starting Ray: 30 s)
+NODES = 3  # krum, multikrum (2f+3) and bulyan (4f+3) with f = 0
 # Server-optimizer state each strategy checkpoints (the others keep none).
 STATE_SLOTS = {"fedavgm": {"momentum_vector"}, "fedadam": {"m_t", "v_t"},
                "fedadagrad": {"m_t", "v_t"}, "fedyogi": {"m_t", "v_t"}}
 
 
+def _settings(name: str) -> dict:
+    """The tiny run of one strategy."""
+    return {"strategy": name, "num-malicious-clients": 0, "num-server-rounds": 1,
+            "local-steps": 1, "batch-size": 8, "eval-samples": 10,
+            "fraction-evaluate": 0.0, "wandb-mode": "disabled", "run-name": name}
+
+
 @pytest.fixture(scope="module")
 def finished_runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
-    """Run every strategy once; strategy -> (status, run folder, nodes)."""
-    home = tmp_path_factory.mktemp("flwr-home")
+    """Run every strategy once on one deployment; strategy -> (status, run folder)."""
+    work = tmp_path_factory.mktemp("deployment")
     out = tmp_path_factory.mktemp("outputs")
-    flower = LocalFlower(home)
-    flower.env["OMP_NUM_THREADS"] = "1"
-    pending = list(STRATEGIES)
-    running: dict[str, int] = {}
-    results: dict[str, tuple[str, Path, int]] = {}
-    try:
-        while pending or running:
-            while pending and len(running) < SIDE_BY_SIDE:
-                name = pending.pop(0)
-                config = (f"strategy='{name}' num-malicious-clients=0 num-server-rounds=1 "
-                          "local-steps=1 batch-size=8 eval-samples=10 fraction-evaluate=0.0 "
-                          f"wandb-mode='disabled' output-dir='{out}' run-name='{name}'")
-                running[name], _ = flower.run_app(config, nodes=NODES.get(name, 2),
-                                                  stream=False, cpus_per_client=2)
-            for name, run_id in list(running.items()):
-                status = flower.status(run_id)
-                if status.startswith("finished"):
-                    results[name] = (status, out / name, NODES.get(name, 2))
-                    del running[name]
-            time.sleep(1)
+    credentials = generate_credentials(tmp_path_factory.mktemp("credentials"), NODES)
+    results: dict[str, tuple[str, Path]] = {}
+    with Deployment(work, credentials) as deployment:
+        deployment.start_superlink()
+        node_ids = deployment.register([credentials.node_public_key(i) for i in range(NODES)])
+        nodes = [deployment.start_supernode(i, NODES) for i in range(NODES)]
+        deployment.wait_online(node_ids, nodes)
+        for name in STRATEGIES:
+            config = " ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}"
+                              for k, v in {**_settings(name), "output-dir": str(out)}.items())
+            result = deployment.run_app([config], timeout=300)
+            results[name] = (result.status, out / name, result.output)
         yield results
-    finally:
-        flower.stop()
-    assert flower.superlink_pids() == [], "SuperLink left running"
+        deployment.stop()
+        assert deployment.processes() == [], "processes of the deployment left running"
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_strategy_runs_through_flwr_run_and_validates_each_reply_once(
+    name: str, finished_runs: dict
+) -> None:
+    # Prepare / Execute: the shared runs above
+    status, run_dir, output = finished_runs[name]
+
+    # Assert: completed; each reply validated once, accepted, weighted
+    assert status == "finished:completed", output[-3000:]
+    _assert_one_round(name, run_dir, NODES)
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_strategy_runs_in_process_and_validates_each_reply_once(
+    name: str, tmp_path: Path
+) -> None:
+    # Prepare: the real ServerApp and ClientApps behind an in-process grid
+    config = {**_settings(name), "output-dir": str(tmp_path)}
+    grid = InProcessGrid(client_module.app, num_nodes=NODES, run_config=config)
+
+    # Execute
+    server_module.main(grid, server_context(config))
+
+    # Assert: each reply validated once, accepted, weighted; the rule's state kept
+    _assert_one_round(name, tmp_path / name, NODES)
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:
@@ -66,15 +97,8 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-@pytest.mark.parametrize("name", STRATEGIES)
-def test_strategy_runs_end_to_end_and_validates_each_reply_once(
-    name: str, finished_runs: dict
-) -> None:
-    # Prepare / Execute: the shared runs above
-    status, run_dir, nodes = finished_runs[name]
-
-    # Assert: completed; each reply validated once, accepted, weighted
-    assert status == "finished:completed", name
+def _assert_one_round(name: str, run_dir: Path, nodes: int) -> None:
+    """One completed round: every reply validated once and accepted, state checkpointed."""
     (row,) = _read_csv(run_dir / "metrics.csv")
     assert float(row["replies-validated"]) == nodes
     assert float(row["replies-accepted"]) == nodes

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -76,7 +77,7 @@ def test_a_resumed_run_numbers_rounds_after_the_checkpoint_and_keeps_its_state(
     tmp_path: Path,
 ) -> None:
     # Prepare: a run folder at round 4 with an EMA generator and optimizer state
-    cfg = _cfg(tmp_path)
+    cfg = replace(_cfg(tmp_path), generator_ema=0.9)
     run_dir = run_folder(cfg, None)
     latest = run_dir / "checkpoints" / "latest.pt"
     ema = {"generator.w": torch.ones(3)}
@@ -97,6 +98,25 @@ def test_a_resumed_run_numbers_rounds_after_the_checkpoint_and_keeps_its_state(
     assert (after.server_round, after.best_round, after.best_metric) == (5, 3, 10.0)
     assert torch.equal(after.ema_state["generator.w"], ema["generator.w"])
     assert [r["round"] for r in _read_csv(run_dir / "metrics.csv")] == ["5"]
+
+
+def test_a_resumed_run_without_ema_drops_the_checkpoints_frozen_ema(tmp_path: Path) -> None:
+    # Prepare: a checkpoint with an EMA generator; the resumed run has generator-ema 0
+    cfg = _cfg(tmp_path)
+    assert cfg.generator_ema == 0
+    run_dir = run_folder(cfg, None)
+    latest = run_dir / "checkpoints" / "latest.pt"
+    save_checkpoint(Checkpoint(state=ARRAYS.to_torch_state_dict(), server_round=4,
+                               config={}, ema_state={"generator.w": torch.ones(3)}), latest)
+
+    # Execute
+    recorder = Recorder(cfg, run_folder(cfg, latest), load_checkpoint(latest), latest)
+    recorder.open()
+    _round(recorder, 1, fid=20.0)
+
+    # Assert: nothing samples the frozen EMA; the next checkpoint holds none
+    assert recorder.ema_state is None
+    assert load_checkpoint(latest).ema_state is None
 
 
 def test_the_row_is_committed_before_latest_and_latest_before_best(tmp_path: Path) -> None:
