@@ -45,7 +45,10 @@ EVALUATIONS = 4  # quality at 1/4, 1/2, 3/4 and all of the budget
 METRICS = ("fid", "classifier-score", "class-coverage", "density", "coverage")
 
 # name -> (settings, local steps, batch): rounds follow from the image budget.
-BASE = {"diffaugment": "none", "generator-ema": 0.0}
+# The old app's recipe under every candidate, so each names only what it changes
+# (the app's defaults have since moved to the chosen recipe).
+BASE = {"diffaugment": "none", "generator-ema": 0.0, "lr-generator": 2e-4,
+        "lr-discriminator": 2e-4}
 DA = {"diffaugment": "translation,cutout"}
 SNGAN = {"d-norm": "spectral", "gan-loss": "hinge"}
 WIDE = {"g-width": 64}

@@ -82,13 +82,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("round-timeout", float, 600.0, "Seconds the server waits for replies.",
             low=0.0, low_open=True),
     # --- local training (FedGAN agents) -----------------------------------
-    Setting("local-steps", int, 100,
+    Setting("local-steps", int, 50,
             "FedGAN's synchronisation interval K: local adversarial steps per round.",
             low=1),
     Setting("batch-size", int, 32, "Images per local step.", low=1, high=4096),
-    Setting("lr-generator", float, 2e-4, "Adam learning rate of G (before decay).",
+    Setting("lr-generator", float, 1e-3, "Adam learning rate of G (before decay).",
             low=0.0, high=1.0, low_open=True),
-    Setting("lr-discriminator", float, 2e-4, "Adam learning rate of D (before decay).",
+    Setting("lr-discriminator", float, 1e-3, "Adam learning rate of D (before decay).",
             low=0.0, high=1.0, low_open=True),
     Setting("adam-beta1", float, 0.5, "Adam beta1 (DCGAN uses 0.5).", low=0.0, high=1.0,
             high_open=True),
@@ -112,7 +112,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("gan-loss", str, "bce",
             "Adversarial loss: 'bce' (non-saturating, DCGAN) or 'hinge' (SNGAN/BigGAN).",
             choices=GAN_LOSSES),
-    Setting("diffaugment", str, "none",
+    Setting("diffaugment", str, "translation,cutout",
             "DiffAugment policy applied to real and generated images before D (Zhao "
             "et al. 2020; for small data).", choices=DIFFAUGMENT_POLICIES),
     Setting("generator-ema", float, 0.0,
@@ -123,9 +123,10 @@ SETTINGS: tuple[Setting, ...] = (
             "BatchNorm statistics: 'average' them on the server, or keep them 'local' "
             "on each client (FedBN); the server recomputes G's statistics from noise "
             "for sampling either way.", choices=BATCHNORM_POLICIES),
-    Setting("conditional", bool, False,
-            "Train a class-conditional GAN (G and D see the label).", ),
-    Setting("conditioning", str, "acgan",
+    Setting("conditional", bool, True,
+            "Train a class-conditional GAN (G and D see the label); false: unconditional.",
+            ),
+    Setting("conditioning", str, "projection",
             "How a conditional D uses the label: 'acgan' (auxiliary classifier, as in "
             "the FedGAN paper) or 'projection' (Miyato & Koyama 2018).",
             choices=CONDITIONINGS),

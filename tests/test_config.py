@@ -138,7 +138,7 @@ def test_int_accepted_for_float_key() -> None:
 
 def test_lr_schedule_decays_every_n_rounds() -> None:
     # Prepare
-    cfg = RunConfig.defaults(lr_decay_every=2, lr_decay_factor=0.5)
+    cfg = RunConfig.defaults(lr_generator=2e-4, lr_decay_every=2, lr_decay_factor=0.5)
 
     # Execute
     rates = [cfg.lr_at(r)[0] for r in range(1, 6)]

@@ -45,7 +45,8 @@ def _run(root: Path, **settings: Any) -> Path:
 def ema_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An unconditional run with an EMA generator: two rounds, so the EMA differs from G."""
     return _run(tmp_path_factory.mktemp("ema"), **{"num-server-rounds": 2,
-                                                    "generator-ema": 0.5})
+                                                    "generator-ema": 0.5,
+                                                    "conditional": False})
 
 
 @pytest.fixture(scope="module")
