@@ -37,4 +37,6 @@ def tiny_run_config(tmp_path: Path) -> dict[str, Any]:
         # One torch thread per client: the adaptive share (0) follows whatever else
         # runs on the machine, and other thread counts sum floats in another order.
         "client-threads": 1,
+        # The tests' runs are unconditional unless a test asks for a conditional one.
+        "conditional": False,
     }

@@ -345,7 +345,8 @@ def test_fedprox_sends_mu_and_every_client_gets_the_whole_model() -> None:
 
 def test_configure_train_sends_schedule_and_settings() -> None:
     # Prepare: round 1 of a run resumed after round 2 is the run's round 3
-    strategy, _ = _strategy(offset=2, lr_decay_every=1, lr_decay_factor=0.5, local_steps=7)
+    strategy, _ = _strategy(offset=2, lr_decay_every=1, lr_decay_factor=0.5, local_steps=7,
+                              lr_generator=2e-4)
 
     # Execute
     messages = _configure(strategy, _reference(), num_nodes=2)
