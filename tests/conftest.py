@@ -8,7 +8,14 @@ from typing import Any
 
 import pytest
 
-from fedgan_app.inprocess import set_task_identity
+# One torch thread in every test process and in every process a test starts
+# (Flower's SuperLink, SuperNodes, ServerApp and ClientApp processes inherit it):
+# pytest-xdist runs one test file per core, and on a core shared with another
+# process, torch's spinning worker threads burn CPU time waiting for each other.
+# Set before torch is imported (it sizes its thread pool once).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from fedgan_app.inprocess import set_task_identity  # noqa: E402  (after the thread count)
 
 # Quiet network probes and W&B in every test process.
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
