@@ -29,8 +29,7 @@ os.environ.setdefault("FEDGAN_CACHE_DIR", str(REPO_ROOT / ".cache" / "test"))
 set_task_identity()
 
 
-@pytest.fixture
-def tiny_run_config(tmp_path: Path) -> dict[str, Any]:
+def tiny_settings(output_dir: Path) -> dict[str, Any]:
     """A run config small enough for in-process tests (seconds, not minutes)."""
     return {
         "num-server-rounds": 2,
@@ -38,10 +37,19 @@ def tiny_run_config(tmp_path: Path) -> dict[str, Any]:
         "batch-size": 16,
         "eval-every": 2,
         "eval-samples": 100,
-        "output-dir": str(tmp_path / "outputs"),
+        # No client evaluation: the evaluate handler is covered by the `flwr run`
+        # test (tests/test_e2e.py) and its sampling by tests/test_sampling.py.
+        "fraction-evaluate": 0.0,
+        "output-dir": str(output_dir),
         "run-name": "test-run",
         "wandb-mode": "disabled",
         # One torch thread per client: the adaptive share (0) follows whatever else
         # runs on the machine, and other thread counts sum floats in another order.
         "client-threads": 1,
     }
+
+
+@pytest.fixture
+def tiny_run_config(tmp_path: Path) -> dict[str, Any]:
+    """A run config small enough for in-process tests, writing under tmp_path/outputs."""
+    return tiny_settings(tmp_path / "outputs")
