@@ -12,10 +12,13 @@ crash mid-write never corrupts the previous checkpoint. Loads use
 
 from __future__ import annotations
 
+import fcntl
 import os
 import pickle
 import tempfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,6 +81,30 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `folder` (made if missing) for the block.
+
+    Processes that would build the same cache file at once take turns: the
+    first builds it, the next ones find it. A folder that cannot be made or
+    locked (read-only, a file system without locks) runs the block unlocked.
+    """
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass  # no locks here: build unlocked, as before
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def save_checkpoint(checkpoint: Checkpoint, path: Path) -> None:

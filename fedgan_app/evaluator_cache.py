@@ -6,6 +6,8 @@ split definition + seed) joined with the evaluator's own recipe
 that full key is stored in the file and checked on load, so a changed
 dataset, split or evaluator recipe never reuses a stale evaluator. Files are
 written atomically; an unreadable or foreign file is logged and replaced.
+Processes that need an evaluator at the same moment take turns (a lock on the
+cache folder): one trains it, the others load its file.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 import torch
 from flwr.common.logger import log
 
-from fedgan_app.checkpoint import atomic_torch_save
+from fedgan_app.checkpoint import atomic_torch_save, folder_lock
 from fedgan_app.evaluation import EVALUATOR_RECIPE, Evaluator, train_evaluator
 
 CACHE_FORMAT = "fedgan-evaluator-v1"
@@ -71,25 +73,27 @@ def load_or_train_evaluator(
         "image_size": int(images.shape[-1]),
         "num_classes": num_classes,
     }
-    if path.exists():
-        loaded = _load(path, key, expected_args)
-        if loaded is not None:
-            log(
-                logging.INFO,
-                "Loaded quality evaluator from %s (held-out accuracy %.4f)",
-                path,
-                loaded[1],
-            )
-            return loaded[0], loaded[1], False
-    start = time.perf_counter()
-    evaluator, accuracy = train_evaluator(images, labels, num_classes, seed)
-    log(
-        logging.INFO,
-        "Trained quality evaluator in %.1f s (held-out accuracy %.4f)",
-        time.perf_counter() - start,
-        accuracy,
-    )
-    _save_atomic(path, key, evaluator, accuracy)
+    # One process trains, others wanting the same evaluator wait and then load it.
+    with folder_lock(path.parent):
+        if path.exists():
+            loaded = _load(path, key, expected_args)
+            if loaded is not None:
+                log(
+                    logging.INFO,
+                    "Loaded quality evaluator from %s (held-out accuracy %.4f)",
+                    path,
+                    loaded[1],
+                )
+                return loaded[0], loaded[1], False
+        start = time.perf_counter()
+        evaluator, accuracy = train_evaluator(images, labels, num_classes, seed)
+        log(
+            logging.INFO,
+            "Trained quality evaluator in %.1f s (held-out accuracy %.4f)",
+            time.perf_counter() - start,
+            accuracy,
+        )
+        _save_atomic(path, key, evaluator, accuracy)
     return evaluator, accuracy, True
 
 

@@ -8,7 +8,14 @@ from typing import Any
 
 import pytest
 
-from fedgan_app.inprocess import set_task_identity
+# One torch thread in every test process and in every process a test starts
+# (Flower's SuperLink, SuperNodes, ServerApp and ClientApp processes inherit it):
+# pytest-xdist runs one test file per core, and on a core shared with another
+# process, torch's spinning worker threads burn CPU time waiting for each other.
+# Set before torch is imported (it sizes its thread pool once).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from fedgan_app.inprocess import set_task_identity  # noqa: E402  (after the thread count)
 
 # Quiet network probes and W&B in every test process.
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
@@ -22,8 +29,7 @@ os.environ.setdefault("FEDGAN_CACHE_DIR", str(REPO_ROOT / ".cache" / "test"))
 set_task_identity()
 
 
-@pytest.fixture
-def tiny_run_config(tmp_path: Path) -> dict[str, Any]:
+def tiny_settings(output_dir: Path) -> dict[str, Any]:
     """A run config small enough for in-process tests (seconds, not minutes)."""
     return {
         "num-server-rounds": 2,
@@ -31,7 +37,10 @@ def tiny_run_config(tmp_path: Path) -> dict[str, Any]:
         "batch-size": 16,
         "eval-every": 2,
         "eval-samples": 100,
-        "output-dir": str(tmp_path / "outputs"),
+        # No client evaluation: the evaluate handler is covered by the `flwr run`
+        # test (tests/test_e2e.py) and its sampling by tests/test_sampling.py.
+        "fraction-evaluate": 0.0,
+        "output-dir": str(output_dir),
         "run-name": "test-run",
         "wandb-mode": "disabled",
         # One torch thread per client: the adaptive share (0) follows whatever else
@@ -40,3 +49,9 @@ def tiny_run_config(tmp_path: Path) -> dict[str, Any]:
         # The tests' runs are unconditional unless a test asks for a conditional one.
         "conditional": False,
     }
+
+
+@pytest.fixture
+def tiny_run_config(tmp_path: Path) -> dict[str, Any]:
+    """A run config small enough for in-process tests, writing under tmp_path/outputs."""
+    return tiny_settings(tmp_path / "outputs")

@@ -83,7 +83,7 @@ class Federation:
 @pytest.fixture(scope="module")
 def federation(credentials: Credentials,
                tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
-    """One SuperLink shared by the run test and the refused-node test; stopped after."""
+    """One SuperLink shared by the run, refused-node and killed-node tests; stopped after."""
     workdir = tmp_path_factory.mktemp("federation")
     dep = Deployment(workdir, credentials)
     try:
@@ -141,37 +141,6 @@ def _kill_when_training(node: SuperNode, killed: threading.Event,
 
 
 @pytest.mark.e2e
-def test_killed_supernode_is_counted_failed_and_run_finishes(credentials: Credentials,
-                                                             tmp_path: Path) -> None:
-    # Prepare: two nodes; node 1 is SIGKILLed while it trains in round 1.
-    # Flower answers for a node that misses its heartbeats (within 2 x 30 s) with
-    # an error reply, "Node Unavailable": a failed reply, as long as the round
-    # waits that long (round-timeout); a shorter timeout would count it missing.
-    with Deployment(tmp_path / "deployment", credentials) as dep:
-        dep.start_superlink()
-        node_ids = dep.register([credentials.node_public_key(i) for i in range(2)])
-        nodes = [dep.start_supernode(i, 2) for i in range(2)]
-        dep.wait_online(node_ids, nodes)
-        killed = threading.Event()
-        killer = threading.Thread(target=_kill_when_training, args=(nodes[1], killed))
-        killer.start()
-
-        # Execute
-        result = dep.run_app(_run_config(tmp_path / "outputs", 1, **{"round-timeout": "300"}),
-                             timeout=600)
-        killer.join()
-
-    # Assert: the kill happened mid-run, the run completed, the failure is counted
-    assert killed.is_set() and nodes[1].process.returncode == -signal.SIGKILL
-    assert result.completed, result.output[-3000:]
-    (row,) = _read_csv(tmp_path / "outputs" / "run" / "metrics.csv")
-    assert float(row["replies-accepted"]) == 1, row
-    assert float(row["replies-failed"]) == 1, row
-    assert float(row["replies-missing"]) == 0, row
-    assert dep.processes() == [], "processes of the deployment left running"
-
-
-@pytest.mark.e2e
 def test_ctrl_c_stops_every_process(tmp_path: Path) -> None:
     # Prepare: the command line a user runs, marked so its processes can be found
     marker = f"test-{os.getpid()}-{time.monotonic_ns()}"
@@ -204,7 +173,7 @@ def test_ctrl_c_stops_every_process(tmp_path: Path) -> None:
     assert processes_with_marker(marker) == []
 
 
-# The two tests below share one SuperLink (module fixture `federation`); they come
+# The three tests below share one SuperLink (module fixture `federation`); they come
 # last, so it is stopped right after them and idles beside no other test.
 
 
@@ -251,6 +220,33 @@ def test_supernode_with_unregistered_key_is_refused(federation: Federation) -> N
     listed = {int(n["node-id"]): n["status"] for n in federation.deployment.list_nodes()}
     assert listed == {node_id: "online" for node_id in federation.node_ids}
     assert all(node.process.poll() is None for node in federation.nodes)
+
+
+@pytest.mark.e2e
+def test_killed_supernode_is_counted_failed_and_run_finishes(federation: Federation) -> None:
+    # Prepare: node 1 is SIGKILLed while it trains in round 1 (this test comes
+    # last: the federation has one registered node left after it).
+    # Flower answers for a node that misses its heartbeats (within 2 x 30 s) with
+    # an error reply, "Node Unavailable": a failed reply, as long as the round
+    # waits that long (round-timeout); a shorter timeout would count it missing.
+    node = federation.nodes[1]
+    outputs = federation.outputs / "killed"
+    killed = threading.Event()
+    killer = threading.Thread(target=_kill_when_training, args=(node, killed))
+    killer.start()
+
+    # Execute
+    result = federation.deployment.run_app(
+        _run_config(outputs, 1, **{"round-timeout": "300"}), timeout=600)
+    killer.join()
+
+    # Assert: the kill happened mid-run, the run completed, the failure is counted
+    assert killed.is_set() and node.process.wait(timeout=30) == -signal.SIGKILL
+    assert result.completed, result.output[-3000:]
+    (row,) = _read_csv(outputs / "run" / "metrics.csv")
+    assert float(row["replies-accepted"]) == 1, row
+    assert float(row["replies-failed"]) == 1, row
+    assert float(row["replies-missing"]) == 0, row
 
 
 def _wait_for_text(path: Path, text: str, timeout: float) -> str:

@@ -16,10 +16,10 @@ from tests.flwr_local import LocalFlower
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture
-def flower(tmp_path: Path) -> Iterator[LocalFlower]:
-    """A private Flower home; its SuperLink is stopped after the test."""
-    local = LocalFlower(tmp_path / "flwr-home")
+@pytest.fixture(scope="module")
+def flower(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFlower]:
+    """A private Flower home shared by the module's runs; its SuperLink is stopped after."""
+    local = LocalFlower(tmp_path_factory.mktemp("flwr-home"))
     try:
         yield local
     finally:
@@ -34,8 +34,8 @@ def test_flwr_run_writes_every_output(flower: LocalFlower, tmp_path: Path) -> No
                   f"eval-samples=200 fraction-evaluate=1.0 output-dir='{out}' "
                   f"run-name='e2e' wandb-mode='offline'")
 
-    # Execute
-    run_id, output = flower.run_app(run_config, nodes=2)
+    # Execute (cpus_per_client=2: one Ray actor trains both nodes, one torch import)
+    run_id, output = flower.run_app(run_config, nodes=2, cpus_per_client=2)
 
     # Assert: the run completed (flwr run exits 0 even when it failed)
     assert flower.status(run_id) == "finished:completed", output[-3000:]
@@ -65,7 +65,8 @@ def test_bad_setting_fails_the_run_before_training(flower: LocalFlower,
     out = tmp_path / "outputs"
 
     # Execute
-    run_id, output = flower.run_app(f"partitioner='random' output-dir='{out}'", nodes=2)
+    run_id, output = flower.run_app(f"partitioner='random' output-dir='{out}'", nodes=2,
+                                    cpus_per_client=2)
 
     # Assert: failed, with the key named, and nothing written
     assert flower.status(run_id) == "finished:failed"

@@ -32,10 +32,6 @@ APP_PROCESSES = ("flwr-simulation", "flwr-serverapp")
 def flower(tmp_path: Path) -> Iterator[LocalFlower]:
     """A private Flower home; its SuperLink is stopped after the test."""
     local = LocalFlower(tmp_path / "flwr-home")
-    # One torch thread per process: on a busy machine, threads waiting for each
-    # other slow the server's evaluation several times (set before the SuperLink
-    # starts: its processes inherit it).
-    local.env["OMP_NUM_THREADS"] = "1"
     try:
         yield local
     finally:
@@ -62,18 +58,24 @@ def _kill_server_app(flower: LocalFlower) -> None:
 
 def _wait_for_round(latest: Path, flower: LocalFlower, run_id: int,
                     server_round: int, timeout: float = 240) -> None:
-    """Poll until latest.pt holds `server_round` (fail if the run ends first)."""
+    """Poll until latest.pt holds `server_round` (fail if the run ends first).
+
+    The checkpoint is read only when its file changed, and the run's status
+    (a `flwr ls` process, seconds of CPU) asked every 15 s.
+    """
     deadline = time.monotonic() + timeout
-    polls = 0
+    ask_at, seen = time.monotonic() + 15, None
     while time.monotonic() < deadline:
         try:
-            if load_checkpoint(latest).server_round >= server_round:
+            stamp = latest.stat().st_mtime_ns
+            if stamp != seen and load_checkpoint(latest).server_round >= server_round:
                 return
-        except CheckpointError:
+            seen = stamp
+        except (FileNotFoundError, CheckpointError):
             pass  # not written yet
-        polls += 1
-        if polls % 25 == 0:
+        if time.monotonic() >= ask_at:
             assert not flower.status(run_id).startswith("finished"), "run ended early"
+            ask_at = time.monotonic() + 15
         time.sleep(0.2)
     raise TimeoutError(f"{latest} did not reach round {server_round} in {timeout}s")
 
@@ -89,10 +91,12 @@ def test_sigkilled_server_resumes_in_a_new_run(flower: LocalFlower, tmp_path: Pa
     # is checkpointed
     out = tmp_path / "outputs"
     run_dir = out / "e2e-resume"
-    config = (f"local-steps=3 batch-size=32 eval-every=2 "
-              f"eval-samples=100 output-dir='{out}' run-name='e2e-resume' "
+    config = (f"local-steps=1 batch-size=16 eval-every=2 "
+              f"eval-samples=10 output-dir='{out}' run-name='e2e-resume' "
               "wandb-mode='offline'")
-    first_id, _ = flower.run_app(f"num-server-rounds=1000 {config}", nodes=2, stream=False)
+    # cpus_per_client=2: one Ray actor trains both nodes (one torch import, not two)
+    first_id, _ = flower.run_app(f"num-server-rounds=1000 {config}", nodes=2, stream=False,
+                                 cpus_per_client=2)
     _wait_for_round(run_dir / "checkpoints" / "latest.pt", flower, first_id,
                     KILL_AFTER_ROUND)
     _kill_server_app(flower)
@@ -103,7 +107,8 @@ def test_sigkilled_server_resumes_in_a_new_run(flower: LocalFlower, tmp_path: Pa
 
     # Execute: resume from the run folder in a new run
     second_id, output = flower.run_app(
-        f"num-server-rounds={rounds_total} {config} resume-from='{run_dir}'", nodes=2)
+        f"num-server-rounds={rounds_total} {config} resume-from='{run_dir}'", nodes=2,
+        cpus_per_client=2)
 
     # Assert: completed, every round exactly once, the same W&B run continued
     assert flower.status(second_id) == "finished:completed", output[-3000:]

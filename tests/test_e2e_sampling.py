@@ -8,8 +8,9 @@ Both runs go to one private SuperLink side by side, so their start-up overlaps.
 from __future__ import annotations
 
 import csv
-import time
+import json
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -21,27 +22,31 @@ pytestmark = pytest.mark.e2e
 
 NODES, ROUNDS, SEED = 4, 2, 5
 CONFIG = ("fraction-train=0.5 fraction-evaluate=0.0 num-server-rounds=2 local-steps=1 "
-          f"batch-size=8 eval-samples=10 seed={SEED} wandb-mode='disabled'")
+          f"batch-size=8 eval-samples=10 client-threads=1 seed={SEED} wandb-mode='disabled'")
 
 
 @pytest.fixture(scope="module")
 def run_folders(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, tuple]]:
     """Run the same config twice at once; name -> (status, run folder)."""
     flower = LocalFlower(tmp_path_factory.mktemp("flwr-home"))
-    flower.env["OMP_NUM_THREADS"] = "1"
     out = tmp_path_factory.mktemp("outputs")
+    names = ("first", "second")
     try:
-        runs = {name: flower.run_app(f"{CONFIG} output-dir='{out}' run-name='{name}'",
-                                     nodes=NODES, stream=False, cpus_per_client=2)[0]
-                for name in ("first", "second")}
-        results = {}
-        while len(results) < len(runs):
-            for name, run_id in runs.items():
-                status = flower.status(run_id)
-                if status.startswith("finished"):
-                    results[name] = (status, out / name)
-            time.sleep(1)
-        yield results
+        # Any CLI call starts the local SuperLink; two first `flwr run`s would race
+        # to start one each.
+        assert flower.flwr("ls", timeout=120).returncode == 0
+        # Each `flwr run --stream` returns when its run has ended: no status polling
+        # (each `flwr ls` is a CLI process of its own).
+        with ThreadPoolExecutor(len(names)) as pool:
+            run_ids = dict(zip(names, pool.map(
+                lambda name: flower.run_app(f"{CONFIG} output-dir='{out}' run-name='{name}'",
+                                            nodes=NODES, cpus_per_client=2)[0],
+                names), strict=True))
+        listed = flower.flwr("ls", "--format", "json", timeout=60)
+        status = {int(run["run-id"]): run["status"]
+                  for run in json.loads(listed.stdout)["runs"]}
+        yield {name: (status.get(run_id, "not listed"), out / name)
+               for name, run_id in run_ids.items()}
     finally:
         flower.stop()
     assert flower.superlink_pids() == [], "SuperLink left running"

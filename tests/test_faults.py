@@ -33,6 +33,7 @@ from fedgan_app.inprocess import InProcessGrid, server_context
 from fedgan_app.metadata import METADATA_KEY
 from fedgan_app.models import ModelShapeError
 from fedgan_app.server_app import main
+from tests.conftest import tiny_settings
 from tests.test_metadata import _getattr_chain, _OsSystem
 
 RUN_NAME = "test-run"
@@ -193,35 +194,56 @@ TAMPERED_UPDATES: dict[str, tuple[Callable[[dict], None], str]] = {
 }
 
 
-@pytest.mark.parametrize("name", list(TAMPERED_UPDATES))
-def test_tampered_update_is_dropped_and_the_global_model_stays_finite(
-    name: str, tiny_run_config: dict
-) -> None:
-    # Prepare: 3 nodes (the norm screen needs 3 replies); node 103 tampers every round
-    edit, column = TAMPERED_UPDATES[name]
-    run_config = _config(tiny_run_config)
+@pytest.fixture(scope="module")
+def tampered_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """One run with a different tampering in each round: (run folder, global models).
+
+    3 nodes (the norm screen needs 3 replies); in round r node 103 sends its
+    update edited by the r-th entry of TAMPERED_UPDATES. The global models are
+    the arrays each round starts from (round r's result is what round r+1 sends;
+    the last round's is latest.pt).
+    """
+    names = list(TAMPERED_UPDATES)
+    run_config = {**tiny_settings(tmp_path_factory.mktemp("tampered")), "local-steps": 2,
+                  "num-server-rounds": len(names), "eval-every": len(names)}
 
     def tamper(node_id: int, reply: Message) -> Message:
         if node_id == 103 and _is_train(reply):
             state = reply.content["arrays"].to_torch_state_dict()
+            edit, _ = TAMPERED_UPDATES[names[len(hook.sent) - 1]]
             edit(state)
             reply.content["arrays"] = ArrayRecord(state)
         return reply
 
-    grid = InProcessGrid(client_app.app, num_nodes=3, run_config=run_config,
+    hook = _SentArrays(lambda node_id, server_round: False)
+    grid = InProcessGrid(client_app.app, num_nodes=3, run_config=run_config, fail=hook,
                          tamper=tamper)
-
-    # Execute
     main(grid, server_context(run_config))
-
-    # Assert
     run_dir = _run_dir(run_config)
-    rows = _read_csv(run_dir / "metrics.csv")
-    for row in rows:
-        assert _num(row, "replies-dropped") == 1 and _num(row, column) == 1, row
-        assert _num(row, "replies-accepted") == 2
-    state = _assert_finite_checkpoint(run_dir, 2)
-    # Nothing of a x1000 model got in: DCGAN weights and BN stats stay small.
+    models = {r: hook.sent[r + 1] for r in range(1, len(names))}
+    models[len(names)] = _assert_finite_checkpoint(run_dir, len(names))
+    return run_dir, models
+
+
+@pytest.mark.parametrize("name", list(TAMPERED_UPDATES))
+def test_tampered_update_is_dropped_and_the_global_model_stays_finite(
+    name: str, tampered_run: tuple[Path, dict]
+) -> None:
+    # Prepare / Execute: the shared run above, node 103 tampering with `name` in
+    # this round
+    run_dir, models = tampered_run
+    server_round = list(TAMPERED_UPDATES).index(name) + 1
+    _, column = TAMPERED_UPDATES[name]
+
+    # Assert: that round dropped the one reply for its reason and kept the others
+    row = _read_csv(run_dir / "metrics.csv")[server_round - 1]
+    assert row["round"] == str(server_round)
+    assert _num(row, "replies-dropped") == 1 and _num(row, column) == 1, row
+    assert _num(row, "replies-accepted") == 2
+    # The round's global model is finite, and nothing of a x1000 model got in:
+    # DCGAN weights and BN stats stay small.
+    state = models[server_round]
+    assert all(torch.isfinite(v.double()).all() for v in state.values())
     assert max(float(v.double().abs().max()) for v in state.values()
                if v.is_floating_point()) < 50
 

@@ -34,6 +34,7 @@ from fedgan_app.checkpoint import (
 )
 from fedgan_app.config import ConfigError
 from fedgan_app.inprocess import InProcessGrid, server_context
+from tests.conftest import tiny_settings
 
 TRAIN = "train"
 
@@ -87,15 +88,15 @@ def _run(run_config: dict[str, Any], crash_in_round: int | None = None) -> Recor
     return grid
 
 
-@pytest.fixture
-def resume_config(tiny_run_config: dict[str, Any],
-                  monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+def _resume_settings(output_dir: Path) -> dict[str, Any]:
     """Tiny run config: 2 local steps, quality only after the last round."""
-    # One torch thread (clients read it): on a busy machine two threads that wait
-    # for each other made a step several times slower.
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    return {**tiny_run_config, "local-steps": 2, "eval-every": 100,
-            "fraction-evaluate": 0.0}
+    return {**tiny_settings(output_dir), "local-steps": 2, "eval-every": 100}
+
+
+@pytest.fixture
+def resume_config(tmp_path: Path) -> dict[str, Any]:
+    """The tiny resume config, writing under tmp_path/outputs."""
+    return _resume_settings(tmp_path / "outputs")
 
 
 def test_crash_after_round_two_then_resume_to_four(
@@ -154,28 +155,56 @@ def test_crash_after_round_two_then_resume_to_four(
                            resumed.sent[3]["generator.net.0.weight"])  # it trained
 
 
+def _memoryless_config(resume_config: dict[str, Any], strategy: str,
+                       out: Path) -> dict[str, Any]:
+    """3 rounds with adam-beta1 = adam-beta2 = 0, writing under `out`."""
+    return {**resume_config, "num-server-rounds": 3, "adam-beta1": 0.0, "adam-beta2": 0.0,
+            "lr-generator": 1e-4, "lr-discriminator": 1e-4, "strategy": strategy,
+            "output-dir": str(out)}
+
+
+@pytest.fixture(scope="module")
+def memoryless_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
+    """Per strategy: (an uninterrupted run's folder, one whose server died in round 3).
+
+    Both run with adam-beta1 = adam-beta2 = 0, the one setting where the
+    clients' lost Adam moments cannot matter (see `_memoryless_config`);
+    with fedadam the server's own Adam moments must come back from the
+    checkpoint. Tests resume from copies of the crashed folder.
+    """
+    runs = {}
+    for strategy in ("fedavg", "fedadam"):
+        root = tmp_path_factory.mktemp(strategy)
+        config = _memoryless_config(_resume_settings(root), strategy, root / "whole")
+        _run(config)
+        _run({**config, "output-dir": str(root / "split")}, crash_in_round=3)
+        runs[strategy] = (root / "whole" / "test-run", root / "split" / "test-run")
+    return runs
+
+
+def _resume_copy(memoryless_runs: dict[str, tuple[Path, Path]], strategy: str,
+                 tmp_path: Path) -> tuple[dict[str, Any], Path, Path]:
+    """(resume config, whole run folder, crashed run folder copied under tmp_path)."""
+    whole_dir, split_dir = memoryless_runs[strategy]
+    copy = tmp_path / "split" / "test-run"
+    shutil.copytree(split_dir, copy)
+    config = _memoryless_config(_resume_settings(tmp_path), strategy, tmp_path / "split")
+    return {**config, "resume-from": str(copy)}, whole_dir, copy
+
+
 @pytest.mark.parametrize("strategy", ["fedavg", "fedadam"])
 def test_resume_equals_an_uninterrupted_run_when_adam_keeps_no_state(
-    strategy: str, resume_config: dict[str, Any], tmp_path: Path
+    strategy: str, memoryless_runs: dict[str, tuple[Path, Path]], tmp_path: Path
 ) -> None:
-    # Prepare: adam-beta1 = adam-beta2 = 0, the one setting where the clients'
-    # lost Adam moments cannot matter; the server dies as round 3 starts. With
-    # fedadam the server's own Adam moments must come back from the checkpoint.
-    config = {**resume_config, "num-server-rounds": 3, "adam-beta1": 0.0,
-              "adam-beta2": 0.0, "lr-generator": 1e-4, "lr-discriminator": 1e-4,
-              "strategy": strategy}
-    whole = {**config, "output-dir": str(tmp_path / "whole")}
-    split = {**config, "output-dir": str(tmp_path / "split")}
-    split_dir = tmp_path / "split" / "test-run"
+    # Prepare: the uninterrupted run and the crashed one (fixture above)
+    resume, whole_dir, split_dir = _resume_copy(memoryless_runs, strategy, tmp_path)
+    at_crash = load_checkpoint(split_dir / "checkpoints" / "latest.pt")
 
     # Execute
-    _run(whole)
-    _run(split, crash_in_round=3)
-    at_crash = load_checkpoint(split_dir / "checkpoints" / "latest.pt")
-    _run({**split, "resume-from": str(split_dir)})
+    _run(resume)
 
     # Assert: the same final G and D, bit for bit, and the same client losses
-    whole_ckpt = load_checkpoint(tmp_path / "whole" / "test-run" / "checkpoints" / "latest.pt")
+    whole_ckpt = load_checkpoint(whole_dir / "checkpoints" / "latest.pt")
     split_ckpt = load_checkpoint(split_dir / "checkpoints" / "latest.pt")
     _assert_same_state(whole_ckpt.state, split_ckpt.state)
     _assert_same_state({k: v for k, v in whole_ckpt.strategy_state.items() if k != "strategy"},
@@ -192,22 +221,16 @@ def test_resume_equals_an_uninterrupted_run_when_adam_keeps_no_state(
         return sorted((r["round"], r["partition-id"], r["loss-d"], r["loss-g"])
                       for r in _read_csv(path))
 
-    assert losses(split_dir / "clients.csv") == losses(
-        tmp_path / "whole" / "test-run" / "clients.csv")
+    assert losses(split_dir / "clients.csv") == losses(whole_dir / "clients.csv")
 
 
 def test_resume_without_the_optimizer_state_would_differ(
-    resume_config: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    memoryless_runs: dict[str, tuple[Path, Path]], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Prepare: as above with fedadam, but the resumed run is denied the moments
+    # Prepare: the fedadam runs above, but the resumed run is denied the moments
     # (the checkpoint's strategy_state is dropped on load): the test above can fail
-    config = {**resume_config, "num-server-rounds": 3, "adam-beta1": 0.0,
-              "adam-beta2": 0.0, "strategy": "fedadam"}
-    whole = {**config, "output-dir": str(tmp_path / "whole")}
-    split = {**config, "output-dir": str(tmp_path / "split")}
-    split_dir = tmp_path / "split" / "test-run"
-    _run(whole)
-    _run(split, crash_in_round=3)
+    resume, whole_dir, split_dir = _resume_copy(memoryless_runs, "fedadam", tmp_path)
     real_load = recorder.load_checkpoint
 
     def load_without_state(path: Path) -> Checkpoint:
@@ -218,11 +241,10 @@ def test_resume_without_the_optimizer_state_would_differ(
     monkeypatch.setattr(recorder, "load_checkpoint", load_without_state)
 
     # Execute
-    _run({**split, "resume-from": str(split_dir)})
+    _run(resume)
 
     # Assert
-    whole_state = load_checkpoint(
-        tmp_path / "whole" / "test-run" / "checkpoints" / "latest.pt").state
+    whole_state = load_checkpoint(whole_dir / "checkpoints" / "latest.pt").state
     split_state = load_checkpoint(split_dir / "checkpoints" / "latest.pt").state
     assert not torch.equal(whole_state["generator.net.0.weight"],
                            split_state["generator.net.0.weight"])
