@@ -95,20 +95,10 @@ run() {
 }
 
 federation_config() {
-  # One CPU per client: Ray runs as many clients at a time as there are cores,
-  # and the clients share the cores among themselves (client-threads = 0), so a
-  # short last wave leaves no core idle. With NVIDIA GPUs, the clients running
-  # at the same time share them (a fractional client-resources-num-gpus).
-  local clients="${FEDGAN_CLIENTS:-5}" cores gpus running
-  cores="$(nproc)"
-  local config="num-supernodes=$clients client-resources-num-cpus=1"
-  gpus="$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || true)"
-  if (( gpus > 0 )); then
-    running=$(( clients < cores ? clients : cores ))
-    config+=" client-resources-num-gpus=$(awk -v g="$gpus" -v n="$running" \
-      'BEGIN { printf "%.4g", (g < n ? g / n : 1) }')"
-  fi
-  echo "$config"
+  # All the clients of a round at once, each with an equal fraction of the cores
+  # (and of the GPUs nvidia-smi lists), sharing the cores by threads
+  # (client-threads = 0): no wave leaves a core idle. fedgan_app/cores.py says how.
+  "$VENV/bin/python" -m fedgan_app.cores "${FEDGAN_CLIENTS:-5}"
 }
 
 stop() {

@@ -38,7 +38,6 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -54,6 +53,7 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
 import torch  # noqa: E402
 
+from benchmarks.common import spread  # noqa: E402
 from benchmarks.robustness import AttackGrid, make_tamper  # noqa: E402
 from fedgan_app import client_app  # noqa: E402
 from fedgan_app.config import STRATEGIES, RunConfig  # noqa: E402
@@ -181,20 +181,9 @@ def robustness_rules(args: argparse.Namespace) -> tuple[str, ...]:
 # --- the report ---------------------------------------------------------------
 
 
-def _summary(values: list[float], digits: str = ".0f") -> str:
-    """'median (min–max)' of the values; '–' when there are none."""
-    values = [v for v in values if v == v]  # drop NaN
-    if not values:
-        return "–"
-    if len(values) == 1:
-        return format(values[0], digits)
-    return (f"{statistics.median(values):{digits}} "
-            f"({min(values):{digits}}–{max(values):{digits}})")
-
-
 def _cells(results: dict[str, dict], runs: list[Run], key: str, digits: str) -> str:
     """The summary of one metric over the runs that have results."""
-    return _summary([results[r.name][key] for r in runs if r.name in results], digits)
+    return spread([results[r.name][key] for r in runs if r.name in results], digits)
 
 
 def quality_table(results: dict[str, dict], args: argparse.Namespace,
@@ -202,8 +191,8 @@ def quality_table(results: dict[str, dict], args: argparse.Namespace,
     """Table 1: every strategy, both splits."""
     lines = ["| strategy | fid iid | fid dirichlet 0.3 | classifier-score iid "
              "| classifier-score dirichlet 0.3 | wall s (iid) |", "|---|---|---|---|---|---|"]
-    lines.append(f"| untrained G | {_summary(untrained['iid'])} | "
-                 f"{_summary(untrained['dirichlet 0.3'])} | | | |")
+    lines.append(f"| untrained G | {spread(untrained['iid'], '.0f')} | "
+                 f"{spread(untrained['dirichlet 0.3'], '.0f')} | | | |")
     for strategy in (QUICK_STRATEGIES if args.quick else STRATEGIES):
         by_split = {split: [Run(strategy, split, seed) for seed in args.seeds]
                     for split in SPLITS}

@@ -52,6 +52,7 @@ from benchmarks.common import (  # noqa: E402
     quiet_environment,
     read_rows,
 )
+from fedgan_app.cores import simulation_resources, visible_gpus  # noqa: E402
 
 PARTS = ("step", "limit", "federation", "layouts", "scale")
 STEP_BLOCK = 20  # steps per timed block
@@ -272,9 +273,12 @@ def _proc_kb(path: str, field: str) -> float:
 
 
 def run_federation(name: str, out: Path, run_config: dict[str, Any], nodes: int,
-                   cpus_per_client: int, gpus_per_client: float = 0.0,
-                   timeout: float = 3600) -> dict[str, Any]:
-    """One `flwr run` on a private SuperLink: wall time, rows, memory."""
+                   resources: dict[str, float], timeout: float = 3600) -> dict[str, Any]:
+    """One `flwr run` on a private SuperLink: wall time, rows, memory.
+
+    `resources` are the simulation's Ray settings (cores.simulation_resources
+    keys, e.g. client-resources-num-cpus), passed in --federation-config.
+    """
     from fedgan_app.local_superlink import LocalFlower
 
     home = out / "flwr-home" / name
@@ -284,9 +288,8 @@ def run_federation(name: str, out: Path, run_config: dict[str, Any], nodes: int,
     config = {**run_config, "output-dir": str(out), "run-name": name,
               "wandb-mode": run_config.get("wandb-mode", "offline")}
     text = " ".join(f"{k}={_toml(v)}" for k, v in config.items())
-    federation = (f"num-supernodes={nodes} client-resources-num-cpus={cpus_per_client}"
-                  + (f" client-resources-num-gpus={gpus_per_client}" if gpus_per_client
-                     else ""))
+    federation = " ".join([f"num-supernodes={nodes}",
+                           *(f"{key}={value:g}" for key, value in resources.items())])
     try:
         with TreeMemory(flower) as memory:
             started = time.time()
@@ -419,7 +422,8 @@ FEDERATION_CLIENTS = 5
 def part_federation(args: argparse.Namespace, cores: int, out: Path, batch: int) -> dict:
     """The default run through flwr run, whole (start-up and evaluation included)."""
     config: dict[str, Any] = {"num-server-rounds": 2, "local-steps": 5} if args.quick else {}
-    return run_federation("default", out, config, FEDERATION_CLIENTS, cpus_per_client=1)
+    resources = simulation_resources(FEDERATION_CLIENTS, cores, visible_gpus())
+    return run_federation("default", out, config, FEDERATION_CLIENTS, resources)
 
 
 def part_layouts(args: argparse.Namespace, cores: int, out: Path, batch: int) -> dict:
@@ -427,15 +431,20 @@ def part_layouts(args: argparse.Namespace, cores: int, out: Path, batch: int) ->
     rounds = 2 if args.quick else 4
     base = {"num-server-rounds": rounds, "eval-every": 1000, "fraction-evaluate": 0.0,
             "wandb-mode": "disabled"}
+    clients = FEDERATION_CLIENTS
+    slots = {"client-resources-num-cpus": 1}
     layouts = {
-        f"one client at a time, {cores} threads": ({"client-threads": cores}, cores),
-        f"{cores} clients at a time, 1 thread each": ({"client-threads": 1}, 1),
-        f"{cores} clients at a time, threads shared (adaptive, the default)":
-            ({"client-threads": 0}, 1),
+        f"one client at a time, {cores} threads": (
+            {"client-threads": cores}, {"client-resources-num-cpus": cores}),
+        f"{cores} clients at a time, 1 thread each": ({"client-threads": 1}, slots),
+        f"{cores} clients at a time, threads shared": ({"client-threads": 0}, slots),
+        f"all {clients} clients at once, 1 thread each": (
+            {"client-threads": 1}, simulation_resources(clients, cores)),
+        f"all {clients} clients at once, threads shared (the default)": (
+            {"client-threads": 0}, simulation_resources(clients, cores)),
     }
-    return {label: run_federation(f"layout-{i}", out, {**base, **extra},
-                                  FEDERATION_CLIENTS, cpus)
-            for i, (label, (extra, cpus)) in enumerate(layouts.items())}
+    return {label: run_federation(f"layout-{i}", out, {**base, **extra}, clients, resources)
+            for i, (label, (extra, resources)) in enumerate(layouts.items())}
 
 
 def part_scale(args: argparse.Namespace, cores: int, out: Path, batch: int) -> dict:
@@ -443,12 +452,15 @@ def part_scale(args: argparse.Namespace, cores: int, out: Path, batch: int) -> d
     base = {"local-steps": 5, "eval-every": 1000, "sample-every": 1000,
             "fraction-evaluate": 0.0, "wandb-mode": "disabled"}
     sizes = (10, 100) if args.quick else (10, 100, 1000)
+    # The federation `./fedgan.sh run` would use for n clients (10 of them per round).
     runs = {n: run_federation(f"scale-{n}", out, {**base, "num-server-rounds": 5,
-                                                  "fraction-train": 10 / n}, n, 1)
+                                                  "fraction-train": 10 / n}, n,
+                              simulation_resources(n, cores))
             for n in sizes}
     if not args.quick:
         runs["1000x50"] = run_federation("scale-1000x50", out, {
-            **base, "num-server-rounds": 50, "fraction-train": 0.01}, 1000, 1)
+            **base, "num-server-rounds": 50, "fraction-train": 0.01}, 1000,
+            simulation_resources(1000, cores))
     return runs
 
 

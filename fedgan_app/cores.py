@@ -16,7 +16,11 @@ process is gone.
 
 from __future__ import annotations
 
+import argparse
+import math
 import os
+import shutil
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -24,6 +28,9 @@ from types import TracebackType
 
 # Read the folder at most this often (seconds): counting is a directory listing.
 MIN_INTERVAL_S = 0.25
+# Up to this many clients per core, a simulation runs all clients of a round at
+# once; beyond it, one per core (each running client is a process holding torch).
+MAX_CLIENTS_PER_CORE = 4
 
 
 def machine_cores() -> int:
@@ -89,6 +96,73 @@ class CoreShare:
         return max(1, base + (1 if rank < extra else 0))
 
 
+def simulation_resources(clients: int, cores: int, gpus: int = 0) -> dict[str, float]:
+    """Ray resources so that the clients of a round leave no core idle.
+
+    Up to MAX_CLIENTS_PER_CORE clients per core, all the clients of a round
+    run at once: Ray is told the machine has one logical CPU per client
+    (`init-args-num-cpus`; Flower 1.41 takes only whole CPUs per client) and
+    `CoreShare` gives each client its share of the real cores in threads, more
+    as the others finish. A slot per core instead runs 5 clients on 2 cores in
+    waves of 2, 2 and 1, and the last wave runs one client on both cores,
+    which trains at ~0.6x of two one-thread clients
+    (benchmarks/results/throughput.md). Larger federations run one client per
+    core (each running client is a process holding torch, ~0.3 GB): their
+    rounds have many waves, so a short last one costs little.
+
+    Parameters
+    ----------
+    clients : int
+        Clients (SuperNodes) in the federation.
+    cores : int
+        CPU cores of the machine.
+    gpus : int
+        GPUs of the machine (0: none).
+
+    Returns
+    -------
+    dict[str, float]
+        `client-resources-num-cpus` (1), `init-args-num-cpus` (the clients
+        that run at once) and, with GPUs, `client-resources-num-gpus` (the
+        clients running at once share them).
+
+    """
+    if clients < 1 or cores < 1 or gpus < 0:
+        raise ValueError(f"need clients >= 1, cores >= 1, gpus >= 0; got {clients}, "
+                         f"{cores}, {gpus}")
+    at_once = clients if clients <= MAX_CLIENTS_PER_CORE * cores else cores
+    resources: dict[str, float] = {"client-resources-num-cpus": 1,
+                                   "init-args-num-cpus": at_once}
+    if gpus:
+        # Rounded down to 1/1000, so that Ray fits `at_once` clients on the GPUs.
+        share = math.floor(gpus * 1000 / at_once) / 1000
+        while share > 0.001 and int(gpus / share) < at_once:
+            share = round(share - 0.001, 3)
+        resources["client-resources-num-gpus"] = min(1.0, max(0.001, share))
+    return resources
+
+
+def federation_config(clients: int, cores: int | None = None, gpus: int | None = None) -> str:
+    """The `--federation-config` of a local simulation with `clients` SuperNodes."""
+    cores = cores or machine_cores()
+    gpus = visible_gpus() if gpus is None else gpus
+    resources = simulation_resources(clients, cores, gpus)
+    return " ".join([f"num-supernodes={clients}",
+                     *(f"{key}={value:g}" for key, value in resources.items())])
+
+
+def visible_gpus() -> int:
+    """NVIDIA GPUs that `nvidia-smi -L` lists (0 without the tool or a driver)."""
+    tool = shutil.which("nvidia-smi")
+    if tool is None:
+        return 0
+    try:
+        listing = subprocess.run([tool, "-L"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return sum(line.startswith("GPU ") for line in listing.stdout.splitlines())
+
+
 def _alive(pid: int) -> bool:
     """Whether a process with this id exists."""
     try:
@@ -98,3 +172,10 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Print the local simulation's "
+                                     "--federation-config for this machine.")
+    parser.add_argument("clients", type=int, help="number of SuperNodes")
+    print(federation_config(parser.parse_args().clients))

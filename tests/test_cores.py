@@ -7,7 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fedgan_app.cores import CoreShare
+import pytest
+from flwr.common.config import parse_config_args
+from flwr.supercore.utils import simulation_config_from_json
+
+from fedgan_app.cores import CoreShare, federation_config, simulation_resources
 
 # A second client: registers in the same folder, says so, and trains (sleeps).
 OTHER_CLIENT = """
@@ -87,3 +91,44 @@ def test_uneven_split_gives_the_remainder_to_the_lowest_pid(tmp_path: Path) -> N
     finally:
         other.kill()
         other.wait()
+
+
+@pytest.mark.parametrize("cores", [1, 2, 3, 7, 16, 64])
+def test_simulation_resources_run_a_rounds_clients_at_once_up_to_four_per_core(
+        cores: int) -> None:
+    for clients in range(1, 5 * cores + 2):
+        # Execute
+        resources = simulation_resources(clients, cores, gpus=1)
+
+        # Assert: Ray runs init-args-num-cpus / num-cpus clients at once (Flower's
+        # actor pool): all of them up to 4 per core, else one per core; the GPU
+        # shared by the clients running at once
+        at_once = clients if clients <= 4 * cores else cores
+        assert resources["client-resources-num-cpus"] == 1
+        assert resources["init-args-num-cpus"] == at_once
+        gpu = resources["client-resources-num-gpus"]
+        assert int(1 / gpu) >= at_once or gpu == 1.0
+        assert gpu == pytest.approx(min(1.0, 1 / at_once), abs=0.002)
+
+
+def test_simulation_resources_reject_impossible_machines() -> None:
+    # Execute / Assert
+    with pytest.raises(ValueError, match="clients >= 1"):
+        simulation_resources(0, 2)
+    with pytest.raises(ValueError, match="cores >= 1"):
+        simulation_resources(5, 0)
+
+
+def test_federation_config_is_one_that_flwr_accepts() -> None:
+    # Execute
+    text = federation_config(5, cores=2, gpus=0)
+    with_gpu = federation_config(20, cores=16, gpus=1)
+
+    # Assert: the values Flower's own parser turns into its simulation config
+    assert text == "num-supernodes=5 client-resources-num-cpus=1 init-args-num-cpus=5"
+    assert with_gpu == ("num-supernodes=20 client-resources-num-cpus=1 "
+                        "init-args-num-cpus=20 client-resources-num-gpus=0.05")
+    for config in (text, with_gpu):
+        parsed = simulation_config_from_json(
+            {k.replace("-", "_"): v for k, v in parse_config_args([config]).items()})
+        assert parsed.num_supernodes in (5, 20)
