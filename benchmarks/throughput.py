@@ -221,10 +221,15 @@ def measure_limit(settings: dict[str, Any], batch: int, processes: int, threads:
 
 
 class TreeMemory:
-    """Samples the memory of a SuperLink's whole process tree every half second."""
+    """Samples the memory of a SuperLink's whole process tree every `interval` s.
 
-    def __init__(self, flower: Any) -> None:
+    Each sample lists the processes (`ps`) and reads their /proc files: about
+    0.1 s of CPU, so the federation's own timing uses a long interval.
+    """
+
+    def __init__(self, flower: Any, interval: float) -> None:
         self.flower = flower
+        self.interval = interval
         self.samples: list[tuple[float, float, float]] = []  # (time, rss MB, pss MB)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
@@ -240,8 +245,9 @@ class TreeMemory:
     def _loop(self) -> None:
         from fedgan_app.local_superlink import descendants, process_table
 
-        while not self._stop.wait(0.5):
-            links = self.flower.superlink_pids()
+        links: list[int] = []
+        while not self._stop.wait(self.interval):
+            links = links or self.flower.superlink_pids()  # found once
             if not links:
                 continue
             table = process_table()
@@ -273,7 +279,8 @@ def _proc_kb(path: str, field: str) -> float:
 
 
 def run_federation(name: str, out: Path, run_config: dict[str, Any], nodes: int,
-                   resources: dict[str, float], timeout: float = 3600) -> dict[str, Any]:
+                   resources: dict[str, float], timeout: float = 3600,
+                   memory_interval: float = 5.0) -> dict[str, Any]:
     """One `flwr run` on a private SuperLink: wall time, rows, memory.
 
     `resources` are the simulation's Ray settings (cores.simulation_resources
@@ -291,7 +298,7 @@ def run_federation(name: str, out: Path, run_config: dict[str, Any], nodes: int,
     federation = " ".join([f"num-supernodes={nodes}",
                            *(f"{key}={value:g}" for key, value in resources.items())])
     try:
-        with TreeMemory(flower) as memory:
+        with TreeMemory(flower, memory_interval) as memory:
             started = time.time()
             proc = flower.flwr("run", ".", "--stream", "--run-config", text,
                                "--federation-config", federation, timeout=timeout)
@@ -455,12 +462,12 @@ def part_scale(args: argparse.Namespace, cores: int, out: Path, batch: int) -> d
     # The federation `./fedgan.sh run` would use for n clients (10 of them per round).
     runs = {n: run_federation(f"scale-{n}", out, {**base, "num-server-rounds": 5,
                                                   "fraction-train": 10 / n}, n,
-                              simulation_resources(n, cores))
+                              simulation_resources(n, cores), memory_interval=1.0)
             for n in sizes}
     if not args.quick:
         runs["1000x50"] = run_federation("scale-1000x50", out, {
             **base, "num-server-rounds": 50, "fraction-train": 0.01}, 1000,
-            simulation_resources(1000, cores))
+            simulation_resources(1000, cores), memory_interval=1.0)
     return runs
 
 

@@ -57,6 +57,10 @@ FRAMES_PER_ROUND = sum(n for _, n in PHASES)
 PHASE_MS = {"train": 250, "upload": 700, "aggregate": 500, "broadcast": 600}
 # A long run keeps the GIF small: at most this many rounds, evenly spaced, last included.
 MAX_GIF_ROUNDS = 40
+# Up to this many clients in the whole run, every frame draws all of them in fixed
+# places; a larger federation (clients sampled per round) draws each round's own
+# clients only, so a round's frames never change when later rounds bring new clients.
+MAX_FIXED_CLIENTS = 24
 
 UPDATE_COLOR = "#d62728"  # red: an accepted update on its way to the server
 MODEL_COLOR = "#1f77b4"  # blue: the new global model going back out
@@ -224,8 +228,8 @@ def render_federation_gif(run_dir: Path, out: Path | None = None) -> Path | None
     out = Path(out) if out is not None else Path(run_dir) / "federation.gif"
     frames: list[Any] = []
     durations: list[int] = []
-    layout = _layout_key(run)
     for view in gif_rounds(run.rounds):
+        layout = _layout_key(run, view)
         frames.extend(_cached_round_frames(Path(run_dir), run, view, layout))
         durations.extend(PHASE_MS[phase] for phase, n in PHASES for _ in range(n))
     durations[-1] += 1500  # hold the last frame before the loop restarts
@@ -274,10 +278,11 @@ class RoundFigure:
         # (artist, phases it shows in, the only train step it shows in or None)
         self._toggles: list[tuple[Any, frozenset[str], int | None]] = []
         self._replies = {r.client: r for r in view.replies}
-        self._positions = _positions(run.clients)
+        self.clients = drawn_clients(run, view)
+        self._positions = _positions(self.clients)
         self._draw_header()
         self._draw_server()
-        for client in run.clients:
+        for client in self.clients:
             self._draw_client(client)
         self._draw_inset()
         self._draw_legend()
@@ -355,14 +360,14 @@ class RoundFigure:
         from matplotlib.patches import Wedge
 
         center = self._positions[client.key]
-        radius = _client_radius(client, self.run.clients)
+        radius = _client_radius(client, self.clients)
         reply = self._replies.get(client.key)
         alpha = 1.0 if reply is not None else 0.25  # not sampled this round: faded
         for wedge in _pie(center, radius, client.histogram, self.run.num_classes):
             wedge.set_alpha(alpha)
             self.ax.add_patch(wedge)
         # Its name (and wall time) on the side away from the server, clear of arrows.
-        label = client.label if len(self.run.clients) <= 6 else client.key.removeprefix("p")
+        label = client.label if len(self.clients) <= 6 else client.key.removeprefix("p")
         if reply is not None and reply.wall_time_s is not None:
             label += f" · {reply.wall_time_s:.1f} s"
         x, y, va = _label_place(center, radius)
@@ -583,9 +588,22 @@ def _round_signature(run: RunView, view: RoundView, layout: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _layout_key(run: RunView) -> str:
-    """What the client layout depends on (every round's picture changes with it)."""
-    return repr((run.clients, run.num_classes))
+def _layout_key(run: RunView, view: RoundView) -> str:
+    """What a round's client layout depends on (its picture changes with it)."""
+    return repr((drawn_clients(run, view), run.num_classes))
+
+
+def drawn_clients(run: RunView, view: RoundView) -> tuple[Client, ...]:
+    """The clients a round's frames draw.
+
+    Every client of the run, in fixed places, while the run has at most
+    MAX_FIXED_CLIENTS; beyond that only the clients that replied in this
+    round, drawn from their replies, so the round's frames (and their cache)
+    do not depend on the clients of later rounds.
+    """
+    if len(run.clients) <= MAX_FIXED_CLIENTS:
+        return run.clients
+    return _clients({view.server_round: list(view.replies)})
 
 
 def _to_palette(frame: np.ndarray) -> Any:

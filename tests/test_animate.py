@@ -293,3 +293,43 @@ def _log_round(tracker: LocalFiles, server_round: int) -> None:
     ])
     tracker.log_samples(server_round, sample_grid(server_round))
     tracker.log_round(server_round, {"loss-d": 1.0, "loss-g": 2.0})
+
+
+def test_large_federation_draws_each_rounds_own_clients_and_redraws_only_new_rounds(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: more clients than the fixed layout holds (a cap of 2 for 3 clients);
+    # rounds 1-2 drawn, then round 3 arrives with a client never seen before
+    monkeypatch.setattr(animate, "MAX_FIXED_CLIENTS", 2)
+    run_dir = write_contract_run(tmp_path / "run", rounds=3)
+    clients_csv, metrics_csv = run_dir / "clients.csv", run_dir / "metrics.csv"
+    full_clients, full_metrics = clients_csv.read_text(), metrics_csv.read_text()
+    clients_csv.write_text("".join(line for line in full_clients.splitlines(keepends=True)
+                                   if not line.startswith("3,")))
+    metrics_csv.write_text("".join(line for line in full_metrics.splitlines(keepends=True)
+                                   if not line.startswith("3,")))
+    render_federation_gif(run_dir)
+    header, *rows = full_clients.splitlines(keepends=True)
+    new_client = next(r for r in rows if r.startswith("3,")).split(",")
+    new_client[1:3] = ["108", "7"]  # node 108 holds partition 7: new in round 3
+    clients_csv.write_text(clients_csv.read_text() + ",".join(new_client))
+    metrics_csv.write_text(full_metrics)
+    drawn: list[int] = []
+    real_figure = animate.RoundFigure
+
+    def counting_figure(run: Any, view: Any) -> Any:
+        drawn.append(view.server_round)
+        return real_figure(run, view)
+
+    monkeypatch.setattr(animate, "RoundFigure", counting_figure)
+
+    # Execute
+    frames = _frames(render_federation_gif(run_dir))
+    round_3 = _figure(run_dir, 3, "train")
+    round_1 = _figure(run_dir, 1, "train")
+
+    # Assert: only the new round was drawn; each round shows its own clients
+    assert drawn == [3]
+    assert len(frames) == 3 * FRAMES_PER_ROUND
+    assert {m for m in round_3.visible_marks() if m.startswith("pulse:")} == {"pulse:p7"}
+    assert {m for m in round_1.visible_marks() if m.startswith("pulse:")} == {
+        "pulse:p0", "pulse:p1", "pulse:p2"}
