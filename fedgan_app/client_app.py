@@ -65,8 +65,9 @@ def train(msg: Message, context: Context) -> Message:
         generator, discriminator, float(round_cfg["lr-generator"]),
         float(round_cfg["lr-discriminator"]), (cfg.adam_beta1, cfg.adam_beta2),
     )
-    _restore_optimizer(context, OPT_KEYS["g"], opt_g)
-    _restore_optimizer(context, OPT_KEYS["d"], opt_d)
+    if cfg.keeps_optimizer_state:
+        _restore_optimizer(context, OPT_KEYS["g"], opt_g)
+        _restore_optimizer(context, OPT_KEYS["d"], opt_d)
     # The server's schedule decides this round's learning rates.
     set_lr(opt_g, float(round_cfg["lr-generator"]))
     set_lr(opt_d, float(round_cfg["lr-discriminator"]))
@@ -84,8 +85,11 @@ def train(msg: Message, context: Context) -> Message:
         stats = train_gan(generator, discriminator, opt_g, opt_d, batches,
                           int(round_cfg["local-steps"]), device, rng, recipe,
                           channels_last=True, threads=share.threads if share else None)
-    _save_optimizer(context, OPT_KEYS["g"], opt_g)
-    _save_optimizer(context, OPT_KEYS["d"], opt_d)
+    if cfg.keeps_optimizer_state:
+        _save_optimizer(context, OPT_KEYS["g"], opt_g)
+        _save_optimizer(context, OPT_KEYS["d"], opt_d)
+    else:  # a sampled client's state would be stale, and held for every client
+        _drop_optimizer_state(context)
     if cfg.batchnorm == "local":
         _save_batchnorm(context, generator, discriminator)
 
@@ -201,6 +205,13 @@ def _save_optimizer(context: Context, key: str, optimizer: torch.optim.Optimizer
     context.state[key] = ArrayRecord(tensors)
     groups = json.dumps(state["param_groups"])
     context.state[key + "-groups"] = ConfigRecord({"json": groups})
+
+
+def _drop_optimizer_state(context: Context) -> None:
+    """Forget any Adam state kept in context.state."""
+    for key in OPT_KEYS.values():
+        context.state.array_records.pop(key, None)
+        context.state.config_records.pop(key + "-groups", None)
 
 
 def _restore_optimizer(

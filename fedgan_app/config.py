@@ -64,6 +64,7 @@ STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedadagrad", "fedyogi"
 # Keys that were removed, and the key that replaced each.
 REMOVED_SETTINGS = {"aggregation": "strategy"}
 PARTITIONERS = ("iid", "dirichlet", "pathological")
+OPTIMIZER_STATES = ("auto", "keep", "reset")
 WANDB_MODES = ("offline", "online", "disabled")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -168,6 +169,12 @@ SETTINGS: tuple[Setting, ...] = (
             "Torch threads per client: 0 shares the machine's cores among the clients "
             "training at that moment (no idle core in a short last wave); N fixes N.",
             low=0, high=1024),
+    Setting("client-optimizer-state", str, "auto",
+            "A client's Adam state between the rounds it trains: 'keep' it in the "
+            "node's state, 'reset' it every round, 'auto' keeps it when every client "
+            "trains every round (fraction-train 1) and resets it otherwise, so memory "
+            "does not grow with each newly sampled client of a large federation.",
+            choices=OPTIMIZER_STATES),
     # --- aggregation (server) ---------------------------------------------
     Setting("strategy", str, "fedavg",
             "Aggregation rule (a Flower strategy) behind FedGAN's reply checks: fedavg "
@@ -288,6 +295,7 @@ class RunConfig:
     wandb_project: str
     device: str
     client_threads: int
+    client_optimizer_state: str
     strategy: str
     server_lr: float
     server_momentum: float
@@ -324,6 +332,13 @@ class RunConfig:
         config = cls(**values)
         config._check_relations()
         return config
+
+    @property
+    def keeps_optimizer_state(self) -> bool:
+        """Whether a client keeps its Adam state between rounds (client-optimizer-state)."""
+        if self.client_optimizer_state == "auto":
+            return self.fraction_train >= 1.0
+        return self.client_optimizer_state == "keep"
 
     @classmethod
     def defaults(cls, **overrides: Any) -> RunConfig:

@@ -150,3 +150,14 @@ def test_lr_schedule_decays_every_n_rounds() -> None:
 def test_run_name_must_be_plain_folder_name() -> None:
     with pytest.raises(ConfigError, match="'run-name'"):
         RunConfig.from_run_config({"run-name": "../escape"})
+
+
+@pytest.mark.parametrize("policy,fraction,keeps", [
+    ("auto", 1.0, True), ("auto", 0.5, False), ("keep", 0.1, True), ("reset", 1.0, False)])
+def test_client_optimizer_state_auto_keeps_it_only_when_every_client_trains_each_round(
+        policy: str, fraction: float, keeps: bool) -> None:
+    # Execute
+    cfg = RunConfig.defaults(client_optimizer_state=policy, fraction_train=fraction)
+
+    # Assert
+    assert cfg.keeps_optimizer_state is keeps
