@@ -343,17 +343,26 @@ def _default(key: str) -> Any:
     return SETTINGS_BY_KEY[key].default
 
 
-def breakdown(run: dict[str, Any], cores: int) -> dict[str, float]:
-    """Seconds of the run per part, from its own rows, clients and summary."""
+def breakdown(run: dict[str, Any], limit: float) -> dict[str, float]:
+    """Seconds of the run per part, from its own rows, clients and summary.
+
+    The clients' phase of the rounds splits into the time the limit (the same
+    step on every core, nothing else) would need for the images the clients
+    trained, and the rest: waves that leave a core idle, more clients than
+    cores sharing them, client set-up, Flower/Ray messaging.
+    """
     rows, summary = run["rows"], run["summary"]
-    compute = sum(c.get("wall-time-s", 0.0) for c in run["clients"]) / cores
+    compute = images_trained(run) / limit
     clients = sum(r.get("time-clients-s", 0.0) for r in rows)
+    if len(rows) > 1:  # round 1's slow client phase is start-up, counted below
+        clients -= rows[0].get("time-clients-s", 0.0) - statistics.median(
+            r.get("time-clients-s", 0.0) for r in rows[1:])
     first_end = rows[0]["unix-time"] if rows else run["started"]
     startup = (first_end - run["started"]) - statistics.median(
         r["round-time-s"] for r in rows[1:]) if len(rows) > 1 else float("nan")
     parts = {
-        "client compute (train_gan, per core)": compute,
-        "slot idle, Flower/Ray messaging, (de)serialisation, client set-up":
+        "client training at the limit's speed (images / limit)": compute,
+        "rest of the clients' phase: waves, shared cores, client set-up, messaging":
             clients - compute,
         "server validation and aggregation": summary.get("time/aggregate-s", 0.0),
         "server sampling (grids, EMA)": summary.get("time/sample-s", 0.0),
@@ -538,7 +547,7 @@ def _federation_section(run: dict[str, Any], limit: float | None, cores: int) ->
         lines.append(f"- Ratio to the limit: **{rate / limit:.2f}** whole run; "
                      f"{steady_rate / limit:.2f} in those rounds.")
     lines += ["", "| part | seconds | share of the wall time |", "|---|---|---|"]
-    for part, seconds in breakdown(run, cores).items():
+    for part, seconds in (breakdown(run, limit) if limit else {}).items():
         lines.append(f"| {part} | {seconds:.1f} | {seconds / run['wall_s']:.1%} |")
     return [*lines, ""]
 
