@@ -62,13 +62,18 @@ def machine_header() -> str:
             f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC.")
 
 
-def run_in_process(run_config: dict[str, Any], num_nodes: int) -> tuple[Path, float]:
-    """Run the app (real ServerApp and ClientApps) in this process; (run folder, wall s)."""
+def run_in_process(run_config: dict[str, Any], num_nodes: int,
+                   **grid_options: Any) -> tuple[Path, float]:
+    """Run the app (real ServerApp and ClientApps) in this process; (run folder, wall s).
+
+    `grid_options` go to InProcessGrid (e.g. partition_ids, num_partitions).
+    """
     from fedgan_app import client_app
     from fedgan_app.inprocess import InProcessGrid, server_context
     from fedgan_app.server_app import main
 
-    grid = InProcessGrid(client_app.app, num_nodes=num_nodes, run_config=run_config)
+    grid = InProcessGrid(client_app.app, num_nodes=num_nodes, run_config=run_config,
+                         **grid_options)
     start = time.perf_counter()
     main(grid, server_context(run_config))
     return Path(run_config["output-dir"]) / run_config["run-name"], time.perf_counter() - start

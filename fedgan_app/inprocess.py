@@ -57,6 +57,12 @@ class InProcessGrid(Grid):
         return None: the reply is lost (a node that never answers).
     node_ids : Sequence[int] | None
         The nodes' ids, in partition order (a simulation draws them at random).
+    partition_ids : Sequence[int] | None
+        The nodes' partitions out of `num_partitions` (default: 0 ..
+        num_nodes - 1 of num_nodes), e.g. ``[3]`` with ``num_partitions=5``:
+        one node holding partition 3 of a 5-client split (a local-only run).
+    num_partitions : int | None
+        The number of partitions the data is split into (default: num_nodes).
 
     """
 
@@ -68,8 +74,15 @@ class InProcessGrid(Grid):
         fail: Callable[[int, Message], bool] | None = None,
         tamper: Callable[[int, Message], Message | None] | None = None,
         node_ids: Sequence[int] | None = None,
+        partition_ids: Sequence[int] | None = None,
+        num_partitions: int | None = None,
     ) -> None:
         set_task_identity()
+        partitions = list(partition_ids) if partition_ids is not None else list(range(num_nodes))
+        num_partitions = num_partitions or num_nodes
+        if len(partitions) != num_nodes or not all(0 <= p < num_partitions for p in partitions):
+            raise ValueError(f"{num_nodes} nodes need {num_nodes} partition ids in "
+                             f"[0, {num_partitions}), got {partitions}")
         self.client_app = client_app
         self.fail = fail
         self.tamper = tamper
@@ -77,11 +90,12 @@ class InProcessGrid(Grid):
             node_id: Context(
                 run_id=RUN_ID,
                 node_id=node_id,
-                node_config={"partition-id": i, "num-partitions": num_nodes},
+                node_config={"partition-id": partition, "num-partitions": num_partitions},
                 state=RecordDict(),
                 run_config=dict(run_config),
             )
-            for i, node_id in enumerate(node_ids or range(101, 101 + num_nodes))
+            for partition, node_id in zip(partitions, node_ids or range(101, 101 + num_nodes),
+                                          strict=False)
         }
         if len(self.contexts) != num_nodes:
             raise ValueError(f"{num_nodes} nodes need {num_nodes} distinct node ids")

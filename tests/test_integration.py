@@ -5,11 +5,14 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import pytest
 import torch
 
 from fedgan_app import client_app as client_module
 from fedgan_app.checkpoint import load_checkpoint
 from fedgan_app.client_app import OPT_KEYS
+from fedgan_app.config import RunConfig
+from fedgan_app.data import load_train_pool, partition_spec
 from fedgan_app.inprocess import InProcessGrid, server_context
 from fedgan_app.server_app import main
 
@@ -76,3 +79,54 @@ def test_a_client_failing_in_round_one_does_not_stop_the_run(tiny_run_config: di
     rows = _read_csv(Path(tiny_run_config["output-dir"]) / "test-run" / "metrics.csv")
     assert float(rows[0]["replies-failed"]) == 1 and float(rows[0]["replies-accepted"]) == 1
     assert float(rows[1]["replies-failed"]) == 0 and float(rows[1]["replies-accepted"]) == 2
+
+
+def test_one_node_can_hold_one_partition_of_a_larger_split(tiny_run_config: dict) -> None:
+    # Prepare: one node holding partition 3 of a 5-client pathological split (a
+    # local-only baseline), and one holding all the data (a centralized one)
+    config = {**tiny_run_config, "partitioner": "pathological", "num-server-rounds": 1}
+    local = InProcessGrid(client_module.app, num_nodes=1, run_config=config,
+                          partition_ids=[3], num_partitions=5)
+    pooled_config = {**tiny_run_config, "num-server-rounds": 1, "run-name": "pooled"}
+    pooled = InProcessGrid(client_module.app, num_nodes=1, run_config=pooled_config)
+
+    # Execute
+    main(local, server_context(config))
+    main(pooled, server_context(pooled_config))
+
+    # Assert: the local node trained on partition 3's two classes; the pooled node on
+    # the whole training pool (5 partitions' worth)
+    out = Path(tiny_run_config["output-dir"])
+    (local_row,) = _read_csv(out / tiny_run_config["run-name"] / "clients.csv")
+    (pooled_row,) = _read_csv(out / "pooled" / "clients.csv")
+    assert local_row["partition-id"] == "3"
+    assert int(local_row["classes"]) == 2
+    five_clients = partition_spec(RunConfig.defaults(seed=tiny_run_config.get("seed", 0)), 5)
+    assert int(pooled_row["num-examples"]) == len(load_train_pool(five_clients))
+    assert int(pooled_row["classes"]) == 10
+
+
+def test_partition_ids_must_fit_the_split(tiny_run_config: dict) -> None:
+    # Execute / Assert
+    with pytest.raises(ValueError, match="partition ids"):
+        InProcessGrid(client_module.app, num_nodes=1, run_config=tiny_run_config,
+                      partition_ids=[5], num_partitions=5)
+    with pytest.raises(ValueError, match="partition ids"):
+        InProcessGrid(client_module.app, num_nodes=2, run_config=tiny_run_config,
+                      partition_ids=[0], num_partitions=5)
+
+
+def test_reset_optimizer_state_keeps_nothing_in_the_nodes(tiny_run_config: dict) -> None:
+    # Prepare
+    config = {**tiny_run_config, "client-optimizer-state": "reset"}
+    grid = InProcessGrid(client_module.app, num_nodes=2, run_config=config)
+
+    # Execute
+    main(grid, server_context(config))
+
+    # Assert: both nodes trained, and no Adam state stayed in their state
+    clients = _read_csv(Path(config["output-dir"]) / config["run-name"] / "clients.csv")
+    assert len(clients) == 2 * config["num-server-rounds"]
+    for context in grid.contexts.values():
+        assert not set(OPT_KEYS.values()) & set(context.state.array_records)
+        assert not any(k.endswith("-groups") for k in context.state.config_records)
