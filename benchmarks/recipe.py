@@ -48,7 +48,7 @@ METRICS = ("fid", "classifier-score", "class-coverage", "density", "coverage")
 # The old app's recipe under every candidate, so each names only what it changes
 # (the app's defaults have since moved to the chosen recipe).
 BASE = {"diffaugment": "none", "generator-ema": 0.0, "lr-generator": 2e-4,
-        "lr-discriminator": 2e-4}
+        "lr-discriminator": 2e-4, "conditional": False, "conditioning": "acgan"}
 DA = {"diffaugment": "translation,cutout"}
 SNGAN = {"d-norm": "spectral", "gan-loss": "hinge"}
 WIDE = {"g-width": 64}
