@@ -35,6 +35,7 @@ benchmarks/results/quality.png (`--quick`: under benchmarks/runs/ only).
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import statistics
 import sys
@@ -122,8 +123,6 @@ def run_job(kind: str, mode: str, seed: int, images: int, eval_every_images: int
 
 def read_summary(run_dir: Path) -> dict[str, Any]:
     """The run's summary.json ({} when missing)."""
-    import json
-
     path = run_dir / "summary.json"
     return json.loads(path.read_text()) if path.is_file() else {}
 
