@@ -68,6 +68,11 @@ CANDIDATES: dict[str, tuple[dict[str, Any], int, int]] = {
     "acgan-da-lr1e-3": ({**DA, **FAST, "conditional": True}, 50, 32),
     "projection-da-lr1e-3": ({**DA, **FAST, "conditional": True,
                               "conditioning": "projection"}, 50, 32),
+    # The same with more frequent averaging: does client drift cost the federation?
+    "projection-da-lr1e-3-k25": ({**DA, **FAST, "conditional": True,
+                                  "conditioning": "projection"}, 25, 32),
+    "projection-da-lr1e-3-k10": ({**DA, **FAST, "conditional": True,
+                                  "conditioning": "projection"}, 10, 32),
 }
 
 
