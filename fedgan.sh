@@ -95,9 +95,9 @@ run() {
 }
 
 federation_config() {
-  # All the clients of a round at once, each with an equal fraction of the cores
-  # (and of the GPUs nvidia-smi lists), sharing the cores by threads
-  # (client-threads = 0): no wave leaves a core idle. fedgan_app/cores.py says how.
+  # One client per core at a time on CPUs (all of a round's at once sharing the GPUs
+  # nvidia-smi lists), the cores shared by threads (client-threads = 0), so the lone
+  # client of a last wave takes every core. fedgan_app/cores.py says how.
   "$VENV/bin/python" -m fedgan_app.cores "${FEDGAN_CLIENTS:-5}"
 }
 

@@ -449,18 +449,31 @@ def part_layouts(args: argparse.Namespace, cores: int, out: Path, batch: int) ->
             "wandb-mode": "disabled"}
     clients = FEDERATION_CLIENTS
     slots = {"client-resources-num-cpus": 1}
+    # Ray told the machine has one logical CPU per client: all of a round's at once.
+    all_at_once = {"client-resources-num-cpus": 1, "init-args-num-cpus": clients}
+    default = simulation_resources(clients, cores, visible_gpus())
     layouts = {
         f"one client at a time, {cores} threads": (
             {"client-threads": cores}, {"client-resources-num-cpus": cores}),
         f"{cores} clients at a time, 1 thread each": ({"client-threads": 1}, slots),
         f"{cores} clients at a time, threads shared": ({"client-threads": 0}, slots),
-        f"all {clients} clients at once, 1 thread each": (
-            {"client-threads": 1}, simulation_resources(clients, cores)),
-        f"all {clients} clients at once, threads shared (the default)": (
-            {"client-threads": 0}, simulation_resources(clients, cores)),
+        f"all {clients} clients at once, 1 thread each": ({"client-threads": 1}, all_at_once),
+        f"all {clients} clients at once, threads shared": ({"client-threads": 0}, all_at_once),
     }
+    # The layout `./fedgan.sh run` picks on this machine, named as such.
+    for label, (extra, resources) in list(layouts.items()):
+        if extra == {"client-threads": 0} and _same_resources(resources, default, cores):
+            layouts[label + " (the default)"] = layouts.pop(label)
     return {label: run_federation(f"layout-{i}", out, {**base, **extra}, clients, resources)
             for i, (label, (extra, resources)) in enumerate(layouts.items())}
+
+
+def _same_resources(a: dict[str, float], b: dict[str, float], cores: int) -> bool:
+    """Whether two simulation resource settings run the same clients at once."""
+    def at_once(r: dict[str, float]) -> float:
+        return r.get("init-args-num-cpus", cores) // r.get("client-resources-num-cpus", 1)
+    return at_once(a) == at_once(b) and a.get("client-resources-num-gpus") == b.get(
+        "client-resources-num-gpus")
 
 
 def part_scale(args: argparse.Namespace, cores: int, out: Path, batch: int) -> dict:

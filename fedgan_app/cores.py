@@ -28,8 +28,8 @@ from types import TracebackType
 
 # Read the folder at most this often (seconds): counting is a directory listing.
 MIN_INTERVAL_S = 0.25
-# Up to this many clients per core, a simulation runs all clients of a round at
-# once; beyond it, one per core (each running client is a process holding torch).
+# With GPUs, up to this many clients per core run at once; beyond it, one per core
+# (each running client is a process holding torch).
 MAX_CLIENTS_PER_CORE = 4
 
 
@@ -99,16 +99,20 @@ class CoreShare:
 def simulation_resources(clients: int, cores: int, gpus: int = 0) -> dict[str, float]:
     """Ray resources so that the clients of a round leave no core idle.
 
-    Up to MAX_CLIENTS_PER_CORE clients per core, all the clients of a round
-    run at once: Ray is told the machine has one logical CPU per client
-    (`init-args-num-cpus`; Flower 1.41 takes only whole CPUs per client) and
-    `CoreShare` gives each client its share of the real cores in threads, more
-    as the others finish. A slot per core instead runs 5 clients on 2 cores in
-    waves of 2, 2 and 1, and the last wave runs one client on both cores,
-    which trains at ~0.6x of two one-thread clients
-    (benchmarks/results/throughput.md). Larger federations run one client per
-    core (each running client is a process holding torch, ~0.3 GB): their
-    rounds have many waves, so a short last one costs little.
+    On CPUs, one client per core at a time, in waves (5 clients on 2 cores: 2,
+    2 and 1), each with one torch thread; `CoreShare` gives the clients of a
+    short last wave the cores the others left, so the one client of the last
+    wave trains with both threads. Measured against every client of the round
+    at once, sharing the cores by threads (benchmarks/results/throughput.md):
+    on an Intel Xeon 2-core machine 7.5 s a round against 8.6 s and 4 s less
+    start-up (two processes import torch, not five); on an AMD EPYC 2-core
+    machine within 3% of each other.
+
+    With GPUs, up to MAX_CLIENTS_PER_CORE clients per core run at once and
+    share the GPUs (kernels of several processes overlap on a GPU): Ray is told
+    the machine has one logical CPU per client (`init-args-num-cpus`, as Flower
+    1.41 takes only whole CPUs per client); larger federations run one client
+    per core.
 
     Parameters
     ----------
@@ -130,7 +134,10 @@ def simulation_resources(clients: int, cores: int, gpus: int = 0) -> dict[str, f
     if clients < 1 or cores < 1 or gpus < 0:
         raise ValueError(f"need clients >= 1, cores >= 1, gpus >= 0; got {clients}, "
                          f"{cores}, {gpus}")
-    at_once = clients if clients <= MAX_CLIENTS_PER_CORE * cores else cores
+    if gpus:
+        at_once = clients if clients <= MAX_CLIENTS_PER_CORE * cores else cores
+    else:
+        at_once = min(clients, cores)
     resources: dict[str, float] = {"client-resources-num-cpus": 1,
                                    "init-args-num-cpus": at_once}
     if gpus:

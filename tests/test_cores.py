@@ -94,7 +94,19 @@ def test_uneven_split_gives_the_remainder_to_the_lowest_pid(tmp_path: Path) -> N
 
 
 @pytest.mark.parametrize("cores", [1, 2, 3, 7, 16, 64])
-def test_simulation_resources_run_a_rounds_clients_at_once_up_to_four_per_core(
+def test_simulation_resources_on_cpus_run_one_client_per_core(cores: int) -> None:
+    for clients in range(1, 5 * cores + 2):
+        # Execute
+        resources = simulation_resources(clients, cores, gpus=0)
+
+        # Assert: Ray runs init-args-num-cpus / num-cpus clients at once (Flower's
+        # actor pool): one per core, fewer when the federation is smaller; no GPU share
+        assert resources == {"client-resources-num-cpus": 1,
+                             "init-args-num-cpus": min(clients, cores)}
+
+
+@pytest.mark.parametrize("cores", [1, 2, 3, 7, 16, 64])
+def test_simulation_resources_with_a_gpu_run_a_rounds_clients_at_once_up_to_four_per_core(
         cores: int) -> None:
     for clients in range(1, 5 * cores + 2):
         # Execute
@@ -125,7 +137,7 @@ def test_federation_config_is_one_that_flwr_accepts() -> None:
     with_gpu = federation_config(20, cores=16, gpus=1)
 
     # Assert: the values Flower's own parser turns into its simulation config
-    assert text == "num-supernodes=5 client-resources-num-cpus=1 init-args-num-cpus=5"
+    assert text == "num-supernodes=5 client-resources-num-cpus=1 init-args-num-cpus=2"
     assert with_gpu == ("num-supernodes=20 client-resources-num-cpus=1 "
                         "init-args-num-cpus=20 client-resources-num-gpus=0.05")
     for config in (text, with_gpu):
