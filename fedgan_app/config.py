@@ -75,8 +75,9 @@ SETTINGS: tuple[Setting, ...] = (
             "Fraction of clients sampled each round (below 1: seeded, by partition, so "
             "the same seed trains the same clients).", low=0.0, high=1.0, low_open=True),
     Setting("fraction-evaluate", float, 0.2,
-            "Fraction of clients asked each round for D's accuracy on local real "
-            "vs generated images (0 turns client evaluation off).", low=0.0, high=1.0),
+            "Fraction of clients asked for D's accuracy on local real vs generated "
+            "images, in the rounds that compute quality metrics (eval-every and the "
+            "last; 0 turns client evaluation off).", low=0.0, high=1.0),
     Setting("min-train-replies", int, 1,
             "Fewest valid client replies a round needs to update the global model; "
             "with fewer, the round keeps the previous model.", low=1),
@@ -155,6 +156,13 @@ SETTINGS: tuple[Setting, ...] = (
             "the last).", low=1),
     Setting("eval-samples", int, 1000, "Generated images per quality evaluation.",
             low=10, high=100_000),
+    Setting("animation-share", float, 0.02,
+            "Most of the run's wall time that redrawing progress.gif and "
+            "federation.gif after a round may take: each redraw encodes every round "
+            "so far, so they are redrawn when the time since the last redraw is at "
+            "least its cost x (1/share - 1), and always after the last round (1: "
+            "after every round). Plots, grids and the dashboard page are written "
+            "every round.", low=0.0, high=1.0, low_open=True),
     Setting("output-dir", str, "outputs",
             "Folder for run outputs; relative paths are taken from the app folder."),
     Setting("run-name", str, "",
@@ -288,6 +296,7 @@ class RunConfig:
     sample_every: int
     eval_every: int
     eval_samples: int
+    animation_share: float
     output_dir: str
     run_name: str
     resume_from: str
@@ -361,6 +370,14 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         """Return the settings as a kebab-case dict (for run_config.json and W&B)."""
         return {k.replace("_", "-"): v for k, v in asdict(self).items()}
+
+    def scores_round(self, server_round: int) -> bool:
+        """Whether a round (>= 1) computes quality metrics and asks clients for D's accuracy.
+
+        Every `eval-every` rounds and the last round.
+        """
+        return server_round > 0 and (server_round % self.eval_every == 0
+                                     or server_round == self.num_server_rounds)
 
     def lr_at(self, server_round: int) -> tuple[float, float]:
         """Scheduled (lr_generator, lr_discriminator) for a 1-based round."""

@@ -25,6 +25,7 @@ import math
 import os
 import signal
 import sys
+import time
 import webbrowser
 from collections.abc import Callable, Sequence
 from datetime import datetime
@@ -64,13 +65,21 @@ GIF_FPS = 4.0
 GRID_SCALE = 2  # sample grids are small: shown at twice their size, pixel for pixel
 
 
-def refresh_run(run_dir: Path) -> None:
+def refresh_run(run_dir: Path, animations: bool = True) -> float:
     """Rewrite a run folder's plots, progress.gif, federation.gif and dashboard page.
 
     Parameters
     ----------
     run_dir : Path
         The run folder (``outputs/<run>``).
+    animations : bool
+        Also redraw progress.gif and federation.gif (False: leave them as they
+        are; see `AnimationBudget`).
+
+    Returns
+    -------
+    float
+        Seconds spent on the animations (0 when they were left as they are).
 
     Notes
     -----
@@ -82,18 +91,52 @@ def refresh_run(run_dir: Path) -> None:
 
     """
     run_dir = Path(run_dir)
-    steps: list[tuple[str, Callable[[Path], Any]]] = [
-        ("plots", write_plots),
-        ("progress.gif", write_progress_gif),
-        ("federation.gif", render_federation_gif),
-        (PAGE, write_page),
+    steps: list[tuple[str, Callable[[Path], Any], bool]] = [
+        ("plots", write_plots, False),
+        ("progress.gif", write_progress_gif, True),
+        ("federation.gif", render_federation_gif, True),
+        (PAGE, write_page, False),
     ]
-    for name, step in steps:
+    animation_s = 0.0
+    for name, step, animation in steps:
+        if animation and not animations:
+            continue
+        started = time.perf_counter()
         try:
             step(run_dir)
         except Exception as exc:  # noqa: BLE001 - a view must never stop a run
             log(WARNING, "refresh of %s in %s failed (%s: %s); the other views go on",
                 name, run_dir, type(exc).__name__, exc)
+        if animation:
+            animation_s += time.perf_counter() - started
+    return animation_s
+
+
+class AnimationBudget:
+    """When a per-round refresh redraws the animations: at most `share` of the wall time.
+
+    progress.gif and federation.gif are encoded again from every round so far,
+    so each redraw costs more than the last (0.55 s a round by round 20 of the
+    default run on 2 cores, 5% of its wall time). After a redraw that took c
+    seconds, the next one is due c * (1/share - 1) seconds later, so redraws
+    take at most `share` of the time; share 1 redraws after every round. The
+    page, plots and grids are not budgeted: they are written every round.
+    """
+
+    def __init__(self, share: float, clock: Callable[[], float] = time.monotonic) -> None:
+        if not 0 < share <= 1:
+            raise ValueError(f"animation share must be > 0 and <= 1, got {share}")
+        self.share = share
+        self.clock = clock
+        self._next = -math.inf
+
+    def due(self) -> bool:
+        """Whether the animations may be redrawn now."""
+        return self.share >= 1 or self.clock() >= self._next
+
+    def spent(self, seconds: float) -> None:
+        """Record a redraw that just took `seconds`."""
+        self._next = self.clock() + seconds * (1 / self.share - 1)
 
 
 def write_plots(run_dir: Path) -> list[Path]:

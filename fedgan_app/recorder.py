@@ -52,7 +52,7 @@ ROW_TIMES = {"query": "time-query-s", "clients": "time-clients-s",
 RESUME_MAY_CHANGE = frozenset(
     {"num-server-rounds", "resume-from", "output-dir", "run-name", "wandb-mode",
      "wandb-project", "device", "round-timeout", "sample-every", "eval-every",
-     "eval-samples"}
+     "eval-samples", "animation-share"}
 )
 
 
@@ -128,7 +128,8 @@ class Recorder:
         """Start the outputs: local files (reloaded when resuming) and W&B."""
         config = self.cfg.to_dict()
         self.outputs = [LocalFiles(self.run_dir, config,
-                                   resume_after_round=self.offset if self.resumed else None)]
+                                   resume_after_round=self.offset if self.resumed else None,
+                                   animation_share=self.cfg.animation_share)]
         if self.cfg.wandb_mode != "disabled":
             self._wandb = WandbRun(
                 self.run_dir, config, mode=self.cfg.wandb_mode,

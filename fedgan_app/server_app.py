@@ -91,7 +91,7 @@ def make_evaluate_fn(
         start = time.perf_counter()
         last = server_round == cfg.num_server_rounds
         sample = local_round == 0 or server_round % cfg.sample_every == 0 or last
-        score = local_round > 0 and (server_round % cfg.eval_every == 0 or last)
+        score = local_round > 0 and cfg.scores_round(server_round)
         # G is rebuilt (and its BatchNorm statistics recomputed) only when used.
         generator = (generator_from(recorder.ema_state or arrays, gan_cfg, device, cfg.seed)
                      if sample or score else None)

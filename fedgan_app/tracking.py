@@ -11,7 +11,8 @@
 
 The views of those files (plots/, progress.gif, federation.gif,
 dashboard.html) are rebuilt after every round by
-``fedgan_app.dashboard.refresh_run``, which `LocalFiles.refresh` calls.
+``fedgan_app.dashboard.refresh_run``, which `LocalFiles.refresh` calls (the
+two animations on a time budget, 'animation-share', and after the last round).
 `WandbRun` mirrors the same calls to a W&B run (``wandb/``, offline unless
 chosen otherwise), and at the end logs the animations and the clients table.
 Both implement `Output`; the recorder (fedgan_app.recorder) is their only
@@ -257,12 +258,20 @@ class LocalFiles:
         rounds <= R already on disk and drop later ones (written by the crashed
         run after its last checkpoint), so the resumed run appends without
         duplicates.
+    animation_share : float
+        Most of the run's time the per-round redraws of progress.gif and
+        federation.gif may take (`fedgan_app.dashboard.AnimationBudget`; 1:
+        every round). The finish always redraws them.
 
     """
 
     def __init__(self, run_dir: Path, config: dict[str, Any],
-                 resume_after_round: int | None = None) -> None:
+                 resume_after_round: int | None = None,
+                 animation_share: float = 1.0) -> None:
         """Create the folders, write run_config.json, reload a resumed run."""
+        from fedgan_app.dashboard import AnimationBudget
+
+        self._animations = AnimationBudget(animation_share)
         self.run_dir = Path(run_dir)
         self._samples_dir = self.run_dir / SAMPLES_DIR
         for folder in (self.run_dir, self._samples_dir, self.run_dir / PLOTS_DIR):
@@ -312,18 +321,21 @@ class LocalFiles:
             json.dumps(self._summary, indent=2, sort_keys=True, default=_json_default) + "\n",
         )
 
-    def refresh(self) -> None:
-        """Rebuild the views (plots, progress.gif, federation.gif, dashboard page)."""
+    def refresh(self, final: bool = False) -> None:
+        """Rebuild the views: plots and page; the animations when due (always if final)."""
         from fedgan_app.dashboard import refresh_run  # the views read this module's files
 
-        refresh_run(self.run_dir)
+        animations = final or self._animations.due()
+        seconds = refresh_run(self.run_dir, animations=animations)
+        if animations:
+            self._animations.spent(seconds)
 
     def finish(self) -> None:
-        """Refresh once more (a crashed round's grid included); idempotent."""
+        """Refresh once more, animations too (a crashed round's grid included); idempotent."""
         if self._finished:
             return
         self._finished = True
-        self.refresh()
+        self.refresh(final=True)
         log(INFO, "Run outputs written to %s", self.run_dir)
 
     def _load_previous(self, resume_after_round: int) -> None:

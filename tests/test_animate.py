@@ -253,13 +253,15 @@ def test_real_run_refreshes_the_animation_every_round(tiny_run_config: dict,
     # Prepare: the real ServerApp and ClientApp in process; node 102 fails in round 1;
     # record federation.gif's frame count after each per-round refresh
     run_dir = Path(tiny_run_config["output-dir"]) / "test-run"
+    tiny_run_config["animation-share"] = 1.0  # redrawn after every round, not on a budget
     counts: list[int] = []
     real_refresh = dashboard_module.refresh_run
 
-    def counting_refresh(folder: Path) -> None:
-        real_refresh(folder)
+    def counting_refresh(folder: Path, animations: bool = True) -> float:
+        seconds = real_refresh(folder, animations)
         gif = folder / "federation.gif"
         counts.append(len(_frames(gif)) if gif.exists() else 0)
+        return seconds
 
     monkeypatch.setattr(dashboard_module, "refresh_run", counting_refresh)
 

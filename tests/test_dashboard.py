@@ -29,6 +29,7 @@ from fedgan_app.dashboard import (
     GRID_SCALE,
     PAGE,
     STATE,
+    AnimationBudget,
     newest_run,
     refresh_run,
     serve,
@@ -96,6 +97,24 @@ def test_page_shows_newest_grids_curves_animation_and_clients(tmp_path: Path) ->
     state = json.loads((run_dir / STATE).read_text())
     assert state["round"] == 3
     assert f'<meta name="fedgan-version" content="{state["version"]}">' in page
+
+
+def test_animation_budget_waits_so_redraws_take_at_most_their_share() -> None:
+    # Prepare: a clock the test moves
+    now = [100.0]
+    budget = AnimationBudget(0.25, clock=lambda: now[0])
+
+    # Execute / Assert: due at first; a 1-s redraw at t=100 makes the next one due
+    # 3 s later (1 s of every 4 s is a quarter)
+    assert budget.due()
+    budget.spent(1.0)
+    now[0] = 102.9
+    assert not budget.due()
+    now[0] = 103.0
+    assert budget.due()
+    assert AnimationBudget(1.0, clock=lambda: 0.0).due()  # share 1: every round
+    with pytest.raises(ValueError, match="animation share"):
+        AnimationBudget(0.0)
 
 
 def test_page_before_the_first_round_shows_the_initial_grid(tmp_path: Path) -> None:

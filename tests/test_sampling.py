@@ -31,7 +31,8 @@ BUFFERS = buffer_keys(*build_gan(GANConfig(), seed=0))
 
 def _fedgan(offset: int = 0, **overrides: Any) -> tuple[FedGAN, CollectingSink]:
     """FedGAN around FedAvg with these settings (a short round-timeout for silent nodes)."""
-    cfg = RunConfig.defaults(**{"round_timeout": 0.3, **overrides})
+    # eval-every 1: every round asks clients for D's accuracy (its sampling is tested)
+    cfg = RunConfig.defaults(**{"round_timeout": 0.3, "eval_every": 1, **overrides})
     sink = CollectingSink(offset)
     return FedGAN(make_inner_strategy(cfg, 8), cfg, REFERENCE, BUFFERS, sink), sink
 

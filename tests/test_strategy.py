@@ -526,6 +526,23 @@ def _evaluate_reply(node_id: int, num_examples: int, accuracy: float) -> Message
     return Message(content=RecordDict({"metrics": metrics}), reply_to=request)
 
 
+@pytest.mark.parametrize("fraction_evaluate", [0.4, 1.0])
+def test_clients_evaluate_only_in_the_rounds_that_score_quality(
+        fraction_evaluate: float) -> None:
+    # Prepare: quality every 3 rounds of 7, so rounds 3, 6 and the last, 7
+    strategy, _ = _strategy(eval_every=3, num_server_rounds=7,
+                            fraction_evaluate=fraction_evaluate)
+    grid = InProcessGrid(client_app.app, num_nodes=5, run_config={})
+
+    # Execute
+    asked = {r: len(list(strategy.configure_evaluate(r, _reference(), ConfigRecord(), grid)))
+             for r in range(1, 8)}
+
+    # Assert: no round trip to the clients in the other rounds
+    per_round = max(int(5 * fraction_evaluate), 1)
+    assert asked == {1: 0, 2: 0, 3: per_round, 4: 0, 5: 0, 6: per_round, 7: per_round}
+
+
 def test_aggregate_evaluate_weights_d_accuracy_and_drops_junk() -> None:
     # Prepare: two honest replies and one with an unexpected key
     strategy, sink = _strategy()

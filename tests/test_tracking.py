@@ -161,6 +161,28 @@ def test_refresh_rebuilds_gif_and_plots_every_round_and_skips_unchanged_plots(
     assert losses.read_bytes() == before  # same data, same file
 
 
+def test_animations_are_redrawn_on_their_time_budget_and_always_at_the_finish(
+    tmp_path: Path,
+) -> None:
+    # Prepare: a budget so small that no round comes after a redraw's wait
+    run_dir = tmp_path / "run"
+    local = LocalFiles(run_dir, CONFIG, animation_share=1e-6)
+    frames, pages = [], []
+
+    # Execute: three rounds, as the recorder calls them, then the finish
+    for r in range(1, 4):
+        _log_rounds([local], range(r, r + 1))
+        frames.append(_gif_frames(run_dir))
+        pages.append(f'data-round="{r}"' in (run_dir / "dashboard.html").read_text())
+    local.finish()
+
+    # Assert: the first refresh draws the animations, the next two are not due; the
+    # page follows every round; the finish draws every round
+    assert frames == [1, 1, 1]
+    assert pages == [True, True, True]
+    assert _gif_frames(run_dir) == 3
+
+
 def test_disabled_mode_writes_local_outputs_without_wandb(tmp_path: Path) -> None:
     """Local files alone: every file, no wandb/ folder, wandb never imported."""
     # Prepare
