@@ -2,7 +2,7 @@
 
 Run by hand from the repository root, alone on the machine:
 
-    OMP_NUM_THREADS=1 nice -n 5 .venv/bin/python benchmarks/strategies.py
+    .venv/bin/python benchmarks/strategies.py             # 91 runs, 2 at a time
     .venv/bin/python benchmarks/strategies.py --quick     # smoke run, 8 tiny runs
 
 Every run is the real ServerApp `main` with the real ClientApp on an in-process
@@ -23,8 +23,11 @@ except the "fedavg + norm screen" rows. Two tables:
    are told the largest f that 5 clients allow (krum: 2f+3 <= 5, so f = 1;
    bulyan: 4f+3 <= 5, so f = 0), never more than the attackers present.
 
-Results accumulate in ``<runs>/results.json`` (keyed by run), so an interrupted
-benchmark continues where it stopped when run again with the same options. The
+Each run is a job of its own single-thread process, ``--processes`` at a time
+(benchmarks/common.run_jobs): the runs are scored, not timed, so they may share
+the machine. Results accumulate in ``<runs>/results-<budget>.json`` (keyed by
+run), so an interrupted benchmark continues where it stopped when run again
+with the same budget. The
 report goes to benchmarks/results/strategies.md (``--quick``: under
 benchmarks/runs/strategies-quick/); the findings under the tables are written
 by hand.
@@ -34,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import platform
 import shutil
@@ -43,6 +45,7 @@ import sys
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +56,7 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
 import torch  # noqa: E402
 
-from benchmarks.common import spread  # noqa: E402
+from benchmarks.common import run_jobs, spread  # noqa: E402
 from benchmarks.robustness import AttackGrid, make_tamper  # noqa: E402
 from fedgan_app import client_app  # noqa: E402
 from fedgan_app.config import STRATEGIES, RunConfig  # noqa: E402
@@ -121,6 +124,8 @@ def run_config(run: Run, budget: Budget, out_dir: Path) -> dict[str, Any]:
         "batch-size": budget.batch_size, "eval-every": budget.rounds,
         "sample-every": budget.rounds, "eval-samples": budget.eval_samples,
         "fraction-evaluate": 0.0, "seed": run.seed, "strategy": strategy,
+        # Each run is one single-thread process; its in-process clients take turns.
+        "client-threads": 1,
         "num-malicious-clients": declared_f(strategy, run.attackers),
         "max-update-norm-ratio": 10.0 if run.strategy == SCREENED else 0.0,
         "output-dir": str(out_dir), "run-name": run.name, "wandb-mode": "disabled",
@@ -313,7 +318,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--robustness-seeds", type=int, nargs="+", default=[0],
                         help="seeds of the robustness table")
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads of the server and every client")
+                        help="torch threads of the scoring of the untrained generators")
+    parser.add_argument("--processes", type=int, default=2,
+                        help="runs side by side, one single-thread process each (one "
+                             "per core: the runs are scored, not timed)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 1 round x 1 step, fedavg and krum, seed 0, "
                              "written under benchmarks/runs/strategies-quick/")
@@ -325,32 +333,22 @@ def parse_args() -> argparse.Namespace:
 
 
 def main_cli() -> None:
-    """Run every planned run not yet in results.json, rewriting the report after each."""
+    """Run every planned run not yet in the results file, `--processes` at a time."""
     args = parse_args()
-    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # read by every client call
     torch.set_num_threads(args.threads)
     budget = Budget(args.rounds, args.local_steps, args.batch_size, args.eval_samples)
     runs_dir = REPO_ROOT / "benchmarks" / "runs" / ("strategies-quick" if args.quick
                                                      else "strategies")
     report = (runs_dir / "strategies.md" if args.quick
               else REPO_ROOT / "benchmarks" / "results" / "strategies.md")
-    store = runs_dir / "results.json"
-    saved = json.loads(store.read_text()) if store.exists() else {}
-    if saved.get("budget") != vars(budget):
-        saved = {"budget": vars(budget), "runs": {}}  # another budget: start over
-    results: dict[str, dict] = saved["runs"]
+    # One results file per budget: a run of another budget starts its own.
+    store = runs_dir / ("results-" + "-".join(f"{k}{v}" for k, v in vars(budget).items())
+                        + ".json")
     start = time.perf_counter()
     untrained = {split: [untrained_fid(seed, split, budget.eval_samples)
                          for seed in args.seeds] for split in SPLITS}
-    for run in plan(args):
-        if run.name in results:
-            continue
-        results[run.name] = run_one(run, budget, runs_dir / "runs")
-        store.parent.mkdir(parents=True, exist_ok=True)
-        store.write_text(json.dumps(saved, indent=1))
-        print(f"{run.name}: fid {results[run.name]['fid']:.1f} in "
-              f"{results[run.name]['wall_s']:.0f}s", flush=True)
-        write_report(report, results, args, untrained, budget, time.perf_counter() - start)
+    jobs = {run.name: partial(run_one, run, budget, runs_dir / "runs") for run in plan(args)}
+    results = run_jobs(jobs, store, args.processes)
     write_report(report, results, args, untrained, budget, time.perf_counter() - start)
     print(f"report: {report}")
 
