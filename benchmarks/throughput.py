@@ -115,17 +115,52 @@ def legacy_step(generator: Any, discriminator: Any, opt_g: Any, opt_d: Any,
                             torch.sigmoid(logits_fake).mean())]
 
 
+# Speed-ups of the app's step, in the order the table adds them (each variant
+# has every speed-up up to its own). The math is the same throughout
+# (tests/test_training.py); "bf16" is not: it is measured, not used.
+SPEEDUPS = ("channels_last", "matmul", "frozen_d", "fused_adam", "compiled")
+APP_STEP = "fused_adam"  # the variant that is the app's own step
+
+
+class _PlainFirstLayer:
+    """G's forward as DCGAN writes it: the first layer a transposed conv of 1x1."""
+
+    @staticmethod
+    def forward(generator: Any, z: Any, labels: Any = None) -> Any:
+        code = generator.code(z, labels)
+        return generator.net(code.view(code.size(0), -1, 1, 1))
+
+
 def _step_runner(variant: str, settings: dict[str, Any], batch: int
                  ) -> Callable[[int], float]:
-    """A function that runs `steps` steps of one variant and returns images/s."""
+    """A function that runs `steps` steps of one variant and returns images/s.
+
+    `variant` is "legacy" (the step before this work), "bf16" (the app's step
+    under CPU bfloat16 autocast: other math), or one of SPEEDUPS: the app's
+    step with that speed-up and every one before it in SPEEDUPS, the rest off
+    ("contiguous": none of them).
+    """
+    import types
+
     import torch
 
     from fedgan_app.training import StepRecipe, train_gan
 
-    cl = variant in ("channels_last", "compiled")
+    on = set(SPEEDUPS) if variant == "bf16" else (
+        set(SPEEDUPS[:SPEEDUPS.index(variant) + 1]) if variant in SPEEDUPS else set())
+    cl = "channels_last" in on
     generator, discriminator, opt_g, opt_d, batches, cfg = _models_and_data(
         settings, batch, cl)
-    if variant == "compiled":
+    if "matmul" not in on:
+        generator.forward = types.MethodType(_PlainFirstLayer.forward, generator)
+    if "frozen_d" not in on:  # D's weights collect gradients in G's step, as before
+        discriminator.requires_grad_ = types.MethodType(lambda self, *a, **k: self,
+                                                        discriminator)
+    if "fused_adam" not in on:
+        opt_g = torch.optim.Adam(generator.parameters(), **_adam_args(opt_g), foreach=True)
+        opt_d = torch.optim.Adam(discriminator.parameters(), **_adam_args(opt_d),
+                                 foreach=True)
+    if "compiled" in on and variant != "bf16":
         generator, discriminator = torch.compile(generator), torch.compile(discriminator)
     rng = torch.Generator().manual_seed(1)
     cpu = torch.device("cpu")
@@ -135,11 +170,18 @@ def _step_runner(variant: str, settings: dict[str, Any], batch: int
         if variant == "legacy":
             legacy_step(generator, discriminator, opt_g, opt_d, batches, steps, rng)
         else:
-            train_gan(generator, discriminator, opt_g, opt_d, batches, steps, cpu, rng,
-                      StepRecipe.from_settings(cfg), channels_last=cl)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=variant == "bf16"):
+                train_gan(generator, discriminator, opt_g, opt_d, batches, steps, cpu, rng,
+                          StepRecipe.from_settings(cfg), channels_last=cl)
         return steps * batch / (time.perf_counter() - start)
 
     return run
+
+
+def _adam_args(optimizer: Any) -> dict[str, Any]:
+    """The learning rate and betas of an Adam optimizer."""
+    group = optimizer.param_groups[0]
+    return {"lr": group["lr"], "betas": group["betas"]}
 
 
 def measure_step_variants(variants: list[tuple[str, str, dict[str, Any], int]],
@@ -191,7 +233,7 @@ def _limit_worker(settings: dict[str, Any], batch: int, threads: int, steps: int
     import torch
 
     torch.set_num_threads(threads)
-    run = _step_runner("channels_last", settings, batch)
+    run = _step_runner(APP_STEP, settings, batch)
     run(3)
     while time.time() < start_at:
         time.sleep(0.01)
@@ -408,16 +450,18 @@ def main() -> None:
 def part_step(args: argparse.Namespace, cores: int, out: Path, batch: int) -> dict:
     """The step's speed-ups, one at a time, and the batch size's effect."""
     old = OLD_DEFAULTS
-    variants = [
-        ("old recipe: the step before this work", "legacy", old, batch),
-        ("old recipe: one host sync per call", "contiguous", old, batch),
-        ("old recipe: + channels_last (the app's step)", "channels_last", old, batch),
-        ("old recipe: + torch.compile", "compiled", old, batch),
-        ("default recipe: one host sync, fused D pass", "contiguous", {}, batch),
-        ("default recipe: + channels_last (the app's step)", "channels_last", {}, batch),
-        ("default recipe: + torch.compile", "compiled", {}, batch),
-    ]
-    variants += [(f"default recipe, batch {b}", "channels_last", {}, b)
+    chain = [("one host sync per call", "contiguous"), ("+ channels_last", "channels_last"),
+             ("+ G's first layer as one matrix product", "matmul"),
+             ("+ no D weight gradients in G's step", "frozen_d"),
+             ("+ fused Adam (the app's step)", "fused_adam"),
+             ("+ torch.compile", "compiled")]
+    variants = [("old recipe: the step before this work", "legacy", old, batch)]
+    variants += [(f"old recipe: {label}", v, old, batch) for label, v in chain]
+    variants += [(f"default recipe: {label}", v, {}, batch) for label, v in chain]
+    variants += [("default recipe: the app's step under bfloat16 autocast (other math, "
+                  "not used)", "bf16", {}, batch)]
+    # The batch size's effect, on the app's step.
+    variants += [(f"default recipe, batch {b}", APP_STEP, {}, b)
                  for b in (16, 64, 128) if b != batch]
     repeats, block = (2, 3) if args.quick else (STEP_REPEATS, STEP_BLOCK)
     return {"variants": measure_step_variants(variants, repeats, block),

@@ -202,7 +202,14 @@ class Discriminator(nn.Module):
         if self.conditioning == "projection":
             if labels is None:
                 raise ValueError("a projection discriminator needs labels")
-            out = out + (self.embed(labels) * h.flatten(1)).sum(dim=1)
+            # <embed(y), h> over (C, s, s), in h's own memory layout: flattening an
+            # NHWC h copies it to NCHW, so its gradient meets the head's NHWC one in
+            # D's backward, and elementwise ops on mixed layouts ran ~15x slower
+            # (measured: 7% of the step).
+            embedding = self.embed(labels).view_as(h)
+            if not h.is_contiguous() and h.is_contiguous(memory_format=torch.channels_last):
+                embedding = embedding.contiguous(memory_format=torch.channels_last)
+            out = out + (embedding * h).sum(dim=(1, 2, 3))
         return out
 
     def class_logits(self, h: torch.Tensor) -> torch.Tensor:
