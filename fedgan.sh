@@ -35,12 +35,30 @@ setup() {
   want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
   if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then return; fi
   echo "fedgan: installing into $VENV (first time: a few minutes)" >&2
-  [[ -x "$VENV/bin/python" ]] || "$PYTHON" -m venv "$VENV"
+  [[ -x "$VENV/bin/python" ]] || make_venv
   "$VENV/bin/python" -m pip install --quiet --upgrade pip
   # torch first, exact pin: pip then takes the local CPU wheel.
   "$VENV/bin/python" -m pip install --quiet "torch==2.13.0"
   "$VENV/bin/python" -m pip install --quiet -e ".[dev]"
   echo "$want" >"$stamp"
+}
+
+make_venv() {
+  # `flwr run .` walks every file under the app folder to build the app bundle:
+  # the ~50,000 files of a venv cost it 2-3 s a run. It does not enter a symlinked
+  # folder, so the default .venv is a link to a venv kept outside this folder
+  # (one per checkout); FEDGAN_VENV=<path> puts a venv where you say instead.
+  if [[ -z "${FEDGAN_VENV:-}" && ! -e "$VENV" && ! -L "$VENV" ]]; then
+    local home tag
+    home="${FEDGAN_VENV_HOME:-${XDG_CACHE_HOME:-$HOME/.cache}/fedgan/venvs}"
+    tag="$(basename "$ROOT")-$(printf '%s' "$ROOT" | sha256sum | cut -c1-8)"
+    if mkdir -p "$home" 2>/dev/null && "$PYTHON" -m venv "$home/$tag"; then
+      ln -s "$home/$tag" "$VENV"
+      return
+    fi
+    echo "fedgan: cannot create a venv under $home; creating it in $VENV" >&2
+  fi
+  "$PYTHON" -m venv "$VENV"
 }
 
 flwr_env() {
