@@ -95,6 +95,11 @@ CANDIDATES: dict[str, tuple[dict[str, Any], int, int]] = {
     "lr2e-3-decay10": ({**DA, **LR2, **PROJECTION, "lr-decay-every": 10,
                         "lr-decay-factor": 0.5}, 50, 32),
     "lr2e-3-ema0.5": ({**DA, **LR2, **PROJECTION, "generator-ema": 0.5}, 50, 32),
+    # FedGAN's own setting: 5 clients holding 2 classes each; does every class come
+    # when asked (conditional-accuracy/<c>)?
+    "pathological": ({**DA, **FAST, **PROJECTION, "partitioner": "pathological"}, 50, 32),
+    "lr2e-3-b16-pathological": ({**DA, **LR2, **PROJECTION,
+                                 "partitioner": "pathological"}, 100, 16),
 }
 
 
@@ -170,14 +175,17 @@ def main() -> None:
     """Parse options, run the missing jobs, write the report."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--only", nargs="+", help="candidates to run (prefix match)")
+    parser.add_argument("--only", nargs="+",
+                        help="candidates to run (exact names, else prefixes)")
     parser.add_argument("--images", type=int, default=IMAGES)
     parser.add_argument("--eval-samples", type=int, default=1000)
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="a smoke run: tiny budget")
     args = parser.parse_args()
     quiet_environment()
-    names = [n for n in CANDIDATES if not args.only or any(n.startswith(o) for o in args.only)]
+    # --only: a candidate's exact name, else every candidate the word begins.
+    names = [n for n in CANDIDATES if not args.only or any(
+        n == o or (o not in CANDIDATES and n.startswith(o)) for o in args.only)]
     if args.quick:
         args.images, args.eval_samples, args.seeds = 3_200, 100, args.seeds[:1]
     # One results file per budget: a candidate's runs at another budget never mix.
