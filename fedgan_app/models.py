@@ -152,7 +152,7 @@ class Generator(nn.Module):
         """
         weight = self.net[0].weight  # (in, w*4, s, s)
         n, (_, maps, s, _) = code.size(0), weight.shape
-        if weight.is_contiguous():
+        if not _stored_nhwc(weight):
             return (code @ weight.flatten(1)).view(n, maps, s, s)
         # NHWC-stored weight (to_channels_last): multiply in its own layout, no copy;
         # the result comes out channels_last too, as the next layer wants it.

@@ -16,6 +16,7 @@ from fedgan_app.models import (
     recalibrate_batchnorm,
     unpack_gan,
 )
+from fedgan_app.training import to_channels_last
 
 
 @pytest.mark.parametrize("channels,size", [(1, 28), (3, 32)])
@@ -141,3 +142,37 @@ def test_recalibrated_batchnorm_statistics_match_the_weights() -> None:
     torch.testing.assert_close(layer.running_mean, acts.mean(dim=(0, 2, 3)),
                                rtol=0.05, atol=1e-3)
     assert layer.momentum == 0.1  # restored
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("cfg", [GANConfig(num_classes=10, conditioning="projection"),
+                                 GANConfig(channels=3, image_size=32, d_norm="spectral")])
+def test_first_layers_as_matrix_products_equal_the_convolutions(
+        cfg: GANConfig, channels_last: bool) -> None:
+    # Prepare: the nets, and inputs that need gradients as in G's step
+    generator, discriminator = build_gan(cfg, seed=3)
+    if channels_last:
+        to_channels_last(generator, discriminator)
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(8, cfg.latent_dim, generator=gen)
+    labels = torch.randint(0, 10, (8,), generator=gen) if cfg.num_classes else None
+    images = torch.rand(8, cfg.channels, cfg.image_size, cfg.image_size, generator=gen)
+    images = (images * 2 - 1).requires_grad_()
+    discriminator.eval()  # spectral norm: one weight for both paths
+
+    # Execute: the app's layers, and torch's transposed convolution and convolution
+    code = generator.code(z, labels)
+    fast_g = generator._project(code)
+    plain_g = generator.net[0](code.view(8, -1, 1, 1))
+    fast_d = discriminator._first_layer(images)
+    (fast_grad,) = torch.autograd.grad(fast_d.square().sum(), images)
+    plain_d = discriminator.net[0](images)
+    (plain_grad,) = torch.autograd.grad(plain_d.square().sum(), images)
+
+    # Assert: the same values and input gradient, to float rounding
+    torch.testing.assert_close(fast_g, plain_g, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fast_d, plain_d, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fast_grad, plain_grad, rtol=1e-5, atol=1e-6)
+    # and the layout the next layer is stored in
+    assert fast_d.is_contiguous(
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format)

@@ -55,8 +55,9 @@ def reference_step_losses(cfg: GANConfig, recipe: StepRecipe, seed: int,
                           steps: int = STEPS, plain_adam: bool = False) -> list[list[float]]:
     """A plain, unfused, contiguous DCGAN step written out in full: the math we keep.
 
-    G's first layer runs as the transposed convolution DCGAN writes, D's
-    weights collect gradients in G's step too, four host syncs per step;
+    G's first layer runs as the transposed convolution DCGAN writes and D's
+    first layer as a convolution (`net` of each, layer by layer), D's weights
+    collect gradients in G's step too, four host syncs per step;
     `plain_adam` also swaps the app's fused Adam for torch's per-tensor loop.
     """
     generator, discriminator = build_gan(cfg, 0)
@@ -80,12 +81,12 @@ def reference_step_losses(cfg: GANConfig, recipe: StepRecipe, seed: int,
         # D: real and fake; a D without BatchNorm sees both in one pass by definition.
         if spectral:
             both = torch.cat([real, fake.detach()])
-            h = discriminator.features(diff_augment(both, policy, rng) if policy else both)
+            h = discriminator.net(diff_augment(both, policy, rng) if policy else both)
             h_real, h_fake = h[:BATCH], h[BATCH:]
         else:
             aug = (lambda x: diff_augment(x, policy, rng)) if policy else (lambda x: x)
-            h_real = discriminator.features(aug(real))
-            h_fake = discriminator.features(aug(fake.detach()))
+            h_real = discriminator.net(aug(real))
+            h_fake = discriminator.net(aug(fake.detach()))
         lr_, lf_ = discriminator.logits(h_real, y), discriminator.logits(h_fake, y)
         if recipe.loss == "hinge":
             loss_d = F.relu(1 - lr_).mean() + F.relu(1 + lf_).mean()
@@ -99,7 +100,7 @@ def reference_step_losses(cfg: GANConfig, recipe: StepRecipe, seed: int,
         opt_d.zero_grad()
         loss_d.backward()
         opt_d.step()
-        h_gen = discriminator.features(diff_augment(fake, policy, rng) if policy else fake)
+        h_gen = discriminator.net(diff_augment(fake, policy, rng) if policy else fake)
         out = discriminator.logits(h_gen, y)
         if recipe.loss == "hinge":
             loss_g = -out.mean()
