@@ -218,7 +218,7 @@ class Discriminator(nn.Module):
             out = out + conv.bias
         out = out.view(n, rows, cols, -1).permute(0, 3, 1, 2)  # NHWC in memory
         # NHWC as the next layer's weight is stored (to_channels_last), else NCHW.
-        return out if _stored_nhwc(self.net[2].weight) else out.contiguous()
+        return out if _stored_nhwc(_stored_weight(self.net[2])) else out.contiguous()
 
     def logits(self, h: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Real-vs-fake logits (N,) from features `h`."""
@@ -251,6 +251,17 @@ def _stored_nhwc(tensor: torch.Tensor) -> bool:
         memory_format=torch.channels_last)
 
 
+def _stored_weight(layer: nn.Module) -> torch.Tensor:
+    """A layer's weight as stored (spectral norm: the original, not `.weight`).
+
+    Reading `.weight` of a spectral-norm layer in training mode runs a power
+    iteration, which would change the next forward pass.
+    """
+    if hasattr(layer, "parametrizations"):
+        return layer.parametrizations.weight.original
+    return layer.weight
+
+
 def _spectral(module: nn.Module) -> nn.Module:
     """Wrap a layer in spectral normalisation (Miyato et al. 2018)."""
     return parametrizations.spectral_norm(module)
@@ -264,8 +275,7 @@ def _identity(module: nn.Module) -> nn.Module:
 def weights_init(module: nn.Module) -> None:
     """DCGAN init: conv weights ~ N(0, 0.02), BatchNorm weight ~ N(1, 0.02), bias 0."""
     if isinstance(module, nn.Conv2d | nn.ConvTranspose2d | nn.Embedding):
-        weight = module.parametrizations.weight.original if hasattr(
-            module, "parametrizations") else module.weight
+        weight = _stored_weight(module)
         nn.init.normal_(weight, 0.0, 0.02)
         if getattr(module, "bias", None) is not None:
             nn.init.zeros_(module.bias)

@@ -165,14 +165,17 @@ def test_first_layers_as_matrix_products_equal_the_convolutions(
     fast_g = generator._project(code)
     plain_g = generator.net[0](code.view(8, -1, 1, 1))
     fast_d = discriminator._first_layer(images)
-    (fast_grad,) = torch.autograd.grad(fast_d.square().sum(), images)
+    upstream = torch.rand(fast_d.shape, generator=gen) * 2 - 1  # a gradient from above
+    (fast_grad,) = torch.autograd.grad(fast_d, images, upstream)
     plain_d = discriminator.net[0](images)
-    (plain_grad,) = torch.autograd.grad(plain_d.square().sum(), images)
+    (plain_grad,) = torch.autograd.grad(plain_d, images, upstream)
 
-    # Assert: the same values and input gradient, to float rounding
-    torch.testing.assert_close(fast_g, plain_g, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(fast_d, plain_d, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(fast_grad, plain_grad, rtol=1e-5, atol=1e-6)
+    # Assert: the same values and input gradient, to float rounding (sums of up to
+    # 48 products in another order: ~4e-6 measured)
+    torch.testing.assert_close(fast_g, plain_g, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fast_d, plain_d, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fast_grad, plain_grad, rtol=1e-4,
+                               atol=1e-5 * plain_grad.abs().max().item())
     # and the layout the next layer is stored in
     assert fast_d.is_contiguous(
         memory_format=torch.channels_last if channels_last else torch.contiguous_format)
