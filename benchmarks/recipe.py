@@ -95,6 +95,8 @@ CANDIDATES: dict[str, tuple[dict[str, Any], int, int]] = {
     "lr2e-3-decay10": ({**DA, **LR2, **PROJECTION, "lr-decay-every": 10,
                         "lr-decay-factor": 0.5}, 50, 32),
     "lr2e-3-ema0.5": ({**DA, **LR2, **PROJECTION, "generator-ema": 0.5}, 50, 32),
+    # The new default with a server-side EMA of G: steadier final samples?
+    "lr2e-3-b16-ema0.5": ({**DA, **LR2, **PROJECTION, "generator-ema": 0.5}, 100, 16),
     # FedGAN's own setting: 5 clients holding 2 classes each; does every class come
     # when asked (conditional-accuracy/<c>)?
     "pathological": ({**DA, **FAST, **PROJECTION, "partitioner": "pathological"}, 50, 32),
