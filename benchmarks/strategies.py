@@ -89,6 +89,7 @@ class Budget:
     local_steps: int
     batch_size: int
     eval_samples: int
+    lr: float  # Adam's learning rate of G and D, pinned: the app's default may move
 
 
 @dataclass(frozen=True)
@@ -121,7 +122,8 @@ def run_config(run: Run, budget: Budget, out_dir: Path) -> dict[str, Any]:
     strategy = "fedavg" if run.strategy == SCREENED else run.strategy
     return {
         "num-server-rounds": budget.rounds, "local-steps": budget.local_steps,
-        "batch-size": budget.batch_size, "eval-every": budget.rounds,
+        "batch-size": budget.batch_size, "lr-generator": budget.lr,
+        "lr-discriminator": budget.lr, "eval-every": budget.rounds,
         "sample-every": budget.rounds, "eval-samples": budget.eval_samples,
         "fraction-evaluate": 0.0, "seed": run.seed, "strategy": strategy,
         # Each run is one single-thread process; its in-process clients take turns.
@@ -268,8 +270,9 @@ def write_report(path: Path, results: dict[str, dict], args: argparse.Namespace,
         "1000-image server split held out.",
         f"- Budget, the same for every run: {budget.rounds} rounds x "
         f"{budget.local_steps} local steps x batch {budget.batch_size} per client; "
-        f"Adam lr 2e-4 (G and D), betas (0.5, 0.999); every strategy with its "
-        f"default settings (`fedgan_app/config.py`).",
+        f"Adam lr {budget.lr:g} (G and D), betas (0.5, 0.999); the rest of the "
+        f"recipe and every strategy's settings are the app's defaults "
+        f"(`fedgan_app/config.py`: conditional, projection D, DiffAugment).",
         f"- Score: the app's quality judge after the last round, {budget.eval_samples} "
         f"generated vs {budget.eval_samples} real server-split images "
         "(fid: lower is better; classifier-score: up to 10).",
@@ -313,6 +316,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--local-steps", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--eval-samples", type=int, default=1000)
+    parser.add_argument("--lr", type=float, default=2e-3,
+                        help="Adam learning rate of G and D (the default recipe's)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                         help="seeds of the quality table")
     parser.add_argument("--robustness-seeds", type=int, nargs="+", default=[0],
@@ -336,7 +341,8 @@ def main_cli() -> None:
     """Run every planned run not yet in the results file, `--processes` at a time."""
     args = parse_args()
     torch.set_num_threads(args.threads)
-    budget = Budget(args.rounds, args.local_steps, args.batch_size, args.eval_samples)
+    budget = Budget(args.rounds, args.local_steps, args.batch_size, args.eval_samples,
+                    args.lr)
     runs_dir = REPO_ROOT / "benchmarks" / "runs" / ("strategies-quick" if args.quick
                                                      else "strategies")
     report = (runs_dir / "strategies.md" if args.quick
