@@ -56,9 +56,14 @@ from benchmarks.common import (  # noqa: E402
     run_jobs,
     spread,
 )
+from fedgan_app.config import SETTINGS_BY_KEY  # noqa: E402
 
 NUM_CLIENTS = 5
-LOCAL_STEPS, BATCH = 50, 32  # the app's defaults: one round of one client = 1,600 images
+# The app's own defaults, read from its settings table, so that the rows train
+# what `flwr run` trains: one round of one client = LOCAL_STEPS x BATCH images.
+LOCAL_STEPS = SETTINGS_BY_KEY["local-steps"].default
+BATCH = SETTINGS_BY_KEY["batch-size"].default
+LR = (SETTINGS_BY_KEY["lr-generator"].default, SETTINGS_BY_KEY["lr-discriminator"].default)
 IMAGES_PER_STEP_ROUND = LOCAL_STEPS * BATCH
 METRICS = ("fid", "classifier-score", "class-coverage", "density", "coverage",
            "conditional-accuracy")
@@ -327,7 +332,8 @@ def report(results: dict[str, Any], args: argparse.Namespace, header: str) -> st
         f"{NUM_CLIENTS} clients x {args.images // (NUM_CLIENTS * IMAGES_PER_STEP_ROUND)} "
         f"rounds x {LOCAL_STEPS} steps x batch {BATCH}; local-only: each client its fifth, "
         f"{args.images // NUM_CLIENTS:,}); quality from {args.eval_samples} samples; "
-        f"seeds {seeds}; the app's default recipe otherwise.", "",
+        f"seeds {seeds}; the app's default recipe otherwise (Adam lr {LR[0]:g} for G, "
+        f"{LR[1]:g} for D).", "",
         "## The centralized curve (first seed)", "", *curve_lines(results, seeds[0]), "",
         "## Rows at the budget: median (min–max) over seeds", "",
         *rows_table(results, seeds, args.images), "",
@@ -362,7 +368,11 @@ def main() -> None:
         parser.error(f"--images must be a multiple of {step:,} and --curve-every of "
                      f"{IMAGES_PER_STEP_ROUND:,}")
     quiet_environment()
-    out = RUNS_DIR / ("quality-quick" if args.quick else f"quality-{args.images // 1000}k")
+    # One results folder per budget and recipe: a changed default starts afresh
+    # instead of mixing its rows with the old recipe's.
+    recipe = f"steps{LOCAL_STEPS}-batch{BATCH}-lr{LR[0]:g}-{LR[1]:g}"
+    out = RUNS_DIR / ("quality-quick" if args.quick
+                      else f"quality-{args.images // 1000}k-{recipe}")
     jobs = jobs_for(args, out)
     if args.only:
         jobs = {k: v for k, v in jobs.items() if any(k.startswith(o) for o in args.only)}
