@@ -276,6 +276,9 @@ def write_report(path: Path, results: dict[str, dict], args: argparse.Namespace,
         f"- Score: the app's quality judge after the last round, {budget.eval_samples} "
         f"generated vs {budget.eval_samples} real server-split images "
         "(fid: lower is better; classifier-score: up to 10).",
+        "- wall s: a run's whole process, two runs at a time on the machine (and "
+        "some beside other benchmarks): it tells the rules' costs apart roughly, it "
+        "is not a speed measurement.",
         "- Update-norm screen off (`max-update-norm-ratio` 0) except in the "
         "'fedavg + norm screen' rows (10, the app's default).",
         f"- Seeds: {', '.join(map(str, args.seeds))} (quality); "
