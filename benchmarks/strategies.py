@@ -59,7 +59,7 @@ import torch  # noqa: E402
 from benchmarks.common import run_jobs, spread  # noqa: E402
 from benchmarks.robustness import AttackGrid, make_tamper  # noqa: E402
 from fedgan_app import client_app  # noqa: E402
-from fedgan_app.config import STRATEGIES, RunConfig  # noqa: E402
+from fedgan_app.config import SETTINGS_BY_KEY, STRATEGIES, RunConfig  # noqa: E402
 from fedgan_app.data import load_server_split, partition_spec  # noqa: E402
 from fedgan_app.inprocess import server_context  # noqa: E402
 from fedgan_app.models import GANConfig, build_gan  # noqa: E402
@@ -319,8 +319,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--local-steps", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--eval-samples", type=int, default=1000)
-    parser.add_argument("--lr", type=float, default=2e-3,
-                        help="Adam learning rate of G and D (the default recipe's)")
+    parser.add_argument("--lr", type=float, default=SETTINGS_BY_KEY["lr-generator"].default,
+                        help="Adam learning rate of G and D (default: the app's lr-generator)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                         help="seeds of the quality table")
     parser.add_argument("--robustness-seeds", type=int, nargs="+", default=[0],
