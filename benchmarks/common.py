@@ -27,6 +27,15 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 RUNS_DIR = REPO_ROOT / "benchmarks" / "runs"
+# The raw results every committed table is drawn from, committed beside it: a
+# rerun in a fresh clone then adds to a table instead of redrawing it from the
+# few jobs it ran itself (run folders stay in RUNS_DIR, which git ignores).
+DATA_DIR = RESULTS_DIR / "data"
+
+
+def results_file(name: str, runs_dir: Path, quick: bool) -> Path:
+    """Where a benchmark keeps its results: DATA_DIR/<name>.json; a quick run: its runs."""
+    return runs_dir / "results.json" if quick else DATA_DIR / f"{name}.json"
 
 
 def quiet_environment() -> None:

@@ -26,9 +26,9 @@ default: projection discriminator). Every row is scored by the app's own
 quality judge on the server's held-out split; the reference row (real
 held-out vs real training images) comes from the same judge.
 
-Results accumulate in benchmarks/runs/quality-<images/1000>k/results.json,
-so a rerun continues where it stopped; the report goes to
-benchmarks/results/quality.md and the final grids of the first seed to
+Results accumulate in benchmarks/results/data/quality-<images/1000>k-<recipe>.json
+(committed, so a rerun in a fresh clone continues where the last one
+stopped); the report goes to benchmarks/results/quality.md and the final grids of the first seed to
 benchmarks/results/quality.png (`--quick`: under benchmarks/runs/ only).
 """
 
@@ -52,6 +52,7 @@ from benchmarks.common import (  # noqa: E402
     machine_header,
     quiet_environment,
     read_rows,
+    results_file,
     run_in_process,
     run_jobs,
     spread,
@@ -376,7 +377,7 @@ def main() -> None:
     jobs = jobs_for(args, out)
     if args.only:
         jobs = {k: v for k, v in jobs.items() if any(k.startswith(o) for o in args.only)}
-    results = run_jobs(jobs, out / "results.json", args.processes)
+    results = run_jobs(jobs, results_file(out.name, out, args.quick), args.processes)
     target_dir = out if args.quick else RESULTS_DIR
     target_dir.mkdir(parents=True, exist_ok=True)
     (target_dir / "quality.md").write_text(report(results, args, machine_header()))

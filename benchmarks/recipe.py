@@ -13,8 +13,8 @@ app's quality judge every quarter of the budget. Every candidate sees the same
 number of images in all (rounds x 5 clients x local steps x batch), so the
 table compares quality per image; the wall column tells quality per second.
 The tables go to benchmarks/results/recipe-<budget>k.md (the findings, by hand, to
-recipe.md); results accumulate in
-benchmarks/runs/recipe-<budget>k/results.json, so a rerun continues where it stopped.
+recipe.md); results accumulate in benchmarks/results/data/recipe-<budget>k.json
+(committed), so a rerun continues where the last one stopped, in any clone.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from benchmarks.common import (  # noqa: E402
     machine_header,
     quiet_environment,
     read_rows,
+    results_file,
     run_in_process,
     run_jobs,
     spread,
@@ -99,6 +100,8 @@ CANDIDATES: dict[str, tuple[dict[str, Any], int, int]] = {
     "lr2e-3-b16-ema0.5": ({**DA, **LR2, **PROJECTION, "generator-ema": 0.5}, 100, 16),
     # FedGAN's own setting: 5 clients holding 2 classes each; does every class come
     # when asked (conditional-accuracy/<c>)?
+    # Twice the Adam steps per image again (2026-12-02): does the lever go on?
+    "lr2e-3-b8": ({**DA, **LR2, **PROJECTION}, 200, 8),
     "pathological": ({**DA, **FAST, **PROJECTION, "partitioner": "pathological"}, 50, 32),
     "lr2e-3-b16-pathological": ({**DA, **LR2, **PROJECTION,
                                  "partitioner": "pathological"}, 100, 16),
@@ -183,6 +186,8 @@ def main() -> None:
     parser.add_argument("--eval-samples", type=int, default=1000)
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="a smoke run: tiny budget")
+    parser.add_argument("--name", help="the table's name (default recipe-<budget>k): a "
+                        "new name starts a table of its own beside the others")
     args = parser.parse_args()
     quiet_environment()
     # --only: a candidate's exact name, else every candidate the word begins.
@@ -191,11 +196,12 @@ def main() -> None:
     if args.quick:
         args.images, args.eval_samples, args.seeds = 3_200, 100, args.seeds[:1]
     # One results file per budget: a candidate's runs at another budget never mix.
-    out = RUNS_DIR / ("recipe-quick" if args.quick else f"recipe-{args.images // 1000}k")
+    name = "recipe-quick" if args.quick else (args.name or f"recipe-{args.images // 1000}k")
+    out = RUNS_DIR / name
     header = machine_header()
     jobs = {f"{n}|{s}": partial(run_candidate, n, s, args.images, args.eval_samples,
                                 str(out)) for n in names for s in args.seeds}
-    results = run_jobs(jobs, out / "results.json", args.processes)
+    results = run_jobs(jobs, results_file(out.name, out, args.quick), args.processes)
     # The report shows every candidate and seed run so far, not only this call's.
     done = [n for n in CANDIDATES if any(k.startswith(n + "|") for k in results)]
     seeds = sorted({int(k.rsplit("|", 1)[1]) for k in results})
@@ -203,7 +209,7 @@ def main() -> None:
                   f"{header}\n\nBudget: {args.images:,} images seen in all by {NUM_CLIENTS} "
                   f"clients (iid); quality from {args.eval_samples} samples.")
     # One table per budget (recipe-80k.md, recipe-160k.md); recipe.md holds the findings.
-    target = (out if args.quick else RESULTS_DIR) / f"recipe-{args.images // 1000}k.md"
+    target = (out if args.quick else RESULTS_DIR) / f"{name}.md"
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(text)
     print(f"wrote {target}")

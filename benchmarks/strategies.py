@@ -25,9 +25,10 @@ except the "fedavg + norm screen" rows. Two tables:
 
 Each run is a job of its own single-thread process, ``--processes`` at a time
 (benchmarks/common.run_jobs): the runs are scored, not timed, so they may share
-the machine. Results accumulate in ``<runs>/results-<budget>.json`` (keyed by
-run), so an interrupted benchmark continues where it stopped when run again
-with the same budget. The
+the machine. Results accumulate in
+``benchmarks/results/data/strategies-<budget>.json`` (keyed by run; committed),
+so an interrupted benchmark continues where it stopped when run again with
+the same budget, in any clone. The
 report goes to benchmarks/results/strategies.md (``--quick``: under
 benchmarks/runs/strategies-quick/); the findings under the tables are written
 by hand.
@@ -56,7 +57,7 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
 import torch  # noqa: E402
 
-from benchmarks.common import run_jobs, spread  # noqa: E402
+from benchmarks.common import results_file, run_jobs, spread  # noqa: E402
 from benchmarks.robustness import AttackGrid, make_tamper  # noqa: E402
 from fedgan_app import client_app  # noqa: E402
 from fedgan_app.config import SETTINGS_BY_KEY, STRATEGIES, RunConfig  # noqa: E402
@@ -351,8 +352,9 @@ def main_cli() -> None:
     report = (runs_dir / "strategies.md" if args.quick
               else REPO_ROOT / "benchmarks" / "results" / "strategies.md")
     # One results file per budget: a run of another budget starts its own.
-    store = runs_dir / ("results-" + "-".join(f"{k}{v}" for k, v in vars(budget).items())
-                        + ".json")
+    budget_name = "-".join(f"{k}{v}" for k, v in vars(budget).items())
+    store = (runs_dir / f"results-{budget_name}.json" if args.quick
+             else results_file(f"strategies-{budget_name}", runs_dir, quick=False))
     start = time.perf_counter()
     untrained = {split: [untrained_fid(seed, split, budget.eval_samples)
                          for seed in args.seeds] for split in SPLITS}
