@@ -84,10 +84,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("round-timeout", float, 600.0, "Seconds the server waits for replies.",
             low=0.0, low_open=True),
     # --- local training (FedGAN agents) -----------------------------------
-    Setting("local-steps", int, 100,
+    Setting("local-steps", int, 200,
             "FedGAN's synchronisation interval K: local adversarial steps per round.",
             low=1),
-    Setting("batch-size", int, 16, "Images per local step.", low=1, high=4096),
+    Setting("batch-size", int, 8, "Images per local step.", low=1, high=4096),
     Setting("lr-generator", float, 2e-3, "Adam learning rate of G (before decay).",
             low=0.0, high=1.0, low_open=True),
     Setting("lr-discriminator", float, 2e-3, "Adam learning rate of D (before decay).",
