@@ -98,10 +98,10 @@ CANDIDATES: dict[str, tuple[dict[str, Any], int, int]] = {
     "lr2e-3-ema0.5": ({**DA, **LR2, **PROJECTION, "generator-ema": 0.5}, 50, 32),
     # The new default with a server-side EMA of G: steadier final samples?
     "lr2e-3-b16-ema0.5": ({**DA, **LR2, **PROJECTION, "generator-ema": 0.5}, 100, 16),
-    # FedGAN's own setting: 5 clients holding 2 classes each; does every class come
-    # when asked (conditional-accuracy/<c>)?
     # Twice the Adam steps per image again (2026-12-02): does the lever go on?
     "lr2e-3-b8": ({**DA, **LR2, **PROJECTION}, 200, 8),
+    # FedGAN's own setting: 5 clients holding 2 classes each; does every class come
+    # when asked (conditional-accuracy/<c>)?
     "pathological": ({**DA, **FAST, **PROJECTION, "partitioner": "pathological"}, 50, 32),
     "lr2e-3-b16-pathological": ({**DA, **LR2, **PROJECTION,
                                  "partitioner": "pathological"}, 100, 16),

@@ -353,8 +353,7 @@ def main_cli() -> None:
               else REPO_ROOT / "benchmarks" / "results" / "strategies.md")
     # One results file per budget: a run of another budget starts its own.
     budget_name = "-".join(f"{k}{v}" for k, v in vars(budget).items())
-    store = (runs_dir / f"results-{budget_name}.json" if args.quick
-             else results_file(f"strategies-{budget_name}", runs_dir, quick=False))
+    store = results_file(f"strategies-{budget_name}", runs_dir, args.quick)
     start = time.perf_counter()
     untrained = {split: [untrained_fid(seed, split, budget.eval_samples)
                          for seed in args.seeds] for split in SPLITS}
