@@ -28,8 +28,9 @@ held-out vs real training images) comes from the same judge.
 
 Results accumulate in benchmarks/results/data/quality-<images/1000>k-<recipe>.json
 (committed, so a rerun in a fresh clone continues where the last one
-stopped); the report goes to benchmarks/results/quality.md and the final grids of the first seed to
-benchmarks/results/quality.png (`--quick`: under benchmarks/runs/ only).
+stopped); the report goes to benchmarks/results/quality.md and the final
+grids of the first seed to benchmarks/results/quality.png (`--quick`: under
+benchmarks/runs/ only).
 """
 
 from __future__ import annotations
