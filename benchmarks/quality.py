@@ -195,8 +195,8 @@ def rows_table(results: dict[str, Any], seeds: list[int], images: int) -> list[s
     head = ["row", "mode", "seeds", *METRICS, "train s (local-only: per client)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     # The reference of the default run's own setting (5 iid clients): each run draws
-    # its real training images from its own partitioning, so the row differs a little
-    # between splits (the centralized pool's draw scored 8.7 where 5 iid clients' 12.6).
+    # its real training images from its own partitioning and seed, so the row differs
+    # between runs.
     ordered = sorted(results.items(), key=lambda item: not item[0].startswith("fedgan iid|"))
     reference = next((r["reference"] for _, r in ordered if r.get("reference")), {})
     if reference:
