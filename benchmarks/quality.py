@@ -36,6 +36,7 @@ benchmarks/runs/ only).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 import statistics
@@ -66,6 +67,7 @@ NUM_CLIENTS = 5
 LOCAL_STEPS = SETTINGS_BY_KEY["local-steps"].default
 BATCH = SETTINGS_BY_KEY["batch-size"].default
 LR = (SETTINGS_BY_KEY["lr-generator"].default, SETTINGS_BY_KEY["lr-discriminator"].default)
+DIFFAUGMENT = SETTINGS_BY_KEY["diffaugment"].default
 IMAGES_PER_STEP_ROUND = LOCAL_STEPS * BATCH
 METRICS = ("fid", "classifier-score", "class-coverage", "density", "coverage",
            "conditional-accuracy")
@@ -82,6 +84,17 @@ GOALS = {"iid": 1.2, "dirichlet 0.3": 1.3}
 PUBLIC = {"iid": 1.32, "dirichlet 0.3": 1.42}
 DRAWS_CLASS = 0.9  # a class counts as drawn on request at this conditional accuracy
 SMOOTHING = 3  # evaluations averaged in the smoothed FedGAN / centralized ratio
+
+
+def defaults_digest() -> str:
+    """Six hex digits of every default setting: the rows' recipe in a file name.
+
+    The readable part of the name (steps, batch, lr) misses the rest of the
+    recipe; a change of any default (DiffAugment, say) changes this digest,
+    so its rows go to a new results file instead of joining the old ones.
+    """
+    defaults = {s.key: s.default for s in SETTINGS_BY_KEY.values()}
+    return hashlib.sha256(json.dumps(defaults, sort_keys=True).encode()).hexdigest()[:6]
 
 
 def run_job(kind: str, mode: str, seed: int, images: int, eval_every_images: int,
@@ -356,7 +369,7 @@ def report(results: dict[str, Any], args: argparse.Namespace, header: str) -> st
         f"rounds x {LOCAL_STEPS} steps x batch {BATCH}; local-only: each client its fifth, "
         f"{args.images // NUM_CLIENTS:,}); quality from {args.eval_samples} samples; "
         f"seeds {seeds}; the app's default recipe otherwise (Adam lr {LR[0]:g} for G, "
-        f"{LR[1]:g} for D).", "",
+        f"{LR[1]:g} for D, DiffAugment {DIFFAUGMENT!r}).", "",
         "## The centralized curve (first seed)", "", *curve_lines(results, seeds[0]), "",
         "## Rows at the budget: median (min–max) over seeds", "",
         *rows_table(results, seeds, args.images), "",
@@ -393,7 +406,7 @@ def main() -> None:
     quiet_environment()
     # One results folder per budget and recipe: a changed default starts afresh
     # instead of mixing its rows with the old recipe's.
-    recipe = f"steps{LOCAL_STEPS}-batch{BATCH}-lr{LR[0]:g}-{LR[1]:g}"
+    recipe = f"steps{LOCAL_STEPS}-batch{BATCH}-lr{LR[0]:g}-{LR[1]:g}-{defaults_digest()}"
     out = RUNS_DIR / ("quality-quick" if args.quick
                       else f"quality-{args.images // 1000}k-{recipe}")
     jobs = jobs_for(args, out)

@@ -114,9 +114,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("gan-loss", str, "bce",
             "Adversarial loss: 'bce' (non-saturating, DCGAN) or 'hinge' (SNGAN/BigGAN).",
             choices=GAN_LOSSES),
-    Setting("diffaugment", str, "translation,cutout",
+    Setting("diffaugment", str, "none",
             "DiffAugment policy applied to real and generated images before D (Zhao "
-            "et al. 2020; for small data).", choices=DIFFAUGMENT_POLICIES),
+            "et al. 2020; for small data; off by default, where it cost quality).",
+            choices=DIFFAUGMENT_POLICIES),
     Setting("generator-ema", float, 0.0,
             "Decay per round of the server-side EMA of the global generator, sampled "
             "and checkpointed beside the raw one (0: off).", low=0.0, high=1.0,
