@@ -57,6 +57,7 @@ WIDE = {"g-width": 64}
 FAST = {"lr-generator": 1e-3, "lr-discriminator": 1e-3}
 LR2 = {"lr-generator": 2e-3, "lr-discriminator": 2e-3}
 PROJECTION = {"conditional": True, "conditioning": "projection"}
+NDA = {"diffaugment": "none", **LR2, **PROJECTION}  # the default since 2026-12-02
 CANDIDATES: dict[str, tuple[dict[str, Any], int, int]] = {
     "baseline (old default)": ({}, 100, 32),
     "diffaugment": ({**DA}, 100, 32),
@@ -113,6 +114,18 @@ CANDIDATES: dict[str, tuple[dict[str, Any], int, int]] = {
     "b8-ema0.5": ({**DA, **LR2, **PROJECTION, "generator-ema": 0.5}, 200, 8),
     "b8-batchnorm-local": ({**DA, **LR2, **PROJECTION, "batchnorm": "local"}, 200, 8),
     "b8-acgan": ({**DA, **LR2, "conditional": True, "conditioning": "acgan"}, 200, 8),
+    # The same candidates from the default since 2026-12-02 evening (b8-no-diffaugment:
+    # no DiffAugment, lr 2e-3, projection, batch 8, K = 200), run into its table;
+    # lr2e-3-b8 is this default with DiffAugment back on.
+    "nda-g-width64": ({**NDA, **WIDE}, 200, 8),
+    "nda-translation": ({**NDA, "diffaugment": "translation"}, 200, 8),
+    "nda-ttur": ({**NDA, "lr-generator": 1e-3, "lr-discriminator": 4e-3}, 200, 8),
+    "nda-spectral": ({**NDA, "d-norm": "spectral"}, 200, 8),
+    "nda-hinge": ({**NDA, "gan-loss": "hinge"}, 200, 8),
+    "nda-k100": ({**NDA}, 100, 8),
+    "nda-ema0.5": ({**NDA, "generator-ema": 0.5}, 200, 8),
+    "nda-batchnorm-local": ({**NDA, "batchnorm": "local"}, 200, 8),
+    "nda-acgan": ({**NDA, "conditioning": "acgan"}, 200, 8),
     # FedGAN's own setting: 5 clients holding 2 classes each; does every class come
     # when asked (conditional-accuracy/<c>)?
     "pathological": ({**DA, **FAST, **PROJECTION, "partitioner": "pathological"}, 50, 32),
