@@ -105,7 +105,7 @@ CANDIDATES: dict[str, tuple[dict[str, Any], int, int]] = {
     # so that each is measured against the recipe it would replace; run them into
     # the table of lr2e-3-b8's seeds (--name recipe-160k-steps).
     "b8-g-width64": ({**DA, **LR2, **PROJECTION, **WIDE}, 200, 8),
-    "b8-no-diffaugment": ({"diffaugment": "none", **LR2, **PROJECTION}, 200, 8),
+    "b8-no-diffaugment": (NDA, 200, 8),  # the default since 2026-12-02 evening
     "b8-ttur": ({**DA, **PROJECTION, "lr-generator": 1e-3, "lr-discriminator": 4e-3},
                 200, 8),
     "b8-spectral": ({**DA, **LR2, **PROJECTION, "d-norm": "spectral"}, 200, 8),
