@@ -342,6 +342,13 @@ def write_image(path: Path, results: dict[str, Any], seed: int) -> None:
             result = results.get(f"{row}|{mode}|{seed}")
             if result and result["grids"].get("grid"):
                 tiles.append((f"{row}, {mode}", result["grids"]["grid"]))
+    missing = [grid for _, grid in tiles if not Path(grid).is_file()]
+    if missing:
+        # The grids live in the (uncommitted) run folder: a fresh clone has the
+        # results file but not them. Keep the image already written rather than
+        # replace it with one that lacks tiles.
+        print(f"kept {path}: {len(missing)} final grids are gone, e.g. {missing[0]}")
+        return
     if not tiles:
         return
     cols = 4
