@@ -370,7 +370,10 @@ def report(results: dict[str, Any], args: argparse.Namespace, header: str) -> st
     seeds = sorted({int(k.rsplit("|", 1)[1]) for k in results})
     return "\n".join([
         "# Sample quality: centralized, local-only and FedGAN at equal images", "",
-        f"Command: `{command_line()}`", "", header, "",
+        f"Command: `{command_line()}`", "",
+        *(["This call ran only the jobs its `--only` names; the tables hold every "
+           "row of the results file, earlier calls' too.", ""] if args.only else []),
+        header, "",
         f"Budget of the rows: {args.images:,} images seen in all (FedGAN: "
         f"{NUM_CLIENTS} clients x {args.images // (NUM_CLIENTS * IMAGES_PER_STEP_ROUND)} "
         f"rounds x {LOCAL_STEPS} steps x batch {BATCH}; local-only: each client its fifth, "
