@@ -11,6 +11,7 @@ where it stopped.
 from __future__ import annotations
 
 import csv
+import fcntl
 import json
 import multiprocessing
 import os
@@ -124,15 +125,30 @@ def run_jobs(jobs: dict[str, Callable[[], dict[str, Any]]], results_path: Path,
         pending = {name: pool.apply_async(_call, (jobs[name],)) for name in todo}
         for name, handle in pending.items():
             results[name] = handle.get()
-            results_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = results_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(results, indent=1, sort_keys=True))
-            os.replace(tmp, results_path)
+            results.update(_save_result(results_path, name, results[name]))
             print(f"[{len(results)}/{len(jobs)}] {name}: "
                   + ", ".join(f"{k} {v:.4g}" for k, v in results[name].items()
                               if isinstance(v, float) and k in ("fid", "wall_s")),
                   flush=True)
     return results
+
+
+def _save_result(results_path: Path, name: str, result: dict[str, Any]) -> dict[str, Any]:
+    """Add one result to the file; every result the file now holds.
+
+    Re-reads the file under a lock before writing, so two benchmark processes
+    sharing a results file (say, one per core) keep each other's results
+    instead of the last writer's copy replacing the file.
+    """
+    results_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(results_path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        saved = json.loads(results_path.read_text()) if results_path.is_file() else {}
+        saved[name] = result
+        tmp = results_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(saved, indent=1, sort_keys=True))
+        os.replace(tmp, results_path)
+    return saved
 
 
 def _call(job: Callable[[], dict[str, Any]]) -> dict[str, Any]:
