@@ -135,6 +135,10 @@ CANDIDATES: dict[str, tuple[dict[str, Any], int, int]] = {
     # (quality.md); lr 1e-3 with batch 32 and K = 50 drew every class at 160k
     # with DiffAugment on (seed 0, 2026-12-01): the same without it, 3 seeds.
     "nda-pathological-lr1e-3-b32": ({**NDA, **FAST, "partitioner": "pathological"}, 50, 32),
+    # The default itself under pathological, for longer budgets than quality.md's
+    # 160k (run with --images 320000 --name recipe-320k-pathological): the 2s and
+    # 5s were still rising at 160k.
+    "nda-pathological": ({**NDA, "partitioner": "pathological"}, 200, 8),
 }
 
 
