@@ -133,7 +133,8 @@ CANDIDATES: dict[str, tuple[dict[str, Any], int, int]] = {
                                  "partitioner": "pathological"}, 100, 16),
     # The default (nda) left 2s and 5s below 0.9 on request under pathological
     # (quality.md); lr 1e-3 with batch 32 and K = 50 drew every class at 160k
-    # with DiffAugment on (seed 0, 2026-12-01): the same without it, 3 seeds.
+    # with DiffAugment on (seed 0, 2026-12-01): the same without it, 3 seeds, drew
+    # only 6-7 of 10 at >= 0.9 (2026-12-03, recipe.md).
     "nda-pathological-lr1e-3-b32": ({**NDA, **FAST, "partitioner": "pathological"}, 50, 32),
     # The default itself under pathological, for longer budgets than quality.md's
     # 160k (run with --images 320000 --name recipe-320k-pathological): the 2s and
@@ -196,7 +197,6 @@ def report(results: dict[str, dict[str, Any]], names: list[str], seeds: list[int
         cells = [spread([r[m] for r in runs], ".3g") for m in METRICS]
         lines.append(f"| {name} | {text} | {steps} x {batch}, {runs[0]['rounds']} | "
                      + " | ".join(cells) + f" | {spread([r['train_s'] for r in runs], '.0f')} |")
-    classes = class_lines(results, names, seeds)
     curves = ["| candidate | fid at images seen: median (min–max) |", "|---|---|"]
     for name in names:
         runs = [results[f"{name}|{s}"] for s in seeds if f"{name}|{s}" in results]
@@ -208,7 +208,7 @@ def report(results: dict[str, dict[str, Any]], names: list[str], seeds: list[int
     return "\n".join([
         "# Training recipe: quality per image seen", "", f"Command: `{command_line()}`", "",
         header, "", "## Final quality", "", *lines, "", "## fid along the budget", "",
-        *curves, "", *classes])
+        *curves, "", *class_lines(results, names, seeds)])
 
 
 def class_lines(results: dict[str, dict[str, Any]], names: list[str],
