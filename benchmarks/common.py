@@ -124,8 +124,7 @@ def run_jobs(jobs: dict[str, Callable[[], dict[str, Any]]], results_path: Path,
     with context.Pool(processes, initializer=quiet_environment, maxtasksperchild=1) as pool:
         pending = {name: pool.apply_async(_call, (jobs[name],)) for name in todo}
         for name, handle in pending.items():
-            results[name] = handle.get()
-            results.update(_save_result(results_path, name, results[name]))
+            results.update(_save_result(results_path, name, handle.get()))
             print(f"[{len(results)}/{len(jobs)}] {name}: "
                   + ", ".join(f"{k} {v:.4g}" for k, v in results[name].items()
                               if isinstance(v, float) and k in ("fid", "wall_s")),
