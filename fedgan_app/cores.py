@@ -9,6 +9,14 @@ while it trains it asks every few steps how many of them are active, taking
 its share of the cores: two active clients on two cores get one thread each,
 the one client left in the last wave gets both.
 
+The cores it shares are those that other work leaves free: on Linux a
+`BusyMeter` reads how much CPU time the machine spent in the last interval
+beyond the run's own active clients (/proc), and the cores that other work
+kept busy are not handed out. A torch client with more threads than free
+cores waits at every parallel region for the thread that lost its core (the
+step's ops are small, so those waits dominate); one thread fewer is far
+cheaper. Without /proc (macOS) every core counts as free.
+
 Only this module touches the folder (one empty file per active client,
 named by its process id); crashed clients' files are ignored because their
 process is gone.
@@ -23,22 +31,109 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
 
 # Read the folder at most this often (seconds): counting is a directory listing.
 MIN_INTERVAL_S = 0.25
+# The shortest interval the meter turns into a figure: 10 ticks of each core (0.1 s
+# at Linux's USER_HZ of 100); a shorter one grows until it is that long.
+MIN_WINDOW_TICKS = 10
+PROC = Path("/proc")
 # With GPUs, up to this many clients per core run at once; beyond it, one per core
 # (each running client is a process holding torch).
 MAX_CLIENTS_PER_CORE = 4
 
 
+def machine_cpus() -> list[int]:
+    """Ids of the cores this process may run on."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return list(range(os.cpu_count() or 1))
+
+
 def machine_cores() -> int:
     """Cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+    return len(machine_cpus())
+
+
+class BusyMeter:
+    """Cores kept busy by work other than some processes, from /proc (Linux).
+
+    Each read compares the busy time of `cpus` (/proc/stat) with the CPU time
+    of the given processes (/proc/<pid>/stat, all their threads) since the
+    previous read; the difference is other work, in cores. Both files count
+    in the same clock ticks, so the interval needs no clock of its own.
+
+    /proc/stat is used rather than the load average: the averages follow a
+    change over a minute or more while a client trains for seconds, and the
+    runnable count of /proc/loadavg is one instant that counts this run's own
+    threads (which it cannot tell apart) and misses threads asleep at a
+    barrier; sampled during training it did not separate a busy core from an
+    idle one.
+
+    A read is two or three small /proc files, never a wait. The
+    last figure is kept while it cannot be measured: at the first read,
+    while the interval is under MIN_WINDOW_TICKS, and when the processes
+    changed since the previous read (one that started or ended in the
+    interval has CPU time that cannot be split). Without /proc it stays 0.
+
+    Parameters
+    ----------
+    cpus : Iterable[int]
+        Ids of the cores to watch (this process's affinity).
+    proc : Path
+        Root of the proc file system (a folder of fake files in tests).
+
+    """
+
+    def __init__(self, cpus: Iterable[int], proc: Path = PROC):
+        self.cpus = {f"cpu{c}".encode() for c in cpus}
+        self.proc = proc
+        self.others = 0.0
+        self._last: tuple[int, int, dict[int, int]] | None = None
+
+    def others_busy(self, pids: Iterable[int]) -> float:
+        """Cores that other work kept busy in the last interval (0 until measured)."""
+        now = self._sample(pids)
+        if now is None:
+            return self.others
+        last = self._last
+        if last is None or last[2].keys() != now[2].keys():
+            self._last = now
+            return self.others
+        ticks_per_core = (now[1] - last[1]) / max(1, len(self.cpus))
+        if ticks_per_core < MIN_WINDOW_TICKS:
+            return self.others
+        own = sum(now[2][pid] - last[2][pid] for pid in now[2])
+        busy = (now[0] - last[0] - own) / ticks_per_core
+        self.others = min(float(len(self.cpus)), max(0.0, busy))
+        self._last = now
+        return self.others
+
+    def _sample(self, pids: Iterable[int]) -> tuple[int, int, dict[int, int]] | None:
+        """(busy ticks, all ticks) of the cores and CPU ticks per process; None if unknown."""
+        try:
+            busy = total = 0
+            for line in (self.proc / "stat").read_bytes().splitlines():
+                fields = line.split()
+                if fields and fields[0] in self.cpus:
+                    # user nice system idle iowait irq softirq steal (guest is in user)
+                    ticks = [int(f) for f in fields[1:9]]
+                    total += sum(ticks)
+                    busy += sum(ticks) - ticks[3] - ticks[4]
+            own = {pid: self._cpu_ticks(pid) for pid in pids}
+        except (OSError, ValueError, IndexError):
+            return None
+        return busy, total, own
+
+    def _cpu_ticks(self, pid: int) -> int:
+        """User + system ticks of a process, all its threads."""
+        text = (self.proc / str(pid) / "stat").read_bytes()
+        fields = text[text.rindex(b")") + 2:].split()  # the name may hold spaces
+        return int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
 
 
 class CoreShare:
@@ -52,13 +147,18 @@ class CoreShare:
         Cores to share (default: all cores of this machine).
     root : Path | None
         Parent of the per-run folders (default: the system's temp folder).
+    proc : Path
+        Root of the proc file system, read for the cores that other work keeps
+        busy (a folder without /proc's files: every core counts as free).
 
     """
 
-    def __init__(self, run_key: str, cores: int | None = None, root: Path | None = None):
+    def __init__(self, run_key: str, cores: int | None = None, root: Path | None = None,
+                 proc: Path = PROC):
         self.cores = max(1, cores or machine_cores())
         self.folder = (root or Path(tempfile.gettempdir())) / "fedgan-cores" / run_key
         self.me = self.folder / str(os.getpid())
+        self.meter = BusyMeter(machine_cpus(), proc)
         self._checked = 0.0
         self._threads = 1
 
@@ -74,12 +174,21 @@ class CoreShare:
         self.me.unlink(missing_ok=True)
 
     def threads(self) -> int:
-        """Return this client's share of the cores now (re-read at most every 0.25 s)."""
+        """Return this client's share of the free cores now (re-read at most every 0.25 s)."""
         now = time.monotonic()
         if now - self._checked >= MIN_INTERVAL_S:
             self._checked = now
-            self._threads = self._share(self._active())
+            active = self._active()
+            self._threads = self._share(active, self.free_cores(active))
         return self._threads
+
+    def free_cores(self, active: list[int]) -> int:
+        """Cores less those other work kept busy (at least 1).
+
+        Other work on half a core or more takes the core: a thread that shares
+        one with it stalls every parallel region of its client.
+        """
+        return max(1, self.cores - int(self.meter.others_busy(active) + 0.5))
 
     def _active(self) -> list[int]:
         """PIDs of the live clients registered in the folder, sorted."""
@@ -89,9 +198,9 @@ class CoreShare:
                 pids.append(int(entry.name))
         return sorted(pids) or [os.getpid()]
 
-    def _share(self, active: list[int]) -> int:
+    def _share(self, active: list[int], cores: int) -> int:
         """Cores // active, the remainder going to the lowest PIDs."""
-        base, extra = divmod(self.cores, len(active))
+        base, extra = divmod(cores, len(active))
         rank = active.index(os.getpid()) if os.getpid() in active else len(active)
         return max(1, base + (1 if rank < extra else 0))
 
@@ -102,11 +211,9 @@ def simulation_resources(clients: int, cores: int, gpus: int = 0) -> dict[str, f
     On CPUs, one client per core at a time, in waves (5 clients on 2 cores: 2,
     2 and 1), each with one torch thread; `CoreShare` gives the clients of a
     short last wave the cores the others left, so the one client of the last
-    wave trains with both threads. Measured against every client of the round
-    at once, sharing the cores by threads (benchmarks/results/throughput.md):
-    on an Intel Xeon 2-core machine 7.5 s a round against 8.6 s and 4 s less
-    start-up (two processes import torch, not five); on an AMD EPYC 2-core
-    machine within 3% of each other.
+    wave trains with both threads. Fewer processes than clients also means
+    fewer torch imports at start-up. benchmarks/results/throughput.md compares
+    this layout with the others ("Client layouts").
 
     With GPUs, up to MAX_CLIENTS_PER_CORE clients per core run at once and
     share the GPUs (kernels of several processes overlap on a GPU): Ray is told
