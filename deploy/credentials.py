@@ -7,13 +7,19 @@ Writes, into one folder:
   ``ca.key`` stays with whoever issues certificates.
 - ``superlink.crt`` / ``superlink.key``: the SuperLink's server certificate,
   signed by the CA, valid for the given host names and IP addresses (the
-  subject alternative names: what SuperNodes put in ``--superlink``) and
-  always for loopback, since the SuperLink's own SuperExec connects to it
-  over TLS on 127.0.0.1 (also when it listens on 0.0.0.0).
+  subject alternative names: the SuperLink host's public names, what
+  SuperNodes put in ``--superlink`` to reach its Fleet gateway, which presents
+  this same certificate) and always for loopback, where the SuperLink itself
+  listens (its SuperExec, the gateway and the operator's `flwr` connect there).
 - ``supernode-<i>`` / ``supernode-<i>.pub``: one EC (NIST P-384) key pair per
   SuperNode in OpenSSH format. The private key stays on that node
   (``--auth-supernode-private-key``); the public key is registered on the
   SuperLink with ``flwr supernode register``.
+
+Every file is created anew, never replacing one: a private key is created with
+mode 0600 (readable by its owner from the first moment), written under a unique
+temporary name, flushed to disk and linked to its final name, which fails if
+that name exists (`CredentialsError`).
 
 Nothing is downloaded; keys come from the ``cryptography`` package, which Flower
 itself depends on. Run ``python -m deploy.credentials --help``.
@@ -25,6 +31,8 @@ import argparse
 import datetime
 import ipaddress
 import os
+import secrets
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +44,10 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 VALID_DAYS = 365
+
+
+class CredentialsError(RuntimeError):
+    """A credential file already exists: it is never overwritten."""
 
 
 @dataclass(frozen=True)
@@ -76,7 +88,8 @@ def generate_credentials(folder: Path, num_nodes: int,
     Parameters
     ----------
     folder : Path
-        Output folder; created if missing. Files of the same names are replaced.
+        Output folder; created if missing. It must not hold any of the files to
+        write (`CredentialsError`, and nothing is written).
     num_nodes : int
         SuperNode key pairs to write (``supernode-0`` .. ``supernode-<n-1>``).
     hosts : Sequence[str]
@@ -96,21 +109,28 @@ def generate_credentials(folder: Path, num_nodes: int,
         raise ValueError("give at least one host name or IP address for the SuperLink")
     folder.mkdir(parents=True, exist_ok=True)
     creds = Credentials(folder, num_nodes)
+    _refuse_existing([folder / "ca.key", creds.ca_cert, creds.server_key, creds.server_cert,
+                      *(p for i in range(num_nodes)
+                        for p in (creds.node_key(i), creds.node_public_key(i)))])
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_cert = _ca_certificate(ca_key)
     _write_private(folder / "ca.key", _pem_key(ca_key))
-    _write_atomic(creds.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM))
+    _write_public(creds.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM))
     server_key = ec.generate_private_key(ec.SECP384R1())
     server_cert = _server_certificate(server_key, ca_key, ca_cert, hosts)
     _write_private(creds.server_key, _pem_key(server_key))
-    _write_atomic(creds.server_cert, server_cert.public_bytes(serialization.Encoding.PEM))
+    _write_public(creds.server_cert, server_cert.public_bytes(serialization.Encoding.PEM))
     for index in range(num_nodes):
         write_node_key_pair(creds.node_key(index), creds.node_public_key(index))
     return creds
 
 
 def write_node_key_pair(private_path: Path, public_path: Path) -> None:
-    """Write one SuperNode authentication key pair (EC P-384, OpenSSH format)."""
+    """Write one SuperNode authentication key pair (EC P-384, OpenSSH format).
+
+    Raises `CredentialsError`, writing nothing, if either file exists.
+    """
+    _refuse_existing([private_path, public_path])
     key = ec.generate_private_key(ec.SECP384R1())
     private = key.private_bytes(serialization.Encoding.PEM,
                                 serialization.PrivateFormat.OpenSSH,
@@ -118,7 +138,7 @@ def write_node_key_pair(private_path: Path, public_path: Path) -> None:
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
                                            serialization.PublicFormat.OpenSSH)
     _write_private(private_path, private)
-    _write_atomic(public_path, public + b"\n")
+    _write_public(public_path, public + b"\n")
 
 
 def _ca_certificate(key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
@@ -182,19 +202,57 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
                              serialization.NoEncryption())
 
 
+def _refuse_existing(paths: Sequence[Path]) -> None:
+    """Raise CredentialsError naming the credential files that already exist."""
+    existing = [str(p) for p in paths if os.path.lexists(p)]
+    if existing:
+        raise CredentialsError(f"credentials are never overwritten, and these exist: "
+                               f"{', '.join(existing)}; remove them or choose another folder")
+
+
 def _write_private(path: Path, data: bytes) -> None:
-    """Write a secret readable by its owner only (0600)."""
-    _write_atomic(path, data, mode=0o600)
+    """Create a secret readable by its owner only (0600 from its creation)."""
+    _write_new(path, data, 0o600)
 
 
-def _write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write via a temporary file and rename, so no half-written key is ever read."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
+def _write_public(path: Path, data: bytes) -> None:
+    """Create a certificate or public key, readable by all."""
+    _write_new(path, data, 0o644)
+
+
+def _write_new(path: Path, data: bytes, mode: int) -> None:
+    """Create `path` holding `data`, whole and on disk, or raise if it exists.
+
+    The data goes to a fresh temporary file of `mode` (O_EXCL: never someone
+    else's file or link), is fsynced, then hard-linked to `path`: the link
+    fails if `path` exists, so nothing is overwritten, and `path` never holds
+    a partial file. The folder is fsynced so the new name survives a crash.
+    """
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 mode)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise CredentialsError(f"{path} already exists; credentials are never "
+                                   f"overwritten: remove it or choose another folder") from None
+    finally:
+        os.unlink(tmp)
+    _fsync_folder(path.parent)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Flush a folder's entries (new names) to disk."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -210,19 +268,25 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "machine: its private key then never travels)")
     parser.add_argument("--host", action="append", dest="hosts", metavar="NAME_OR_IP",
                         help="a host name or IP address SuperNodes use to reach the "
-                             "SuperLink; repeat for several (127.0.0.1, ::1 and "
-                             "localhost are always included)")
+                             "SuperLink host (its Fleet gateway); repeat for several "
+                             "(127.0.0.1, ::1 and localhost are always included)")
     args = parser.parse_args(argv)
     if args.nodes < 0:
         parser.error(f"--nodes must be >= 0, got {args.nodes}")
-    if args.node_keys_only:
-        args.folder.mkdir(parents=True, exist_ok=True)
-        creds = Credentials(args.folder, args.nodes)
-        for index in range(args.nodes):
-            write_node_key_pair(creds.node_key(index), creds.node_public_key(index))
-        print(f"wrote {args.nodes} SuperNode key pairs in {args.folder}")
-        return 0
-    creds = generate_credentials(args.folder, args.nodes, args.hosts or LOOPBACK_HOSTS)
+    try:
+        if args.node_keys_only:
+            args.folder.mkdir(parents=True, exist_ok=True)
+            creds = Credentials(args.folder, args.nodes)
+            _refuse_existing([p for i in range(args.nodes)
+                              for p in (creds.node_key(i), creds.node_public_key(i))])
+            for index in range(args.nodes):
+                write_node_key_pair(creds.node_key(index), creds.node_public_key(index))
+            print(f"wrote {args.nodes} SuperNode key pairs in {args.folder}")
+            return 0
+        creds = generate_credentials(args.folder, args.nodes, args.hosts or LOOPBACK_HOSTS)
+    except CredentialsError as exc:
+        print(f"deploy.credentials: {exc}", file=sys.stderr)
+        return 1
     print(f"wrote {creds.ca_cert}, {creds.server_cert}, {creds.server_key} "
           f"and {args.nodes} SuperNode key pairs in {creds.folder}")
     return 0
