@@ -45,6 +45,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
+    DATA_DIR,
     RESULTS_DIR,
     RUNS_DIR,
     command_line,
@@ -463,6 +464,11 @@ def main() -> None:
         results_path.write_text(json.dumps(results, indent=1, default=str))
     target = (out if args.quick else RESULTS_DIR) / "throughput.md"
     target.write_text(report(results, cores))
+    under_load = DATA_DIR / "under-load.json"
+    if not args.quick and under_load.is_file():  # the section benchmarks/under_load.py draws
+        from benchmarks.under_load import write_section
+
+        write_section(target, under_load)
     print(f"wrote {target}")
 
 
