@@ -35,7 +35,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
 
-# Read the folder at most this often (seconds): counting is a directory listing.
+# Read the folder and /proc at most this often (seconds): a directory listing and
+# two or three small files, and an interval long enough for the meter to see.
 MIN_INTERVAL_S = 0.25
 # The shortest interval the meter turns into a figure: 10 ticks of each core (0.1 s
 # at Linux's USER_HZ of 100); a shorter one grows until it is that long.
