@@ -11,7 +11,6 @@ where it stopped.
 from __future__ import annotations
 
 import csv
-import fcntl
 import json
 import multiprocessing
 import os
@@ -24,6 +23,8 @@ from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from fedgan_app.files import folder_lock, write_text
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
@@ -135,18 +136,15 @@ def run_jobs(jobs: dict[str, Callable[[], dict[str, Any]]], results_path: Path,
 def _save_result(results_path: Path, name: str, result: dict[str, Any]) -> dict[str, Any]:
     """Add one result to the file; every result the file now holds.
 
-    Re-reads the file under a lock before writing, so two benchmark processes
-    sharing a results file (say, one per core) keep each other's results
-    instead of the last writer's copy replacing the file.
+    Re-reads the file under a lock on its folder before writing, so two
+    benchmark processes sharing a results file (say, one per core) keep each
+    other's results instead of the last writer's copy replacing the file; the
+    write is atomic and fsynced (fedgan_app.files).
     """
-    results_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(results_path.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with folder_lock(results_path.parent):  # made if missing
         saved = json.loads(results_path.read_text()) if results_path.is_file() else {}
         saved[name] = result
-        tmp = results_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(saved, indent=1, sort_keys=True))
-        os.replace(tmp, results_path)
+        write_text(results_path, json.dumps(saved, indent=1, sort_keys=True))
     return saved
 
 

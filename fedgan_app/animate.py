@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 from flwr.common.logger import log
 
-from fedgan_app.tracking import atomic_write
+from fedgan_app.files import atomic_write
 
 # (phase, frames): the train phase has several frames so the clients' rings can
 # sweep at speeds given by their wall times; the others are one frame each.

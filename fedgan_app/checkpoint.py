@@ -4,26 +4,23 @@ A checkpoint (format version 2) holds the global G and D (packed state_dict),
 the server-side EMA generator when there is one, the round it closes, the best
 quality so far, the run's config, the W&B run id and the server optimizer's
 state (FedAdam's moments, FedAvgM's momentum): enough to resume exactly.
-Version-1 files (no EMA, no optimizer state) still load. Writes go to a temp
-file in the same folder, are fsynced, then renamed over the old file, so a
-crash mid-write never corrupts the previous checkpoint. Loads use
+Version-1 files (no EMA, no optimizer state) still load. Writes are atomic
+(`fedgan_app.files`: temp file, fsync, rename, fsync of the folder), so a crash
+mid-write never corrupts the previous checkpoint. Loads use
 `torch.load(weights_only=True)`, which cannot run code from a foreign file.
 """
 
 from __future__ import annotations
 
-import fcntl
-import os
 import pickle
-import tempfile
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from fedgan_app.files import atomic_torch_save
 
 FORMAT = "fedgan-checkpoint"
 VERSION = 2
@@ -65,46 +62,6 @@ class Checkpoint:
             "strategy_state": dict(self.strategy_state),
             "extra": self.extra,
         }
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """torch.save to a temp file beside `path`, fsync, then rename over it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-@contextmanager
-def folder_lock(folder: Path) -> Iterator[None]:
-    """Hold an exclusive lock on `folder` (made if missing) for the block.
-
-    Processes that would build the same cache file at once take turns: the
-    first builds it, the next ones find it. A folder that cannot be made or
-    locked (read-only, a file system without locks) runs the block unlocked.
-    """
-    try:
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        yield
-        return
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError:
-            pass  # no locks here: build unlocked, as before
-        yield
-    finally:
-        os.close(fd)  # releases the lock
 
 
 def save_checkpoint(checkpoint: Checkpoint, path: Path) -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import html
-import json
 import math
 import os
 import signal
@@ -51,7 +50,7 @@ from fedgan_app.animate import (
     render_federation_gif,
 )
 from fedgan_app.evaluation import QUALITY_KEYS
-from fedgan_app.tracking import atomic_write, write_text_atomic
+from fedgan_app.files import atomic_write, write_json, write_text
 
 PAGE = "dashboard.html"
 STATE = "dashboard.json"
@@ -194,11 +193,11 @@ def write_page(run_dir: Path) -> Path:
     run_dir = Path(run_dir)
     body = _page_html(run_dir)
     version = hashlib.sha256(body.encode()).hexdigest()[:16]
-    write_text_atomic(run_dir / PAGE, body.replace("__VERSION__", version))
+    write_text(run_dir / PAGE, body.replace("__VERSION__", version))
     metric_rows = read_csv_rows(run_dir / "metrics.csv")
     state = {"version": version, "round": metric_rows[-1]["__round"] if metric_rows else 0,
              "updated": datetime.now().isoformat(timespec="seconds")}
-    write_text_atomic(run_dir / STATE, json.dumps(state) + "\n")
+    write_json(run_dir / STATE, state)
     return run_dir / PAGE
 
 

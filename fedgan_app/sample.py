@@ -31,6 +31,7 @@ import torch
 
 from fedgan_app.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from fedgan_app.config import SETTINGS_BY_KEY, ConfigError, RunConfig
+from fedgan_app.files import atomic_write
 from fedgan_app.models import (
     G_PREFIX,
     GANConfig,
@@ -45,7 +46,7 @@ from fedgan_app.quality import (
     balanced_labels,
     generator_from,
 )
-from fedgan_app.tracking import atomic_write, make_grid
+from fedgan_app.tracking import make_grid
 from fedgan_app.training import derive_seed, sample_images
 
 # The image sizes the DCGAN can be built for (models.GANConfig): the candidates

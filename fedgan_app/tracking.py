@@ -18,20 +18,18 @@ chosen otherwise), and at the end logs the animations and the clients table.
 Both implement `Output`; the recorder (fedgan_app.recorder) is their only
 caller.
 
-Every file is written to a temp file and renamed, so a crash never leaves a half
-file behind. W&B is best effort: its first failure is logged once as a warning,
-W&B is switched off for the rest of the run, and local outputs keep coming.
+Every file is written atomically (`fedgan_app.files`: temp file, fsync,
+rename), so a crash or a power loss never leaves a half or empty file behind.
+W&B is best effort: its first failure is logged once as a warning, W&B is
+switched off for the rest of the run, and local outputs keep coming.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import json
 import math
-import os
 import re
-import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from logging import INFO, WARNING
 from pathlib import Path
@@ -40,6 +38,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from flwr.common.logger import log
+
+from fedgan_app.files import atomic_write, write_json, write_text
 
 WANDB_MODES = ("offline", "online", "disabled")
 METRICS_CSV = "metrics.csv"
@@ -76,26 +76,6 @@ def make_grid(images: torch.Tensor, nrow: int = 8, padding: int = 2) -> np.ndarr
         left = (i % ncols) * (w + padding) + padding
         grid[top : top + h, left : left + w] = pixels[i].permute(1, 2, 0)  # CHW -> HWC
     return grid.numpy()
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temp file beside ``path``, then rename it onto it."""
-    # Same folder, so os.replace is an atomic rename; same suffix, so writers that
-    # infer the format from the name (Pillow, imageio, matplotlib) still work.
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically."""
-    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def _json_default(value: Any) -> Any:
@@ -188,7 +168,7 @@ class _CsvTable:
         writer = csv.DictWriter(buf, fieldnames=self.columns, restval="", lineterminator="\n")
         writer.writeheader()
         writer.writerows(self.rows)
-        write_text_atomic(self.path, buf.getvalue())
+        write_text(self.path, buf.getvalue())
 
     def column(self, name: str) -> tuple[list[int], list[float]]:
         """Return (rounds, values) of the numeric cells of column ``name``."""
@@ -276,10 +256,8 @@ class LocalFiles:
         self._samples_dir = self.run_dir / SAMPLES_DIR
         for folder in (self.run_dir, self._samples_dir, self.run_dir / PLOTS_DIR):
             folder.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(
-            self.run_dir / "run_config.json",
-            json.dumps(config, indent=2, sort_keys=True, default=_json_default) + "\n",
-        )
+        write_json(self.run_dir / "run_config.json", config, indent=2, sort_keys=True,
+                   default=_json_default)
         self._metrics = _CsvTable(self.run_dir / METRICS_CSV)
         self._clients = _CsvTable(self.run_dir / CLIENTS_CSV)
         self._summary: dict[str, Any] = {}
@@ -316,10 +294,8 @@ class LocalFiles:
     def log_summary(self, summary: Mapping[str, Any]) -> None:
         """Merge ``summary`` into summary.json."""
         self._summary.update(summary)
-        write_text_atomic(
-            self.run_dir / "summary.json",
-            json.dumps(self._summary, indent=2, sort_keys=True, default=_json_default) + "\n",
-        )
+        write_json(self.run_dir / "summary.json", self._summary, indent=2, sort_keys=True,
+                   default=_json_default)
 
     def refresh(self, final: bool = False) -> None:
         """Rebuild the views: plots and page; the animations when due (always if final)."""

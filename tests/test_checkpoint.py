@@ -1,12 +1,7 @@
-"""Checkpoint format v2: every field round-trips; version 1 still loads; others refused.
-
-Also the folder lock the caches take while they build a file.
-"""
+"""Checkpoint format v2: every field round-trips; version 1 still loads; others refused."""
 
 from __future__ import annotations
 
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +12,6 @@ from fedgan_app.checkpoint import (
     VERSION,
     Checkpoint,
     CheckpointError,
-    folder_lock,
     load_checkpoint,
     save_checkpoint,
 )
@@ -87,42 +81,3 @@ def test_other_versions_and_bad_fields_are_refused_naming_the_file(
     with pytest.raises(CheckpointError, match=message) as info:
         load_checkpoint(path)
     assert str(path) in str(info.value)
-
-
-def test_folder_lock_makes_a_second_holder_wait_until_the_first_is_done(tmp_path: Path) -> None:
-    # Prepare: another holder (a thread: each lock opens the folder anew, so it
-    # is exclusive within one process too) takes the lock, lingers, then leaves
-    folder, events = tmp_path / "cache" / "data", []
-    held = threading.Event()
-
-    def first() -> None:
-        with folder_lock(folder):
-            events.append("first in")
-            held.set()
-            time.sleep(0.5)  # without the lock, the second holder goes in meanwhile
-            events.append("first out")
-
-    thread = threading.Thread(target=first)
-    thread.start()
-    held.wait(timeout=30)
-
-    # Execute
-    with folder_lock(folder):
-        events.append("second in")
-    thread.join()
-
-    # Assert: the folder was made; the second went in only after the first left
-    assert folder.is_dir()
-    assert events == ["first in", "first out", "second in"]
-
-
-def test_folder_lock_on_a_folder_it_cannot_make_runs_the_block_unlocked(tmp_path: Path) -> None:
-    # Prepare: a file where the folder's parent should be
-    (tmp_path / "file").write_text("x")
-
-    # Execute
-    with folder_lock(tmp_path / "file" / "cache"):
-        ran = True
-
-    # Assert
-    assert ran
