@@ -19,6 +19,7 @@ from fedgan_app.inprocess import InProcessGrid, server_context
 from fedgan_app.sample import main, sample_checkpoint
 from fedgan_app.server_app import main as server_main
 from fedgan_app.tracking import make_grid
+from tests.test_checkpoint import Hostile, zip_bomb
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -238,3 +239,30 @@ def test_the_module_runs_as_a_command(conditional_run: Path, tmp_path: Path) -> 
     assert result.returncode == 2
     assert str(truncated) in result.stderr and "Traceback" not in result.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("make", ["bomb", "reduce"])
+def test_the_command_refuses_a_zip_bomb_and_a_code_payload_in_its_own_words(
+    tmp_path: Path, make: str
+) -> None:
+    """A 0.3 MB file that inflates to 256 MiB, a pickle that would run code: exit 2 at once."""
+    # Prepare
+    if make == "bomb":
+        path = zip_bomb(tmp_path / "bomb.pt")
+    else:
+        path = tmp_path / "reduce.pt"
+        torch.save({"format": "fedgan-checkpoint", "x": Hostile(tmp_path / "pwned")}, path)
+    out = tmp_path / "grid.png"
+
+    # Execute
+    result = subprocess.run(
+        [sys.executable, "-m", "fedgan_app.sample", str(path), "--out", str(out)],
+        capture_output=True, text=True, timeout=300, check=False, cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+
+    # Assert: one line of ours naming the file and the reason, no torch advice
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"fedgan sample: checkpoint {path} ")
+    assert ("is compressed" if make == "bomb" else "does not hold only tensors") in result.stderr
+    assert "weights_only" not in result.stderr and "Traceback" not in result.stderr
+    assert not out.exists() and not (tmp_path / "pwned").exists()
