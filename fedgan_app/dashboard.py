@@ -22,7 +22,9 @@ import hashlib
 import html
 import math
 import os
+import re
 import signal
+import stat as stat_module
 import sys
 import time
 import webbrowser
@@ -34,6 +36,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from logging import WARNING
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import numpy as np
 from flwr.common.logger import log
@@ -525,17 +528,74 @@ poll();
 """.replace("{state}", STATE)
 
 
-class _Handler(SimpleHTTPRequestHandler):
-    """Serves the run folder; '/' goes to the page; nothing is cached; no access log."""
+# What the page loads, relative to the run folder: the page, its version, the
+# animations, the plots and the sample grids. Nothing else is served: no
+# checkpoints, no CSVs, no W&B files, no folder listings.
+_SERVED = re.compile(
+    r"(dashboard\.html|dashboard\.json|progress\.gif|federation\.gif"
+    r"|plots/[A-Za-z0-9_.-]+\.png|samples/[A-Za-z0-9_.-]+\.png)"
+)
 
-    def do_GET(self) -> None:
-        """Redirect '/' to the page; serve files as usual."""
-        if self.path in ("", "/"):
+
+class _Handler(SimpleHTTPRequestHandler):
+    """Serves the page's files of one run folder (GET and HEAD); nothing is cached.
+
+    '/' goes to the page. A request is answered only when its Host header names
+    the address served (127.0.0.1, localhost or [::1] and the port), so a web
+    page elsewhere cannot reach the dashboard by DNS rebinding (403), and only
+    for a path the page loads (`_SERVED`) that is a regular file inside the
+    run folder, symlinks resolved (404 for anything else).
+    """
+
+    def send_head(self) -> Any:
+        """Check Host and path; send the headers; return the open file (or None)."""
+        if not self._host_allowed():
+            self.send_error(HTTPStatus.FORBIDDEN, "unexpected Host header")
+            return None
+        wanted = unquote(self.path.split("?", 1)[0].split("#", 1)[0])
+        if wanted in ("", "/"):
             self.send_response(HTTPStatus.FOUND)
             self.send_header("Location", "/" + PAGE)
+            self.send_header("Content-Length", "0")
             self.end_headers()
-            return
-        super().do_GET()
+            return None
+        handle = self._open_served(wanted)
+        if handle is None:
+            self.send_error(HTTPStatus.NOT_FOUND, "not part of the dashboard")
+            return None
+        stat = os.fstat(handle.fileno())
+        self.send_response(HTTPStatus.OK)
+        self.send_header("Content-Type", self.guess_type(wanted))
+        self.send_header("Content-Length", str(stat.st_size))
+        self.send_header("Last-Modified", self.date_time_string(int(stat.st_mtime)))
+        self.end_headers()
+        return handle
+
+    def _host_allowed(self) -> bool:
+        """Whether the Host header names the address this server listens on."""
+        port = self.server.server_address[1]
+        names = {"127.0.0.1", "localhost", "[::1]", self.server.server_address[0]}
+        allowed = {f"{name}:{port}".lower() for name in names}
+        return (self.headers.get("Host") or "").strip().lower() in allowed
+
+    def _open_served(self, wanted: str) -> Any:
+        """The open file a URL path names, or None unless it is one the page loads."""
+        if not wanted.startswith("/") or not _SERVED.fullmatch(wanted[1:]):
+            return None
+        root = Path(self.directory)
+        try:
+            # Symlinks resolved: whatever a name points at must lie in the run folder.
+            target = (root / wanted[1:]).resolve(strict=True)
+            if not target.is_relative_to(root):
+                return None
+            # O_NONBLOCK: a FIFO named like a grid must not hang the request.
+            fd = os.open(target, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+        except (OSError, RuntimeError):  # missing, a loop of links, ...
+            return None
+        if not stat_module.S_ISREG(os.fstat(fd).st_mode):  # a folder, a FIFO, ...
+            os.close(fd)
+            return None
+        return os.fdopen(fd, "rb")
 
     def end_headers(self) -> None:
         """Every reply says: do not cache (files change every round)."""
@@ -563,6 +623,11 @@ def serve(run_dir: Path, port: int = DEFAULT_PORT, host: str = "127.0.0.1") -> T
     ThreadingHTTPServer
         The bound server; call ``serve_forever()`` (and ``shutdown()``,
         ``server_close()`` to stop it).
+
+    Notes
+    -----
+    Only the files the page loads are served, as GET or HEAD requests whose
+    Host header names this address (see `_Handler`).
 
     """
     handler = partial(_Handler, directory=str(Path(run_dir).resolve()))

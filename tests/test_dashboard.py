@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import html
+import http.client
 import json
 import logging
 import os
@@ -204,6 +205,117 @@ def test_server_redirects_to_the_page_and_forbids_caching(tmp_path: Path) -> Non
     assert page_cache == "no-store"
     assert png == (run_dir / "samples" / "round_0001.png").read_bytes()
     assert outside.value.code == 404
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Any:
+    """A finished run folder with everything a run leaves, served on a free port.
+
+    Yields (run folder, port). Beside the page's files the folder holds
+    checkpoints, W&B files, CSVs, the lock file, a folder and a FIFO named like
+    grids, and symlinks: one to a file outside the run folder, one to a grid
+    inside.
+    """
+    run_dir = write_contract_run(tmp_path / "run", rounds=2)
+    refresh_run(run_dir)
+    (run_dir / "checkpoints").mkdir()
+    (run_dir / "checkpoints" / "latest.pt").write_bytes(b"weights")
+    (run_dir / "wandb").mkdir()
+    (run_dir / "wandb" / "debug.log").write_text("W&B")
+    (run_dir / ".fedgan-run.lock").write_text("pid 1")
+    (run_dir / "samples" / "folder.png").mkdir()
+    os.mkfifo(run_dir / "plots" / "fifo.png")
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(b"outside the run folder")
+    (run_dir / "samples" / "round_0009.png").symlink_to(secret)
+    (run_dir / "plots" / "alias.png").symlink_to(run_dir / "samples" / "round_0001.png")
+    server = serve(run_dir, port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield run_dir, server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _request(port: int, path: str, method: str = "GET", host: str | None = "",
+             ) -> tuple[int, bytes]:
+    """(status, body) of one real HTTP request.
+
+    `host` is the Host header sent: "" for the address served
+    (127.0.0.1:port), None for none at all.
+    """
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        connection.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+        if host is not None:
+            connection.putheader("Host", host or f"127.0.0.1:{port}")
+        connection.endheaders()
+        reply = connection.getresponse()
+        return reply.status, reply.read()
+    finally:
+        connection.close()
+
+
+def test_server_serves_every_file_the_page_loads_and_nothing_else(served: Any) -> None:
+    # Prepare
+    run_dir, port = served
+    page = _page(run_dir)
+    loaded = [PAGE, STATE, *_img_sources(page)]
+
+    # Execute
+    got = {path: _request(port, "/" + path) for path in loaded}
+    refused = {path: _request(port, path)[0] for path in (
+        "/checkpoints/latest.pt", "/checkpoints/", "/wandb/debug.log", "/metrics.csv",
+        "/clients.csv", "/run_config.json", "/.fedgan-run.lock", "/samples/",
+        "/samples", "/plots/", "/samples/folder.png", "/plots/fifo.png", "/samples/round_0009.png",
+        "/samples/%2e%2e/checkpoints/latest.pt", "/samples/../run_config.json",
+        "/../secret.png", "//etc/passwd", "/dashboard.html/", "/samples/round_0001.png%00",
+    )}
+
+    # Assert: the page's files, byte for byte (an inside symlink too); the rest 404
+    assert {"samples/round_0002.png", "federation.gif", "plots/losses.png",
+            "progress.gif"} <= set(loaded)
+    for path, (status, body) in got.items():
+        assert status == 200, path
+        assert body == (run_dir / path).read_bytes(), path
+    assert _request(port, "/plots/alias.png")[1] == (
+        run_dir / "samples" / "round_0001.png").read_bytes()
+    assert refused == dict.fromkeys(refused, 404)
+
+
+def test_server_answers_only_a_host_header_naming_its_own_address(served: Any) -> None:
+    # Prepare: a page elsewhere that rebinds its DNS name to 127.0.0.1 sends its own name
+    run_dir, port = served
+
+    # Execute
+    answers = {host: _request(port, "/" + PAGE, host=host)[0] for host in (
+        f"127.0.0.1:{port}", f"localhost:{port}", f"LocalHost:{port}", f"[::1]:{port}",
+        f"evil.example:{port}", "evil.example", f"127.0.0.1:{port + 1}", "127.0.0.1",
+        f"localhost.evil.example:{port}", " ",
+    )}
+    answers["(none)"] = _request(port, "/" + PAGE, host=None)[0]
+
+    # Assert: this machine's names for the address and port served, and nothing else
+    assert answers == {f"127.0.0.1:{port}": 200, f"localhost:{port}": 200,
+                       f"LocalHost:{port}": 200, f"[::1]:{port}": 200,
+                       f"evil.example:{port}": 403, "evil.example": 403,
+                       f"127.0.0.1:{port + 1}": 403, "127.0.0.1": 403,
+                       f"localhost.evil.example:{port}": 403, " ": 403, "(none)": 403}
+
+
+def test_server_answers_get_and_head_only(served: Any) -> None:
+    # Prepare
+    run_dir, port = served
+
+    # Execute
+    head_status, head_body = _request(port, "/" + STATE, method="HEAD")
+    others = {m: _request(port, "/" + PAGE, method=m)[0]
+              for m in ("POST", "PUT", "DELETE", "OPTIONS", "PATCH")}
+
+    # Assert
+    assert (head_status, head_body) == (200, b"")
+    assert all(status == 501 for status in others.values()), others
 
 
 def test_cli_serves_a_run_prints_the_url_and_stops_on_ctrl_c(tmp_path: Path) -> None:
