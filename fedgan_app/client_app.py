@@ -15,7 +15,7 @@ from flwr.common.logger import log
 from fedgan_app.config import RunConfig
 from fedgan_app.cores import CoreShare
 from fedgan_app.data import ImageData, batch_iterator, load_partition, partition_spec
-from fedgan_app.metadata import TrainMetadata, encode_metadata, has_converged
+from fedgan_app.metadata import EVAL_MAX_IMAGES, TrainMetadata, encode_metadata, has_converged
 from fedgan_app.models import (
     Discriminator,
     Generator,
@@ -42,7 +42,6 @@ app = ClientApp()
 
 OPT_KEYS = {"g": "adam-generator", "d": "adam-discriminator"}
 BN_STATE_KEY = "batchnorm-statistics"  # this node's own BN statistics (batchnorm='local')
-EVAL_MAX_IMAGES = 512
 
 
 @app.train()

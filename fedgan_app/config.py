@@ -66,7 +66,11 @@ REMOVED_SETTINGS = {"aggregation": "strategy"}
 PARTITIONERS = ("iid", "dirichlet", "pathological")
 OPTIMIZER_STATES = ("auto", "keep", "reset")
 WANDB_MODES = ("offline", "online", "disabled")
+WEIGHT_CHECKS = ("partition-size", "cap")
 DEVICES = ("auto", "cpu", "cuda")
+# Longest round: a client reports one loss per step, and the server's metadata
+# decoder (fedgan_app.metadata) bounds its work by this many steps.
+MAX_LOCAL_STEPS = 20_000
 
 SETTINGS: tuple[Setting, ...] = (
     # --- federation -------------------------------------------------------
@@ -86,7 +90,7 @@ SETTINGS: tuple[Setting, ...] = (
     # --- local training (FedGAN agents) -----------------------------------
     Setting("local-steps", int, 200,
             "FedGAN's synchronisation interval K: local adversarial steps per round.",
-            low=1),
+            low=1, high=MAX_LOCAL_STEPS),
     Setting("batch-size", int, 8, "Images per local step.", low=1, high=4096),
     Setting("lr-generator", float, 2e-3, "Adam learning rate of G (before decay).",
             low=0.0, high=1.0, low_open=True),
@@ -227,7 +231,21 @@ SETTINGS: tuple[Setting, ...] = (
             "Drop a client update whose L2 norm exceeds this multiple of the median "
             "client update norm (0: off).", low=0.0),
     Setting("max-metadata-bytes", int, 1_000_000,
-            "Largest metadata payload the server decodes.", low=1024),
+            "Largest metadata payload the server decodes.", low=1024, high=16_000_000),
+    Setting("weight-check", str, "partition-size",
+            "How a client's claimed num-examples is kept from buying the average: "
+            "'partition-size' drops a reply whose claim differs from the size and label "
+            "counts of its node's partition (the server holds the run's partitioning, as "
+            "in simulation and ./fedgan.sh deploy); 'cap' (nodes with data of their own) "
+            "clips claims to weight-cap-ratio x the round's median claim and caps each "
+            "share at max-weight-share.", choices=WEIGHT_CHECKS),
+    Setting("weight-cap-ratio", float, 3.0,
+            "With weight-check='cap': claims above this multiple of the round's median "
+            "claim are clipped to it (0: no clip).", low=0.0),
+    Setting("max-weight-share", float, 0.5,
+            "With weight-check='cap': largest share of the average one reply may have "
+            "(1: no cap; with fewer than 1/share replies, every reply gets an equal share).",
+            low=0.0, high=1.0, low_open=True),
 )
 
 SETTINGS_BY_KEY: dict[str, Setting] = {s.key: s for s in SETTINGS}
@@ -319,6 +337,9 @@ class RunConfig:
     multikrum_select: int
     max_update_norm_ratio: float
     max_metadata_bytes: int
+    weight_check: str
+    weight_cap_ratio: float
+    max_weight_share: float
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> RunConfig:
@@ -366,6 +387,11 @@ class RunConfig:
         if "/" in self.run_name or self.run_name in (".", ".."):
             raise ConfigError(
                 f"setting 'run-name' must be a plain folder name, got {self.run_name!r}"
+            )
+        if 0 < self.weight_cap_ratio < 1:
+            raise ConfigError(
+                f"setting 'weight-cap-ratio' is {self.weight_cap_ratio:g}: below 1 it would "
+                "clip honest claims under the median; use >= 1, or 0 for no clip"
             )
 
     def to_dict(self) -> dict[str, Any]:

@@ -242,6 +242,28 @@ def load_train_pool(spec: PartitionSpec) -> ImageData:
     return _cached_train_pool(spec)
 
 
+def partition_label_counts(spec: PartitionSpec) -> list[list[int]]:
+    """The label counts of every partition (length ``num_classes`` each).
+
+    What the server checks a client's claimed examples against: it holds the
+    same partitioning as the clients (same dataset, partitioner and seed).
+
+    Parameters
+    ----------
+    spec : PartitionSpec
+        Dataset and partitioning settings.
+
+    Returns
+    -------
+    list[list[int]]
+        Partition i's count of each class, for i in ``0..num_partitions-1``.
+
+    """
+    prepared = _prepared(spec)
+    return [torch.bincount(p.labels, minlength=prepared.num_classes).tolist()
+            for p in prepared.partitions]
+
+
 def batch_iterator(
     data: ImageData, batch_size: int, generator: torch.Generator
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

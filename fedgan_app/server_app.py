@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from fedgan_app.config import RunConfig
-from fedgan_app.data import load_server_split, partition_spec
+from fedgan_app.data import load_server_split, partition_label_counts, partition_spec
 from fedgan_app.models import (
     GANConfig,
     Generator,
@@ -55,7 +56,10 @@ def main(grid: Grid, context: Context) -> None:
     # The recorder ends every round; the strategy checks replies, then aggregates.
     recorder = Recorder(cfg, run_folder(cfg, resume_path), resume, resume_path)
     strategy = FedGAN(make_inner_strategy(cfg, num_nodes), cfg, reference,
-                      buffer_keys(generator, discriminator), recorder)
+                      buffer_keys(generator, discriminator), recorder,
+                      num_classes=server_data.num_classes,
+                      partitions=(partial(_partition_counts, cfg)
+                                  if cfg.weight_check == "partition-size" else None))
     if resume:
         strategy.load_state(resume.strategy_state, resume_path)
     judge = QualityJudge(cfg.dataset, cfg.seed, cfg.eval_samples, server_data, spec,
@@ -124,3 +128,8 @@ def _record_grids(recorder: Recorder, server_round: int, generator: Generator,
     recorder.record_samples(server_round, sample_grid(generator, noise, device))
     if generator.num_classes:
         recorder.record_class_samples(server_round, class_grid(generator, noise, device))
+
+
+def _partition_counts(cfg: RunConfig, num_partitions: int) -> list[list[int]]:
+    """Label counts of each partition when the run's data is split `num_partitions` ways."""
+    return partition_label_counts(partition_spec(cfg, num_partitions))

@@ -19,10 +19,11 @@ global record with the model's own keys and dtypes.
 
 from __future__ import annotations
 
+import io
 import math
 import statistics
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from pathlib import Path
@@ -51,8 +52,16 @@ from flwr.serverapp.strategy import (
 
 from fedgan_app.checkpoint import CheckpointError
 from fedgan_app.config import ConfigError, RunConfig
-from fedgan_app.metadata import MetadataError, TrainMetadata, decode_metadata
+from fedgan_app.metadata import (
+    EVAL_MAX_IMAGES,
+    MetadataError,
+    TrainMetadata,
+    clip_text,
+    decode_metadata,
+    short,
+)
 from fedgan_app.sampling import EVALUATE_STREAM, TRAIN_STREAM, PartitionSampler, SampledGrid
+from fedgan_app.weights import cap_weights
 
 ARRAYS_KEY = "arrays"
 METRICS_KEY = "metrics"
@@ -185,6 +194,15 @@ class _Screened:
     rows: dict[int, dict[str, Any]] = field(default_factory=dict)  # id(reply) -> row
     drops: dict[str, int] = field(default_factory=dict)  # reason kind -> count
     failed: int = 0
+    # Each accepted reply's weight in the average (its examples, or its capped share).
+    weights: list[float] = field(default_factory=list)
+    capped: int = 0  # replies whose weight 'weight-check' = cap lowered
+
+    def accept(self, msg: Message, meta: TrainMetadata) -> None:
+        """Keep a reply that passed every check, weighted by its examples."""
+        self.accepted.append(msg)
+        self.metas.append(meta)
+        self.weights.append(float(meta.num_examples))
 
     def drop(self, msg: Message, reason: str) -> None:
         """Count a dropped reply and say why in its row."""
@@ -192,11 +210,17 @@ class _Screened:
         self.drops[kind] = self.drops.get(kind, 0) + 1
         self.rows[id(msg)].update(status="dropped", reason=reason)
 
+    def keep(self, kept: Sequence[int]) -> None:
+        """Keep only the accepted replies at the indices `kept`."""
+        self.accepted = [self.accepted[i] for i in kept]
+        self.metas = [self.metas[i] for i in kept]
+        self.weights = [self.weights[i] for i in kept]
+
     def set_weights(self) -> None:
-        """Fill in p_j = n_j / sum n of the accepted replies."""
-        total = sum(m.num_examples for m in self.metas)
-        for msg, meta in zip(self.accepted, self.metas, strict=True):
-            self.rows[id(msg)]["weight"] = meta.num_examples / total
+        """Fill in p_j = w_j / sum w of the accepted replies."""
+        total = sum(self.weights)
+        for msg, weight in zip(self.accepted, self.weights, strict=True):
+            self.rows[id(msg)]["weight"] = weight / total
 
 
 class FedGAN(Strategy):
@@ -219,14 +243,26 @@ class FedGAN(Strategy):
     sink : RoundSink
         Takes each round's counts, per-reply rows and optimizer state (the
         Recorder); it also numbers the rounds.
+    num_classes : int | None
+        Classes of the run's dataset: every label histogram's length.
+    partitions : Callable[[int], Sequence[Sequence[int]]] | None
+        For 'weight-check' = partition-size: the label counts of each
+        partition when the data is split into n partitions (the server's own
+        copy of the partitioning). A reply must claim exactly its partition's.
 
     """
 
     def __init__(self, strategy: Strategy, cfg: RunConfig, reference: ArrayRecord,
-                 buffers: frozenset[str], sink: RoundSink) -> None:
+                 buffers: frozenset[str], sink: RoundSink, num_classes: int | None = None,
+                 partitions: Callable[[int], Sequence[Sequence[int]]] | None = None) -> None:
+        if cfg.weight_check == "partition-size" and partitions is None:
+            raise ValueError("weight-check 'partition-size' needs the partitions' label "
+                             "counts (partitions=...)")
         self.strategy = strategy
         self.cfg = cfg
         self.sink = sink
+        self.num_classes = num_classes
+        self.partitions = partitions
         # Expected key -> (shape, dtype), from the freshly built models.
         self._expected = {k: (tuple(a.shape), str(a.dtype)) for k, a in reference.items()}
         self._buffers = buffers & set(self._expected)
@@ -236,9 +272,10 @@ class FedGAN(Strategy):
         self._sent_messages: list[Message] = []
         self._sent_at = time.perf_counter()
         self._validations = 0  # checks run this round: one per reply, never more
-        # Seeded sampling by partition when a round takes only some clients.
+        # Which node holds which partition: for seeded sampling when a round takes
+        # only some clients, and for checking each claim against its partition.
         self.sampler = (PartitionSampler(cfg.seed, cfg.round_timeout)
-                        if samples_clients(cfg) else None)
+                        if samples_clients(cfg) or partitions is not None else None)
         self._query_s = 0.0
 
     def summary(self) -> None:
@@ -247,6 +284,13 @@ class FedGAN(Strategy):
             "(max %d bytes), update norm (ratio %g), min-train-replies %d",
             self.cfg.max_metadata_bytes, self.cfg.max_update_norm_ratio,
             self.cfg.min_train_replies)
+        if self.partitions is not None:
+            log(INFO, "\t├──> weights: each claim must equal its node's partition "
+                "(weight-check partition-size)")
+        else:
+            log(INFO, "\t├──> weights: claims clipped to %g x the median claim, shares "
+                "capped at %g (weight-check cap)", self.cfg.weight_cap_ratio,
+                self.cfg.max_weight_share)
         log(INFO, "\t├──> inner strategy %s on %d parameter arrays; %d buffers %s",
             type(self.strategy).__name__, len(self._params), len(self._buffers),
             "by median" if self.cfg.strategy in ROBUST_STRATEGIES else "by weighted mean")
@@ -298,6 +342,8 @@ class FedGAN(Strategy):
         started = time.perf_counter()
         replies = list(replies)
         screened = self._screen(server_round, replies)
+        if self.partitions is None:
+            self._cap_weights(server_round, screened)
         refusal = self._refusal(len(screened.accepted))
         arrays, metrics = None, None
         if refusal is None:
@@ -314,7 +360,9 @@ class FedGAN(Strategy):
             "replies-failed": screened.failed,
             "replies-missing": max(0, self._sent - len(replies)),
             "replies-validated": self._validations,
-            "num-examples-total": sum(m.num_examples for m in screened.metas),
+            # The examples the average counted (capped claims count as capped).
+            "num-examples-total": sum(screened.weights),
+            "weights-capped": screened.capped,
             "model-updated": int(refusal is None),
             **{f"dropped-{kind}": n for kind, n in screened.drops.items()},
             # Seconds from sending the model to having every reply (clients, Flower
@@ -355,7 +403,11 @@ class FedGAN(Strategy):
         for msg in replies:
             if msg.has_error():
                 continue
-            if _valid_evaluate_reply(msg):
+            try:
+                usable = _valid_evaluate_reply(msg)
+            except Exception:  # noqa: BLE001 - a hostile reply must not stop the round
+                usable = False
+            if usable:
                 valid.append(msg)
             else:
                 log(WARNING, "round %d: dropped evaluate reply from node %d",
@@ -432,28 +484,55 @@ class FedGAN(Strategy):
         return SampledGrid(grid, nodes)
 
     def _screen(self, server_round: int, replies: list[Message]) -> _Screened:
-        """Validate each reply once, then screen update norms; one row per reply."""
+        """Validate each reply once, then screen update norms; one row per reply.
+
+        Any exception while handling one reply is that reply's failure: it is
+        dropped, counted and logged once, and the round goes on.
+        """
         screened = _Screened()
         self._validations = 0
+        trained: dict[int, int] = {}  # partition -> the node whose reply was accepted
         for msg in replies:
-            if msg.has_error():
-                screened.failed += 1
-                node = self._node_of_error(msg)
-                screened.rows[id(msg)] = _failed_row(msg, node)
-                log(WARNING, "round %d: node %d failed: %s", server_round, node,
-                    msg.error.reason)
-                continue
-            meta, reason = self._validate(msg)
-            screened.rows[id(msg)] = _client_row(msg, meta)
-            if reason is None:
-                screened.accepted.append(msg)
-                screened.metas.append(meta)
-            else:
-                screened.drop(msg, reason)
-                log(WARNING, "round %d: dropped reply from node %d: %s", server_round,
-                    msg.metadata.src_node_id, reason)
+            try:
+                self._screen_one(server_round, msg, screened, trained)
+            except Exception as exc:  # noqa: BLE001 - a hostile reply must not stop the round
+                screened.rows.setdefault(id(msg), _base_row(msg))
+                self._drop(server_round, screened, msg,
+                           f"error: {type(exc).__name__} while checking the reply")
         self._screen_norms(server_round, screened)
         return screened
+
+    def _screen_one(self, server_round: int, msg: Message, screened: _Screened,
+                    trained: dict[int, int]) -> None:
+        """Check one reply: accept it, or drop it with a reason."""
+        if msg.has_error():
+            screened.failed += 1
+            node = self._node_of_error(msg)
+            screened.rows[id(msg)] = _failed_row(msg, node)
+            log(WARNING, "round %d: node %d failed: %s", server_round, node,
+                clip_text(msg.error.reason))
+            return
+        screened.rows[id(msg)] = _base_row(msg)
+        meta, reason = self._validate(msg, server_round)
+        if reason is None and meta is not None:
+            holder = trained.get(meta.partition_id)
+            if holder is not None:
+                reason = (f"partition: partition {meta.partition_id} is already trained by "
+                          f"node {holder} this round")
+        if meta is not None:
+            screened.rows[id(msg)] = _client_row(msg, meta)
+        if reason is not None or meta is None:
+            self._drop(server_round, screened, msg, reason or "metadata: missing")
+            return
+        trained[meta.partition_id] = msg.metadata.src_node_id
+        screened.accept(msg, meta)
+
+    def _drop(self, server_round: int, screened: _Screened, msg: Message,
+              reason: str) -> None:
+        """Drop a reply: count it, say why in its row, log it once."""
+        screened.drop(msg, reason)
+        log(WARNING, "round %d: dropped reply from node %d: %s", server_round,
+            msg.metadata.src_node_id, reason)
 
     def _node_of_error(self, msg: Message) -> int:
         """The node an error reply stands for.
@@ -469,8 +548,9 @@ class FedGAN(Strategy):
                 return sent.metadata.dst_node_id
         return msg.metadata.src_node_id
 
-    def _validate(self, msg: Message) -> tuple[TrainMetadata | None, str | None]:
-        """Return (metadata, None) for a usable reply, else (None, reason)."""
+    def _validate(self, msg: Message,
+                  server_round: int) -> tuple[TrainMetadata | None, str | None]:
+        """Return (metadata, None) for a usable reply, else (metadata or None, reason)."""
         self._validations += 1
         content = msg.content
         if set(content.array_records) != {ARRAYS_KEY}:
@@ -479,25 +559,54 @@ class FedGAN(Strategy):
             return None, f"records: expected one MetricRecord '{METRICS_KEY}'"
         metrics = content.metric_records[METRICS_KEY]
         if set(metrics) != CLIENT_METRIC_KEYS:
-            return None, f"metrics: keys {sorted(metrics)} != {sorted(CLIENT_METRIC_KEYS)}"
+            return None, (f"metrics: keys differ from the expected {len(CLIENT_METRIC_KEYS)} "
+                          f"(unexpected: {short(sorted(set(metrics) - CLIENT_METRIC_KEYS))})")
         for key, value in metrics.items():
             if not isinstance(value, int | float) or not math.isfinite(value):
                 return None, f"metrics: '{key}' is not a finite number"
         num_examples = metrics["num-examples"]
         if num_examples <= 0:
-            return None, f"metrics: num-examples must be > 0, got {num_examples}"
+            return None, f"metrics: num-examples must be > 0, got {short(num_examples)}"
         reason = self._check_arrays(content.array_records[ARRAYS_KEY])
         if reason is not None:
             return None, reason
         try:
             meta = decode_metadata(content.config_records.get(METADATA_RECORD_KEY),
-                                   self.cfg.max_metadata_bytes)
+                                   self.cfg.max_metadata_bytes, self.num_classes)
         except MetadataError as exc:
             return None, f"metadata: {exc}"
         if meta.num_examples != num_examples:
-            return None, (f"metadata: num_examples {meta.num_examples} != "
-                          f"num-examples metric {num_examples}")
-        return meta, None
+            return meta, (f"metadata: num_examples {meta.num_examples} != "
+                          f"num-examples metric {short(num_examples)}")
+        if meta.server_round != server_round:
+            return meta, (f"round: the reply is for round {meta.server_round}, this is "
+                          f"round {server_round}")
+        return meta, self._check_partition(msg.metadata.src_node_id, meta)
+
+    def _check_partition(self, node: int, meta: TrainMetadata) -> str | None:
+        """Why a reply's claims do not match its node's partition (None: they do, or no check).
+
+        With 'weight-check' = partition-size the server knows each partition's
+        label counts: a claim of more (or other) examples than the node's
+        partition holds would buy a larger share of the average.
+        """
+        if self.partitions is None or self.sampler is None:
+            return None
+        claim = self.sampler.claims.get(node)
+        if claim is None:
+            why = self.sampler.refused.get(node, "it did not answer the partition query")
+            return f"partition: node {node} has no partition of its own ({why})"
+        if meta.partition_id != claim:
+            return (f"partition: the reply is for partition {meta.partition_id}, node {node} "
+                    f"holds partition {claim}")
+        assert self.sampler.num_partitions is not None  # set with the first claim
+        counts = list(self.partitions(self.sampler.num_partitions)[claim])
+        if meta.num_examples != sum(counts):
+            return (f"weight: claims {meta.num_examples} examples, partition {claim} holds "
+                    f"{sum(counts)}")
+        if meta.label_histogram != counts:
+            return f"weight: the label counts differ from partition {claim}'s"
+        return None
 
     def _check_arrays(self, arrays: ArrayRecord) -> str | None:
         """Reason the arrays do not fit the model, or None when they do."""
@@ -505,13 +614,16 @@ class FedGAN(Strategy):
         if keys != set(self._expected):
             missing = sorted(set(self._expected) - keys)[:3]
             extra = sorted(keys - set(self._expected))[:3]
-            return f"keys: missing {missing}, unexpected {extra}"
+            return f"keys: missing {short(missing)}, unexpected {short(extra)}"
         for key, (shape, dtype) in self._expected.items():
             array = arrays[key]
             if tuple(array.shape) != shape:
-                return f"shape: '{key}' is {tuple(array.shape)}, expected {shape}"
+                return f"shape: '{key}' is {short(tuple(array.shape))}, expected {shape}"
             if str(array.dtype) != dtype:
-                return f"dtype: '{key}' is {array.dtype}, expected {dtype}"
+                return f"dtype: '{key}' is {short(array.dtype)}, expected {dtype}"
+            reason = _npy_reason(array, shape, np.dtype(dtype))
+            if reason is not None:
+                return f"data: '{key}' {reason}"
             if not np.isfinite(array.numpy()).all():
                 return f"non-finite: '{key}' has NaN or Inf"
         return None
@@ -523,17 +635,24 @@ class FedGAN(Strategy):
             return
         norms = [_update_norm(m.content[ARRAYS_KEY], self._global) for m in screened.accepted]
         limit = ratio * statistics.median(norms)
-        kept = [(msg, meta) for msg, meta, norm in
-                zip(screened.accepted, screened.metas, norms, strict=True)
-                if not norm > limit > 0]
         for msg, norm in zip(screened.accepted, norms, strict=True):
             if norm > limit > 0:
-                reason = f"norm: update norm {norm:.3g} > {ratio:g} x median {limit / ratio:.3g}"
-                screened.drop(msg, reason)
-                log(WARNING, "round %d: dropped reply from node %d: %s", server_round,
-                    msg.metadata.src_node_id, reason)
-        screened.accepted = [msg for msg, _ in kept]
-        screened.metas = [meta for _, meta in kept]
+                self._drop(server_round, screened, msg, f"norm: update norm {norm:.3g} > "
+                           f"{ratio:g} x median {limit / ratio:.3g}")
+        screened.keep([i for i, norm in enumerate(norms) if not norm > limit > 0])
+
+    def _cap_weights(self, server_round: int, screened: _Screened) -> None:
+        """'weight-check' = cap: clip claims to a multiple of the median, cap each share."""
+        shares, capped = cap_weights(screened.weights, self.cfg.weight_cap_ratio,
+                                     self.cfg.max_weight_share)
+        if not capped:
+            return
+        total = sum(screened.weights)
+        screened.weights = [share * total for share in shares]
+        screened.capped = capped
+        log(WARNING, "round %d: capped the weight of %d replies (claims above %g x the "
+            "median claim, shares above %g)", server_round, capped,
+            self.cfg.weight_cap_ratio, self.cfg.max_weight_share)
 
     def _refusal(self, num_accepted: int) -> str | None:
         """Why this round cannot update the model with these replies, or None."""
@@ -552,10 +671,13 @@ class FedGAN(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None, str | None]:
         """Buffers here, parameters by the inner strategy; merged, cast and checked."""
         records = [m.content[ARRAYS_KEY] for m in screened.accepted]
-        buffers = self._aggregate_buffers(records, [m.num_examples for m in screened.metas])
-        for msg, record in zip(screened.accepted, records, strict=True):
-            # The replies are ours once checked: the inner strategy sees parameters only.
+        buffers = self._aggregate_buffers(records, screened.weights)
+        for msg, record, weight in zip(screened.accepted, records, screened.weights,
+                                       strict=True):
+            # The replies are ours once checked: the inner strategy sees parameters
+            # only, weighted by what the checks allow.
             msg.content[ARRAYS_KEY] = ArrayRecord({k: record[k] for k in self._params})
+            msg.content[METRICS_KEY]["num-examples"] = weight
         params, metrics = self.strategy.aggregate_train(server_round, screened.accepted)
         if params is None:
             return None, None, f"strategy '{self.cfg.strategy}' returned no model"
@@ -570,7 +692,7 @@ class FedGAN(Strategy):
         return ArrayRecord({k: Array(v) for k, v in merged.items()}), metrics, None
 
     def _aggregate_buffers(self, records: list[ArrayRecord],
-                           num_examples: list[int]) -> dict[str, np.ndarray]:
+                           num_examples: list[float]) -> dict[str, np.ndarray]:
         """Buffers of the accepted replies: weighted mean, or median under a robust rule."""
         if self.cfg.strategy in ROBUST_STRATEGIES:
             return {k: np.median(np.stack([r[k].numpy() for r in records]), axis=0)
@@ -594,8 +716,39 @@ def _cast(value: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return np.asarray(value.astype(dtype, copy=False))  # 0-d stays an array
 
 
+def _npy_reason(array: Array, shape: tuple[int, ...], dtype: np.dtype) -> str | None:
+    """Why an Array's bytes are not the .npy of `shape` and `dtype` (None: they are).
+
+    An Array's shape and dtype are metadata beside its bytes; `numpy()` trusts
+    the .npy header inside the bytes, which could declare a far larger array.
+    The header is read first, so decoding costs what the bytes hold.
+    """
+    if array.stype != "numpy.ndarray":
+        return f"is serialized as {short(array.stype)}, not numpy.ndarray"
+    data = io.BytesIO(array.data)
+    try:
+        version = np.lib.format.read_magic(data)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                       (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+        if read_header is None:
+            return f"is in .npy format {short(version)}"
+        header_shape, _, header_dtype = read_header(data)
+    except ValueError as exc:
+        return f"has no valid .npy header ({short(str(exc))})"
+    if tuple(header_shape) != shape or header_dtype != dtype:
+        return (f"holds {short(tuple(header_shape))} {short(str(header_dtype))} while its "
+                f"metadata says {shape} {dtype}")
+    expected = data.tell() + math.prod(shape) * dtype.itemsize
+    if len(array.data) != expected:
+        return f"has {len(array.data)} bytes, expected {expected}"
+    return None
+
+
 def _valid_evaluate_reply(msg: Message) -> bool:
-    """Whether an evaluate reply holds exactly num-examples > 0 and a finite accuracy."""
+    """Whether an evaluate reply holds num-examples in 1..EVAL_MAX_IMAGES and an accuracy.
+
+    The bound keeps one client's claim from outweighing the others' in the average.
+    """
     records = msg.content.metric_records
     metrics = records.get(METRICS_KEY) if len(records) == 1 else None
     return (
@@ -603,7 +756,7 @@ def _valid_evaluate_reply(msg: Message) -> bool:
         and set(metrics) == {"num-examples", "d-accuracy"}
         and all(isinstance(v, int | float) and math.isfinite(v) and v >= 0
                 for v in metrics.values())
-        and metrics["num-examples"] > 0
+        and 0 < metrics["num-examples"] <= EVAL_MAX_IMAGES
     )
 
 
@@ -618,15 +771,18 @@ def _update_norm(arrays: ArrayRecord, global_arrays: dict[str, np.ndarray]) -> f
     return math.sqrt(total)
 
 
-def _client_row(msg: Message, meta: TrainMetadata | None) -> dict[str, Any]:
-    """One clients.csv row of a reply; its metadata when it decoded.
+def _base_row(msg: Message) -> dict[str, Any]:
+    """The clients.csv row of a reply before its metadata is known.
 
     Status starts as accepted with weight 0: a drop or the final weights update it.
     """
-    row: dict[str, Any] = {"node-id": msg.metadata.src_node_id, "status": "accepted",
-                           "reason": "", "weight": 0.0}
-    if meta is None:
-        return row
+    return {"node-id": msg.metadata.src_node_id, "status": "accepted", "reason": "",
+            "weight": 0.0}
+
+
+def _client_row(msg: Message, meta: TrainMetadata) -> dict[str, Any]:
+    """One clients.csv row of a reply whose metadata decoded (every value checked)."""
+    row = _base_row(msg)
     tail = max(1, min(10, meta.steps))
     row.update({
         "partition-id": meta.partition_id,
@@ -648,7 +804,7 @@ def _client_row(msg: Message, meta: TrainMetadata | None) -> dict[str, Any]:
 def _failed_row(msg: Message, node_id: int) -> dict[str, Any]:
     """The clients.csv row of an error reply: only its node id is known."""
     return {"node-id": node_id, "status": "failed",
-            "reason": f"error: {msg.error.reason}", "weight": 0.0}
+            "reason": f"error: {clip_text(msg.error.reason)}", "weight": 0.0}
 
 
 def _mean(values: list[float]) -> float:

@@ -266,7 +266,8 @@ def test_real_run_refreshes_the_animation_every_round(tiny_run_config: dict,
     monkeypatch.setattr(dashboard_module, "refresh_run", counting_refresh)
 
     def fail(node_id: int, msg: Any) -> bool:
-        return node_id == 102 and msg.content["config"]["server-round"] == 1
+        return (node_id == 102 and msg.metadata.message_type == "train"
+                and msg.content["config"]["server-round"] == 1)
 
     grid = InProcessGrid(client_module.app, num_nodes=2, run_config=tiny_run_config, fail=fail)
 

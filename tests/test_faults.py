@@ -16,6 +16,7 @@ import pickle
 import struct
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +31,12 @@ from fedgan_app.checkpoint import load_checkpoint
 from fedgan_app.config import ConfigError
 from fedgan_app.data import DataError
 from fedgan_app.inprocess import InProcessGrid, server_context
-from fedgan_app.metadata import METADATA_KEY
+from fedgan_app.metadata import METADATA_KEY, decode_metadata, encode_metadata
 from fedgan_app.models import ModelShapeError
 from fedgan_app.server_app import main
+from harness.attacks import ATTACKS, OsSystem, getattr_chain
 from tests.conftest import tiny_settings
-from tests.test_metadata import _getattr_chain, _OsSystem
+from tests.test_strategy import _lie_about_shape
 
 RUN_NAME = "test-run"
 
@@ -127,7 +129,7 @@ def test_hostile_metadata_in_a_whole_run_never_runs_and_is_counted(
     # that would create MARKER: os.system via __reduce__ in round 1, a raw
     # getattr(__import__('os'), 'system') opcode chain in round 2.
     marker = tmp_path / "pwned"
-    payloads = {1: pickle.dumps(_OsSystem(marker)), 2: _getattr_chain(marker)}
+    payloads = {1: pickle.dumps(OsSystem(marker)), 2: getattr_chain(marker)}
     run_config = _config(tiny_run_config, **{"wandb-mode": "offline"})
 
     def tamper(node_id: int, reply: Message) -> Message:
@@ -157,11 +159,77 @@ def test_hostile_metadata_in_a_whole_run_never_runs_and_is_counted(
     # The hostile node's rows say why, and nothing of its payload is in them
     assert [(r["round"], r["node-id"], r["partition-id"], r["weight"]) for r in dropped] == [
         ("1", "102", "", "0.0"), ("2", "102", "", "0.0")]
-    assert all(r["reason"].startswith("metadata: forbidden global") for r in dropped)
+    assert [r["reason"] for r in dropped] == [
+        "metadata: memo opcode MEMOIZE at byte 18: metadata must be written without "
+        "memoization", "metadata: opcode GLOBAL at byte 0 is not allowed in metadata"]
     _assert_finite_checkpoint(run_dir, 2)
     logged = [row for row in _wandb_history(run_dir) if "global/replies-dropped" in row]
     assert [(r["round"], r["global/replies-dropped"], r["global/dropped-metadata"])
             for r in logged] == [(1, 1.0, 1.0), (2, 1.0, 1.0)]
+
+
+def test_every_hostile_shape_from_a_client_of_a_whole_run_is_dropped_and_counted(
+    tiny_run_config: dict, tmp_path: Path
+) -> None:
+    # Prepare: nodes 101 and 102 are honest; each further node sends one hostile
+    # metadata shape of harness/attacks.py every round (the claim of 10**15 examples
+    # in the node's own, otherwise consistent metadata, metric included), and the last
+    # node sends arrays whose .npy header declares 10**10 floats
+    marker = tmp_path / "pwned"
+    shapes = [a for a in ATTACKS if not a.decodes]
+    payloads = {103 + i: a.build(marker) for i, a in enumerate(shapes)}
+    claim_node, npy_node = 103 + len(shapes), 104 + len(shapes)
+    run_config = _config(tiny_run_config, **{"local-steps": 1})
+
+    def tamper(node_id: int, reply: Message) -> Message:
+        if not _is_train(reply):
+            return reply
+        if node_id in payloads:
+            reply.content["metadata"] = ConfigRecord({METADATA_KEY: payloads[node_id]})
+        elif node_id == claim_node:
+            meta = decode_metadata(reply.content["metadata"])
+            claim = replace(meta, num_examples=10**15,
+                            label_histogram=[10**15] + [0] * (len(meta.label_histogram) - 1))
+            reply.content["metadata"] = encode_metadata(claim)
+            reply.content["metrics"]["num-examples"] = 10**15
+        elif node_id == npy_node:
+            _lie_about_shape(reply.content["arrays"]["generator.net.0.weight"])
+        return reply
+
+    grid = InProcessGrid(client_app.app, num_nodes=npy_node - 100, run_config=run_config,
+                         tamper=tamper)
+
+    # Execute
+    main(grid, server_context(run_config))
+
+    # Assert: the run completed; every hostile reply was dropped, counted, with a
+    # short reason of its own kind; the honest rows are whole; nothing ran
+    assert not marker.exists()
+    run_dir = _run_dir(run_config)
+    rows = _read_csv(run_dir / "metrics.csv")
+    assert [r["round"] for r in rows] == ["1", "2"]
+    hostile = len(shapes) + 2
+    for row in rows:
+        assert _num(row, "replies-accepted") == 2 and _num(row, "replies-failed") == 0
+        assert _num(row, "replies-dropped") == hostile
+        assert _num(row, "dropped-metadata") == len(shapes)
+        assert _num(row, "dropped-weight") == 1 and _num(row, "dropped-data") == 1
+    clients = _read_csv(run_dir / "clients.csv")
+    assert len(clients) == 2 * (hostile + 2)
+    for row in clients:
+        node = int(row["node-id"])
+        if node in (101, 102):
+            assert row["status"] == "accepted" and row["reason"] == ""
+            assert row["partition-id"] == str(node - 101) and float(row["weight"]) > 0
+            assert all(row[k] != "" for k in ("loss-d", "loss-g", "d-x", "wall-time-s"))
+        else:
+            assert row["status"] == "dropped" and float(row["weight"]) == 0.0
+            assert 0 < len(row["reason"]) <= 320 and row["reason"].isprintable()
+    by_node = {int(r["node-id"]): r["reason"] for r in clients if r["round"] == "2"}
+    assert all(by_node[n].startswith("metadata: ") for n in payloads)
+    assert by_node[claim_node].startswith("weight: claims 1000000000000000 examples")
+    assert by_node[npy_node].startswith("data: 'generator.net.0.weight' holds (10000000000,)")
+    _assert_finite_checkpoint(run_dir, 2)
 
 
 # --- tampered updates ---------------------------------------------------------
@@ -259,6 +327,8 @@ class _SentArrays:
         self.sent: dict[int, dict[str, torch.Tensor]] = {}
 
     def __call__(self, node_id: int, msg: Message) -> bool:
+        if msg.metadata.message_type != "train":
+            return False  # the partition query and evaluation are answered
         server_round = _round_of(msg)
         self.sent.setdefault(server_round, msg.content["arrays"].to_torch_state_dict())
         return self.failing(node_id, server_round)

@@ -67,7 +67,8 @@ def test_two_clients_two_rounds_keep_adam_state(tiny_run_config: dict) -> None:
 def test_a_client_failing_in_round_one_does_not_stop_the_run(tiny_run_config: dict) -> None:
     # Prepare: node 102 raises in round 1 only
     def fail(node_id, msg):
-        return node_id == 102 and msg.content["config"]["server-round"] == 1
+        return (node_id == 102 and msg.metadata.message_type == "train"
+                and msg.content["config"]["server-round"] == 1)
 
     grid = InProcessGrid(client_module.app, num_nodes=2, run_config=tiny_run_config,
                          fail=fail)

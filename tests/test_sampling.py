@@ -32,7 +32,8 @@ BUFFERS = buffer_keys(*build_gan(GANConfig(), seed=0))
 def _fedgan(offset: int = 0, **overrides: Any) -> tuple[FedGAN, CollectingSink]:
     """FedGAN around FedAvg with these settings (a short round-timeout for silent nodes)."""
     # eval-every 1: every round asks clients for D's accuracy (its sampling is tested)
-    cfg = RunConfig.defaults(**{"round_timeout": 0.3, "eval_every": 1, **overrides})
+    cfg = RunConfig.defaults(**{"round_timeout": 0.3, "eval_every": 1, "weight_check": "cap",
+                                **overrides})
     sink = CollectingSink(offset)
     return FedGAN(make_inner_strategy(cfg, 8), cfg, REFERENCE, BUFFERS, sink), sink
 
@@ -304,3 +305,20 @@ def test_a_missing_partition_is_replaced_and_the_rest_of_the_choice_stays() -> N
     assert sorted(full) == list(range(10))
     assert full != partition_order(9, 4, TRAIN_STREAM, range(10))
     assert full != partition_order(9, 3, EVALUATE_STREAM, range(10))
+
+
+def test_the_partition_size_check_asks_each_node_once() -> None:
+    # Prepare: every node trains every round, and claims are checked against partitions
+    cfg = RunConfig.defaults(fraction_evaluate=0.0)
+    strategy = FedGAN(make_inner_strategy(cfg, 4), cfg, REFERENCE, BUFFERS, CollectingSink(),
+                      num_classes=10, partitions=lambda n: [[1] * 10] * n)
+    grid = _grid(num_nodes=4)
+
+    # Execute
+    for server_round in (1, 2, 3):
+        list(strategy.configure_train(server_round, REFERENCE, ConfigRecord(), grid))
+
+    # Assert: one query per node, in round 1; every round trains all four
+    queries = [call for call in grid.calls if call[1] == "query"]
+    assert len(queries) == 4 and strategy.sampler.queried == 4
+    assert strategy.sampler.claims == {101: 0, 102: 1, 103: 2, 104: 3}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import tracemalloc
 import pickle
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ from fedgan_app.inprocess import InProcessGrid
 from fedgan_app.metadata import METADATA_KEY, encode_metadata
 from fedgan_app.models import GANConfig, buffer_keys, build_gan, pack_gan
 from fedgan_app.strategy import FedGAN, check_federation, make_inner_strategy
-from tests.test_metadata import _OsSystem, make_meta
+from harness.attacks import OsSystem, honest_meta
 
 GAN = GANConfig()
 G_WEIGHT = "generator.net.0.weight"
@@ -89,14 +90,16 @@ def _client_arrays(seed: int) -> ArrayRecord:
 
 
 def _reply(node_id: int, arrays: ArrayRecord, num_examples: int,
-           metadata: ConfigRecord | None = None, **metric_changes: float) -> Message:
-    """A train reply as a client would send it."""
+           metadata: ConfigRecord | None = None, server_round: int = 1,
+           **metric_changes: float) -> Message:
+    """A train reply as a client would send it (partition = node id)."""
     request = Message(content=RecordDict(), dst_node_id=node_id, message_type="train")
     metrics = {"num-examples": num_examples, "loss-d": 1.0, "loss-g": 1.0, "d-x": 0.5,
                "d-gz": 0.5, "wall-time-s": 1.0, "images-per-s": 100.0}
     metrics.update(metric_changes)
     if metadata is None:
-        metadata = encode_metadata(make_meta(partition_id=node_id, num_examples=num_examples))
+        metadata = encode_metadata(honest_meta(partition_id=node_id, num_examples=num_examples,
+                                               server_round=server_round))
     # A copy: the strategies take arrays out of the replies.
     arrays = ArrayRecord(arrays.to_torch_state_dict())
     content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics),
@@ -106,7 +109,13 @@ def _reply(node_id: int, arrays: ArrayRecord, num_examples: int,
 
 def _strategy(num_nodes: int = 5, offset: int = 0, configure: bool = True,
               **overrides: Any) -> tuple[FedGAN, CollectingSink]:
-    """FedGAN around the configured Flower strategy, after configure_train of round 1."""
+    """FedGAN around the configured Flower strategy, after configure_train of round 1.
+
+    Claims are trusted as they are (weight-check 'cap' with both caps off) unless a
+    test sets the weight settings: the weight checks have tests of their own.
+    """
+    overrides = {"weight_check": "cap", "weight_cap_ratio": 0.0, "max_weight_share": 1.0,
+                 **overrides}
     cfg = RunConfig.defaults(**overrides)
     sink = CollectingSink(offset)
     strategy = FedGAN(make_inner_strategy(cfg, num_nodes), cfg, _reference(),
@@ -157,7 +166,7 @@ def test_weighted_average_equals_hand_computation() -> None:
     assert [r["status"] for r in rows] == ["accepted"] * 3
     assert [r["weight"] for r in rows] == pytest.approx([0.1, 0.3, 0.6])
     assert all(r["reason"] == "" for r in rows)
-    assert rows[0]["label-histogram"] == ";".join(["80"] * 10)
+    assert rows[0]["label-histogram"] == ";".join(["100"] + ["0"] * 9)
     assert sink.states[1] == {}  # FedAvg keeps no server optimizer state
 
 
@@ -186,7 +195,7 @@ BAD_REPLIES = {
     "undecodable metadata": lambda: _reply(
         20, _client_arrays(4), 500, ConfigRecord({METADATA_KEY: b"\x80\x05garbage"})),
     "metadata disagrees on size": lambda: _reply(
-        20, _client_arrays(4), 500, encode_metadata(make_meta(num_examples=7))),
+        20, _client_arrays(4), 500, encode_metadata(honest_meta(num_examples=7))),
 }
 
 
@@ -219,9 +228,10 @@ def test_bad_reply_is_dropped_and_counted(name: str) -> None:
 def test_hostile_metadata_reply_is_dropped_and_nothing_runs(tmp_path: Path) -> None:
     # Prepare
     marker = tmp_path / "pwned"
-    hostile = ConfigRecord({METADATA_KEY: pickle.dumps(_OsSystem(marker))})
+    hostile = ConfigRecord({METADATA_KEY: pickle.dumps(OsSystem(marker))})
     strategy, sink = _strategy(offset=2)
-    replies = [_reply(10, _client_arrays(1), 100), _reply(11, _client_arrays(2), 100, hostile)]
+    replies = [_reply(10, _client_arrays(1), 100, server_round=3),
+               _reply(11, _client_arrays(2), 100, hostile, server_round=3)]
 
     # Execute: local round 1 of a run resumed after round 2
     aggregated, _ = strategy.aggregate_train(1, replies)
@@ -230,7 +240,7 @@ def test_hostile_metadata_reply_is_dropped_and_nothing_runs(tmp_path: Path) -> N
     assert not marker.exists()
     assert aggregated is not None
     assert sink.rows[3]["dropped-metadata"] == 1
-    assert sink.clients[3][1]["reason"].startswith("metadata: forbidden global")
+    assert sink.clients[3][1]["reason"].startswith("metadata: memo opcode")
 
 
 def test_too_few_valid_replies_keeps_previous_model() -> None:
@@ -373,7 +383,8 @@ class SpyFedAdam(FedAdam):
 
 def test_buffers_never_reach_the_server_optimizer_and_are_plainly_averaged() -> None:
     # Prepare: FedAdam (Flower's) behind FedGAN, three clients
-    cfg = RunConfig.defaults(strategy="fedadam")
+    cfg = RunConfig.defaults(strategy="fedadam", weight_check="cap", weight_cap_ratio=0.0,
+                             max_weight_share=1.0)
     sink = CollectingSink()
     inner = SpyFedAdam(eta=0.01, beta_1=0.9, beta_2=0.99, tau=1e-3)
     strategy = FedGAN(inner, cfg, _reference(), buffer_keys(*_models()), sink)
@@ -476,12 +487,13 @@ def test_restored_optimizer_state_continues_exactly(name: str, slots: set[str]) 
     # Prepare: two rounds on one strategy; a second one restored from round 1's state
     first, sink = _strategy(strategy=name)
     round_one = [_reply(10 + s, _client_arrays(s), 100 * s) for s in (1, 2, 3)]
-    round_two = [_reply(10 + s, _client_arrays(s + 3), 100 * s) for s in (1, 2, 3)]
+    round_two = [_reply(10 + s, _client_arrays(s + 3), 100 * s, server_round=2)
+                 for s in (1, 2, 3)]
     global_one, _ = first.aggregate_train(1, round_one)
     state = sink.states[1]
     _configure(first, global_one)
-    expected, _ = first.aggregate_train(2, [_reply(10 + s, _client_arrays(s + 3), 100 * s)
-                                            for s in (1, 2, 3)])
+    expected, _ = first.aggregate_train(2, [_reply(10 + s, _client_arrays(s + 3), 100 * s,
+                                                   server_round=2) for s in (1, 2, 3)])
     second, _ = _strategy(strategy=name, offset=1, configure=False)
 
     # Execute: the resumed strategy's first round is the run's round 2
@@ -647,3 +659,214 @@ def test_an_error_the_superlink_writes_for_a_vanished_node_names_that_node() -> 
     # Assert: the row and the count name node 30, not the SuperLink
     assert sink.clients[1][1]["node-id"] == 30
     assert sink.rows[1]["replies-failed"] == 1
+
+
+# --- honest weights: a claimed num-examples cannot buy the average ------------------
+
+# Partition p (node 101 + p of the in-process grid) holds 100 + 10 p images of class p.
+COUNTS = [[100 + 10 * p if c == p else 0 for c in range(10)] for p in range(5)]
+
+
+def _checked_strategy(partition_ids: list[int] | None = None,
+                      **overrides: Any) -> tuple[FedGAN, CollectingSink]:
+    """FedGAN with weight-check partition-size (the default), after round 1's query."""
+    cfg = RunConfig.defaults(**overrides)
+    sink = CollectingSink()
+    strategy = FedGAN(make_inner_strategy(cfg, 5), cfg, _reference(), buffer_keys(*_models()),
+                      sink, num_classes=10, partitions=lambda n: COUNTS[:n])
+    grid = InProcessGrid(client_app.app, num_nodes=5, run_config={},
+                         partition_ids=partition_ids)
+    list(strategy.configure_train(1, _reference(), ConfigRecord(), grid))
+    return strategy, sink
+
+
+def _node_reply(node: int, arrays: ArrayRecord, partition: int | None = None,
+                **changes: Any) -> Message:
+    """Node `node`'s honest reply for its partition, with `changes` to its metadata."""
+    partition = node - 101 if partition is None else partition
+    counts = COUNTS[partition]
+    meta = honest_meta(**{"partition_id": partition, "num_examples": sum(counts),
+                          "label_histogram": counts, **changes})
+    return _reply(node, arrays, meta.num_examples, encode_metadata(meta))
+
+
+def test_a_claim_beyond_its_partition_is_dropped_and_moves_nothing() -> None:
+    # Prepare: four honest nodes; node 105 claims 10**15 examples (metric and metadata
+    # agree) for an update far from everyone's
+    honest = [_node_reply(101 + p, _client_arrays(p + 1)) for p in range(4)]
+    boosted = _scaled(_client_arrays(9), _reference(), 50.0)
+    claim = honest_meta(partition_id=4, num_examples=10**15)
+    attacker = _reply(105, boosted, 10**15, encode_metadata(claim))
+    strategy, sink = _checked_strategy()
+    alone, _ = _checked_strategy()
+
+    # Execute
+    aggregated, _ = strategy.aggregate_train(1, [*honest, attacker])
+    expected, _ = alone.aggregate_train(1, [_node_reply(101 + p, _client_arrays(p + 1))
+                                            for p in range(4)])
+
+    # Assert: the model is exactly the honest nodes' average
+    for key in expected.keys():
+        np.testing.assert_array_equal(aggregated[key].numpy(), expected[key].numpy(), key)
+    assert sink.rows[1]["dropped-weight"] == 1
+    assert sink.clients[1][4]["reason"] == ("weight: claims 1000000000000000 examples, "
+                                            "partition 4 holds 140")
+    assert [r["weight"] for r in sink.clients[1][:4]] == pytest.approx(
+        [n / 460 for n in (100, 110, 120, 130)])
+
+
+HOSTILE_CLAIMS = {
+    "another node's partition": (lambda a: _node_reply(101, a, partition=2),
+                                 "partition: the reply is for partition 2, node 101 holds "
+                                 "partition 0"),
+    "its size with other labels": (lambda a: _node_reply(101, a, label_histogram=[50] * 2
+                                                         + [0] * 8),
+                                   "weight: the label counts differ from partition 0's"),
+    "a replayed round": (lambda a: _node_reply(101, a, server_round=7),
+                         "round: the reply is for round 7, this is round 1"),
+    "a node that never said its partition": (
+        lambda a: _reply(999, a, 100), "partition: node 999 has no partition of its own "
+        "(it did not answer the partition query)"),
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE_CLAIMS))
+def test_a_claim_that_does_not_fit_its_node_is_dropped(name: str) -> None:
+    # Prepare
+    build, reason = HOSTILE_CLAIMS[name]
+    strategy, sink = _checked_strategy()
+    replies = [build(_client_arrays(1)), _node_reply(102, _client_arrays(2))]
+
+    # Execute
+    aggregated, _ = strategy.aggregate_train(1, replies)
+
+    # Assert: dropped with its reason; the honest reply alone makes the model
+    assert aggregated is not None
+    assert sink.clients[1][0]["status"] == "dropped"
+    assert sink.clients[1][0]["reason"] == reason
+    assert sink.rows[1]["replies-accepted"] == 1
+
+
+def test_two_nodes_claiming_one_partition_train_it_once() -> None:
+    # Prepare: nodes 101 and 102 both hold partition 0 (the query keeps 101 first)
+    strategy, sink = _checked_strategy(partition_ids=[0, 0, 2, 3, 4])
+    replies = [_node_reply(101, _client_arrays(1)), _node_reply(102, _client_arrays(2), 0)]
+
+    # Execute
+    strategy.aggregate_train(1, replies)
+
+    # Assert
+    assert [r["status"] for r in sink.clients[1]] == ["accepted", "dropped"]
+    assert sink.clients[1][1]["reason"] == ("partition: partition 0 is already trained by "
+                                            "node 101 this round")
+
+
+def test_cap_bounds_the_share_of_a_huge_claim() -> None:
+    # Prepare: weight-check cap (nodes with data of their own): four claims of 100, one
+    # of 10**15 whose metadata is consistent
+    strategy, sink = _strategy(weight_check="cap", weight_cap_ratio=3.0, max_weight_share=0.5)
+    arrays = [_client_arrays(seed) for seed in (1, 2, 3, 4, 5)]
+    claims = [100, 100, 100, 100, 10**15]
+    replies = [_reply(10 + i, a, n) for i, (a, n) in enumerate(zip(arrays, claims,
+                                                                   strict=True))]
+
+    # Execute
+    aggregated, _ = strategy.aggregate_train(1, replies)
+
+    # Assert: the huge claim counts as 3 x the median claim, no more
+    shares = [1 / 7] * 4 + [3 / 7]
+    assert [r["weight"] for r in sink.clients[1]] == pytest.approx(shares)
+    assert sink.rows[1]["weights-capped"] == 1
+    np.testing.assert_allclose(aggregated[G_WEIGHT].numpy(),
+                               _weighted_mean(arrays, [1, 1, 1, 1, 3], G_WEIGHT), atol=1e-6)
+
+
+def test_max_weight_share_caps_every_reply() -> None:
+    # Prepare: no median clip, shares capped at 0.3; one claim is 9x the others
+    strategy, sink = _strategy(weight_check="cap", weight_cap_ratio=0.0, max_weight_share=0.3)
+    arrays = [_client_arrays(seed) for seed in (1, 2, 3, 4)]
+    replies = [_reply(10 + i, a, n) for i, (a, n) in enumerate(zip(arrays, [100, 100, 100, 900],
+                                                                   strict=True))]
+
+    # Execute
+    strategy.aggregate_train(1, replies)
+
+    # Assert: 0.3 for the big claim, the rest shared pro rata
+    assert [r["weight"] for r in sink.clients[1]] == pytest.approx([7 / 30] * 3 + [0.3])
+
+
+def test_weight_cap_ratio_between_zero_and_one_is_refused() -> None:
+    with pytest.raises(ConfigError, match="weight-cap-ratio"):
+        RunConfig.defaults(weight_cap_ratio=0.5)
+
+
+# --- a reply's failure stays its own -------------------------------------------------
+
+
+def _lie_about_shape(array: Any) -> None:
+    """Rewrite an Array's bytes: a .npy header declaring 10**10 floats, 32 bytes of data."""
+    header = array.data[:array.data.index(b"}") + 1].decode("latin-1")
+    fake = header.replace(str(tuple(array.shape)), "(10000000000,)")
+    body = fake.encode("latin-1")
+    body = body[:6] + b"\x01\x00" + len(body[10:]).to_bytes(2, "little") + body[10:]
+    array.data = body + b"\n" + b"\x00" * 32
+
+
+def test_arrays_whose_bytes_lie_about_their_shape_are_dropped_unread() -> None:
+    # Prepare: the Array's metadata says the model's shape; its bytes say 10**10 floats
+    strategy, sink = _strategy()
+    hostile = _reply(11, _client_arrays(2), 100)
+    _lie_about_shape(hostile.content["arrays"][G_WEIGHT])
+    tracemalloc.start()
+
+    # Execute
+    try:
+        aggregated, _ = strategy.aggregate_train(1, [_reply(10, _client_arrays(1), 100),
+                                                     hostile])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+    # Assert
+    assert aggregated is not None and sink.rows[1]["replies-accepted"] == 1
+    assert sink.clients[1][1]["reason"].startswith(f"data: '{G_WEIGHT}' ")
+    assert peak < 200_000_000
+
+
+class _ExplodingRecord(ArrayRecord):
+    """Arrays whose key listing raises (any exception while checking one reply)."""
+
+    def keys(self):  # noqa: ANN201
+        raise RuntimeError("boom")
+
+    def __iter__(self):  # noqa: ANN204
+        raise RuntimeError("boom")
+
+
+def test_an_exception_while_checking_one_reply_drops_only_that_reply() -> None:
+    # Prepare
+    strategy, sink = _strategy()
+    broken = _reply(11, _client_arrays(2), 100)
+    broken.content.array_records["arrays"] = _ExplodingRecord()
+
+    # Execute
+    aggregated, _ = strategy.aggregate_train(1, [_reply(10, _client_arrays(1), 100), broken])
+
+    # Assert
+    assert aggregated is not None
+    assert sink.clients[1][1]["reason"] == "error: RuntimeError while checking the reply"
+    assert sink.rows[1]["dropped-error"] == 1 and sink.rows[1]["replies-accepted"] == 1
+
+
+def test_an_error_reply_reason_is_cut_and_made_printable() -> None:
+    # Prepare: a 1 MB error reason with terminal escape codes
+    strategy, sink = _strategy()
+    request = Message(content=RecordDict(), dst_node_id=30, message_type="train")
+    failed = Message(Error(code=1, reason="\x1b[2J" + "x" * 1_000_000), reply_to=request)
+
+    # Execute
+    strategy.aggregate_train(1, [_reply(10, _client_arrays(1), 100), failed])
+
+    # Assert
+    reason = sink.clients[1][1]["reason"]
+    assert len(reason) < 220 and "\x1b" not in reason and reason.startswith("error: ?[2J")

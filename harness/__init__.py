@@ -1,0 +1,1 @@
+"""Test and benchmark harness: hostile payloads (not shipped in the app package)."""
