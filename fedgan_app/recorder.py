@@ -10,7 +10,10 @@ dashboard page). Round numbers are the run's own: a resumed run's
 that adds the checkpoint's round.
 
 Resume lives here too: `load_resume` reads and checks the checkpoint named by
-'resume-from', `run_folder` picks the folder to continue in.
+'resume-from', `run_folder` picks the folder to continue in, and `Recorder.open`
+refuses a run folder whose metrics.csv lost rounds its checkpoint holds. One
+run writes a run folder at a time: `Recorder.open` locks it (RUN_LOCK) until
+`Recorder.finish` or the end of the process.
 """
 
 from __future__ import annotations
@@ -37,13 +40,16 @@ from fedgan_app.checkpoint import (
     save_checkpoint,
 )
 from fedgan_app.config import ConfigError, RunConfig
+from fedgan_app.files import LockHeld, RunLock
 from fedgan_app.quality import format_quality
-from fedgan_app.tracking import LocalFiles, Output, WandbRun
+from fedgan_app.tracking import CLIENTS_CSV, METRICS_CSV, LocalFiles, Output, WandbRun, csv_rounds
 
 # W&B online without network would otherwise block for its default 90 s.
 WANDB_INIT_TIMEOUT_S = 30.0
 LATEST = "latest.pt"
 BEST = "best.pt"
+# Held by the run writing the folder; names its PID and host for a second writer.
+RUN_LOCK = ".fedgan-run.lock"
 # Parts of the run's time measured before the commit: part -> metrics.csv column.
 ROW_TIMES = {"query": "time-query-s", "clients": "time-clients-s",
              "aggregate": "time-aggregate-s", "sample": "time-sample-s",
@@ -54,6 +60,10 @@ RESUME_MAY_CHANGE = frozenset(
      "wandb-project", "device", "round-timeout", "sample-every", "eval-every",
      "eval-samples", "animation-share"}
 )
+
+
+class RunFolderInUse(ConfigError):
+    """Another run (another process) is writing the run folder."""
 
 
 @dataclass
@@ -99,6 +109,7 @@ class Recorder:
                 resume_path)
             self.ema_state = None
         self.outputs: list[Output] = []
+        self._lock = RunLock(self.run_dir / RUN_LOCK)
         self._wandb: WandbRun | None = None
         self._strategy_state: dict[str, Any] = dict(resume.strategy_state) if resume else {}
         self._pending: dict[int, _Pending] = {}
@@ -125,19 +136,32 @@ class Recorder:
         return live or (self.resume.wandb_run_id if self.resume else None)
 
     def open(self) -> None:
-        """Start the outputs: local files (reloaded when resuming) and W&B."""
-        config = self.cfg.to_dict()
-        self.outputs = [LocalFiles(self.run_dir, config,
-                                   resume_after_round=self.offset if self.resumed else None,
-                                   animation_share=self.cfg.animation_share)]
-        if self.cfg.wandb_mode != "disabled":
-            self._wandb = WandbRun(
-                self.run_dir, config, mode=self.cfg.wandb_mode,
-                project=self.cfg.wandb_project, run_name=self.run_dir.name,
-                run_id=self.resume.wandb_run_id if self.resume else None,
-                init_timeout_s=WANDB_INIT_TIMEOUT_S)
-            self.outputs.append(self._wandb)
-        self._repair_best()
+        """Lock the run folder, check a resumed one, start the local files and W&B.
+
+        Raises RunFolderInUse when another run writes the folder, and ConfigError
+        when a resumed folder's metrics.csv lost rounds of its checkpoint; in
+        both cases nothing in the folder was written.
+        """
+        _lock_run_folder(self._lock, self.run_dir, self.resumed)
+        try:
+            if self.resume is not None and self.resume_path is not None:
+                _check_history(self.run_dir, self.resume_path, self.resume.server_round)
+            config = self.cfg.to_dict()
+            self.outputs = [LocalFiles(self.run_dir, config,
+                                       resume_after_round=self.offset if self.resumed
+                                       else None,
+                                       animation_share=self.cfg.animation_share)]
+            if self.cfg.wandb_mode != "disabled":
+                self._wandb = WandbRun(
+                    self.run_dir, config, mode=self.cfg.wandb_mode,
+                    project=self.cfg.wandb_project, run_name=self.run_dir.name,
+                    run_id=self.resume.wandb_run_id if self.resume else None,
+                    init_timeout_s=WANDB_INIT_TIMEOUT_S)
+                self.outputs.append(self._wandb)
+            self._repair_best()
+        except BaseException:
+            self._lock.release()  # finish() is not called for a run that never opened
+            raise
         log(INFO, "fedgan: writing outputs to %s", self.run_dir)
 
     def absolute(self, local_round: int) -> int:
@@ -219,16 +243,19 @@ class Recorder:
         return row
 
     def finish(self) -> None:
-        """Finish every output (also after a failed round); re-raise the first error."""
-        self._add_time("run", time.perf_counter() - self._created)
-        for output in self.outputs:
-            output.log_summary({f"time/{k}-s": v for k, v in self.timings.items()})
-        errors = []
-        for output in self.outputs:
-            try:
-                output.finish()
-            except Exception as exc:  # noqa: BLE001 - the others must still finish
-                errors.append(exc)
+        """Finish every output (also after a failed round), unlock; re-raise the first error."""
+        try:
+            self._add_time("run", time.perf_counter() - self._created)
+            for output in self.outputs:
+                output.log_summary({f"time/{k}-s": v for k, v in self.timings.items()})
+            errors = []
+            for output in self.outputs:
+                try:
+                    output.finish()
+                except Exception as exc:  # noqa: BLE001 - the others must still finish
+                    errors.append(exc)
+        finally:
+            self._lock.release()
         if errors:
             raise errors[0]
 
@@ -352,11 +379,13 @@ def _newest_round_beside(path: Path) -> int | None:
 
 
 def run_folder(cfg: RunConfig, resume_path: Path | None) -> Path:
-    """The run's output folder, created and checked to be writable.
+    """The run's output folder, created and checked to be writable and free.
 
     A resumed run appends to the folder its checkpoint lies in
     (`<run>/checkpoints/x.pt`); a checkpoint kept anywhere else starts a new
-    folder from 'output-dir' and 'run-name'.
+    folder from 'output-dir' and 'run-name'. A folder another run is writing
+    is refused here already (RunFolderInUse), before the data is loaded;
+    `Recorder.open` takes the lock for the run.
     """
     if resume_path is not None and resume_path.parent.name == "checkpoints":
         run_dir = resume_path.parent.parent
@@ -372,4 +401,67 @@ def run_folder(cfg: RunConfig, resume_path: Path | None) -> Path:
         raise ConfigError(
             f"setting 'output-dir': cannot write to {run_dir} ({exc.strerror})"
         ) from exc
+    probe_lock = RunLock(run_dir / RUN_LOCK)
+    _lock_run_folder(probe_lock, run_dir, resume_path is not None)
+    probe_lock.release()
     return run_dir
+
+
+def _lock_run_folder(lock: RunLock, run_dir: Path, resumed: bool) -> None:
+    """Take the run folder's lock, or raise RunFolderInUse naming its holder."""
+    try:
+        lock.acquire()
+    except LockHeld as exc:
+        way_out = ("resume once it has stopped" if resumed
+                   else "choose another 'run-name' or 'output-dir'")
+        raise RunFolderInUse(
+            f"run folder {run_dir} is in use: another fedgan run is writing to it "
+            f"({exc.holder}; lock file {exc.path.name}). Wait for it to finish or stop "
+            f"it, or {way_out}; nothing in the folder was changed"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(
+            f"setting 'output-dir': cannot lock {run_dir} ({exc.strerror})"
+        ) from exc
+
+
+def _check_history(run_dir: Path, resume_path: Path, server_round: int) -> None:
+    """Refuse to resume a run folder whose CSVs lost rows its checkpoint holds.
+
+    Every round's row is written before its latest.pt, so a checkpoint of
+    round R in this folder means metrics.csv has rows up to R. An empty or
+    header-only file, or one that ends early, is damage (a power loss during
+    a write, a hand edit): resuming would rewrite it without those rounds.
+    """
+    if resume_path.parent != run_dir / "checkpoints" or server_round < 1:
+        return  # a checkpoint from elsewhere starts this folder's history anew
+    metrics, clients = run_dir / METRICS_CSV, run_dir / CLIENTS_CSV
+    for path in (clients, metrics):  # clients.csv: only readable (a round may have no row)
+        try:
+            rounds = csv_rounds(path)
+        except ValueError as exc:
+            raise _damage(path, resume_path, server_round, str(exc)) from None
+    if rounds is None:
+        problem = "is missing"
+    elif not rounds:
+        problem = "holds only its header"
+    else:
+        kept = sorted({r for r in rounds if r <= server_round})
+        missing = sorted(set(range(kept[0] if kept else 1, server_round + 1)) - set(kept))
+        if not missing:
+            return
+        problem = (f"ends at round {kept[-1]}" if kept and kept[-1] < server_round
+                   else f"lacks the rows of rounds {', '.join(map(str, missing[:5]))}"
+                   + (", ..." if len(missing) > 5 else ""))
+    raise _damage(metrics, resume_path, server_round, problem)
+
+
+def _damage(path: Path, resume_path: Path, server_round: int, problem: str) -> ConfigError:
+    """The error for a run folder whose history lost rounds of its checkpoint."""
+    return ConfigError(
+        f"setting 'resume-from': {path} {problem}, but {resume_path} holds round "
+        f"{server_round}: the run folder is damaged (a power loss or a crash during a "
+        "write?), and resuming would rewrite the file without those rounds. Nothing was "
+        "changed. Restore the file from a backup, or copy the checkpoint out of the run "
+        "folder and resume from the copy with another 'run-name' (a new run folder)"
+    )

@@ -181,6 +181,26 @@ class _CsvTable:
         return rounds, values
 
 
+def csv_rounds(path: Path) -> list[int] | None:
+    """The round of each row of a CSV this module wrote, in file order; None: no file.
+
+    Raises ValueError saying what is wrong when the file is empty (the run
+    always writes a header) or cannot be parsed as CSV text.
+    """
+    try:
+        if path.stat().st_size == 0:
+            raise ValueError("is empty")
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if not reader.fieldnames or "round" not in reader.fieldnames:
+                raise ValueError("has no header with a 'round' column")
+            return [r for row in reader if (r := _round_of(row)) is not None]
+    except FileNotFoundError:
+        return None
+    except (csv.Error, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot be read ({str(exc)[:100]})") from exc
+
+
 def _round_of(row: Mapping[str, str | None]) -> int | None:
     """Return the integer round of a CSV row, None when the cell is malformed."""
     try:

@@ -4,12 +4,17 @@ The contract: one clients.csv row per reply per round, accepted, dropped and
 failed alike, with `status`, `reason`, `weight` (p_j = n_j / sum n over the
 accepted replies, 0 otherwise) and `label-histogram` (class counts joined by
 `;`); a failed reply has only its node id.
+
+Also `RunFolderHolder`: another process that opens a run folder as a run does
+and keeps it, for the tests of the run folder's lock.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -109,3 +114,62 @@ def _write_csv(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> No
         writer = csv.DictWriter(handle, fieldnames=columns, restval="", lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
+
+
+# A run that opens its run folder (the real Recorder) and holds it until stdin closes.
+_HOLDER = """
+import sys
+from fedgan_app.config import RunConfig
+from fedgan_app.recorder import Recorder, run_folder
+cfg = RunConfig.defaults(output_dir=sys.argv[1], run_name=sys.argv[2], wandb_mode="disabled")
+recorder = Recorder(cfg, run_folder(cfg, None))
+recorder.open()
+print("open", flush=True)
+sys.stdin.read()
+recorder.finish()
+"""
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class RunFolderHolder:
+    """Another process that opens ``output_dir/run_name`` as a run and holds it.
+
+    Use as a context manager: on entry the folder is open (its lock taken);
+    `close` lets the run finish, `kill` ends the process with SIGKILL.
+    """
+
+    def __init__(self, output_dir: Path, run_name: str) -> None:
+        self.args = [sys.executable, "-c", _HOLDER, str(output_dir), run_name]
+        self.proc: subprocess.Popen[str] | None = None
+
+    def __enter__(self) -> RunFolderHolder:
+        self.proc = subprocess.Popen(self.args, cwd=REPO_ROOT, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True)
+        line = self.proc.stdout.readline()  # blocks until the folder is open
+        if line.strip() != "open":
+            self.kill()
+            raise RuntimeError(f"the holder did not open the folder: {self.proc.stderr.read()}")
+        return self
+
+    @property
+    def pid(self) -> int:
+        """The holding process's id."""
+        return self.proc.pid
+
+    def close(self) -> int:
+        """Let the run finish (it releases the lock); its exit status."""
+        self.proc.stdin.close()
+        return self.proc.wait(timeout=120)
+
+    def kill(self) -> None:
+        """SIGKILL the process: no finish, no cleanup, as a crash."""
+        self.proc.kill()
+        self.proc.wait(timeout=120)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc.poll() is None:
+            self.kill()
+        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if stream is not None and not stream.closed:
+                stream.close()

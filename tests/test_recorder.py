@@ -1,10 +1,13 @@
-"""The recorder: round numbers, one commit order, resume state, real files."""
+"""The recorder: round numbers, one commit order, resume state, real files, one writer."""
 
 from __future__ import annotations
 
 import csv
+import os
+import socket
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -12,8 +15,10 @@ import torch
 from flwr.app import ArrayRecord
 
 from fedgan_app.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from fedgan_app.config import RunConfig
-from fedgan_app.recorder import Recorder, run_folder
+from fedgan_app.config import ConfigError, RunConfig
+from fedgan_app.files import RunLock
+from fedgan_app.recorder import RUN_LOCK, Recorder, RunFolderInUse, run_folder
+from tests.run_folder import RunFolderHolder
 
 ARRAYS = ArrayRecord({"generator.w": torch.arange(3.0)})
 GRID = np.zeros((10, 10, 3), dtype=np.uint8)
@@ -27,6 +32,13 @@ def _cfg(tmp_path: Path, **changes: object) -> RunConfig:
 def _read_csv(path: Path) -> list[dict[str, str]]:
     with open(path, newline="") as handle:
         return list(csv.DictReader(handle))
+
+
+def _history(run_dir: Path, rounds: int) -> None:
+    """metrics.csv as a run leaves it after `rounds` rounds (one row each)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "metrics.csv").write_text(
+        "round,loss-d\n" + "".join(f"{r},0.5\n" for r in range(1, rounds + 1)))
 
 
 def _round(recorder: Recorder, local_round: int, fid: float | None = None) -> dict:
@@ -84,6 +96,7 @@ def test_a_resumed_run_numbers_rounds_after_the_checkpoint_and_keeps_its_state(
     save_checkpoint(Checkpoint(state=ARRAYS.to_torch_state_dict(), server_round=4,
                                config={}, best_metric=10.0, best_round=3, ema_state=ema,
                                strategy_state={"strategy": "fedadam"}), latest)
+    _history(run_dir, 4)
     resume = load_checkpoint(latest)
 
     # Execute
@@ -97,7 +110,7 @@ def test_a_resumed_run_numbers_rounds_after_the_checkpoint_and_keeps_its_state(
     after = load_checkpoint(latest)
     assert (after.server_round, after.best_round, after.best_metric) == (5, 3, 10.0)
     assert torch.equal(after.ema_state["generator.w"], ema["generator.w"])
-    assert [r["round"] for r in _read_csv(run_dir / "metrics.csv")] == ["5"]
+    assert [r["round"] for r in _read_csv(run_dir / "metrics.csv")] == ["1", "2", "3", "4", "5"]
 
 
 def test_a_resumed_run_without_ema_drops_the_checkpoints_frozen_ema(tmp_path: Path) -> None:
@@ -108,6 +121,7 @@ def test_a_resumed_run_without_ema_drops_the_checkpoints_frozen_ema(tmp_path: Pa
     latest = run_dir / "checkpoints" / "latest.pt"
     save_checkpoint(Checkpoint(state=ARRAYS.to_torch_state_dict(), server_round=4,
                                config={}, ema_state={"generator.w": torch.ones(3)}), latest)
+    _history(run_dir, 4)
 
     # Execute
     recorder = Recorder(cfg, run_folder(cfg, latest), load_checkpoint(latest), latest)
@@ -148,9 +162,129 @@ def test_resume_rewrites_a_best_checkpoint_left_behind_by_a_crash(tmp_path: Path
                                    best_round=server_round),
                         checkpoints / ("best.pt" if server_round == 2 else "latest.pt"))
     latest = checkpoints / "latest.pt"
+    _history(checkpoints.parent, 3)
 
     # Execute
     Recorder(cfg, run_folder(cfg, latest), load_checkpoint(latest), latest).open()
 
     # Assert
     assert load_checkpoint(checkpoints / "best.pt").server_round == 3
+
+
+# --- a damaged history is refused, never rewritten --------------------------------
+
+
+def _metrics_with(text: str) -> Any:
+    """Write metrics.csv with `text` (bytes when given bytes)."""
+    def write(run_dir: Path) -> None:
+        path = run_dir / "metrics.csv"
+        path.write_bytes(text) if isinstance(text, bytes) else path.write_text(text)
+    return write
+
+
+@pytest.mark.parametrize(("damage", "says"), [
+    (_metrics_with(""), "metrics.csv is empty"),
+    (_metrics_with("round,loss-d\n"), "metrics.csv holds only its header"),
+    (_metrics_with("round,loss-d\n1,0.5\n2,0.5\n"), "metrics.csv ends at round 2"),
+    (_metrics_with("round,loss-d\n1,0.5\n2,0.5\n4,0.5\n"), "lacks the rows of rounds 3"),
+    (_metrics_with(b"\0" * 40), "metrics.csv has no header"),  # what XFS may leave
+    (lambda run_dir: (run_dir / "metrics.csv").unlink(), "metrics.csv is missing"),
+    (lambda run_dir: (run_dir / "clients.csv").write_text(""), "clients.csv is empty"),
+])
+def test_resume_refuses_a_run_folder_whose_csvs_lost_rounds(
+    tmp_path: Path, damage: Any, says: str
+) -> None:
+    # Prepare: a run folder at round 4 (latest.pt, four rows), then the damage a
+    # power loss leaves (or a hand edit)
+    cfg = _cfg(tmp_path)
+    run_dir = run_folder(cfg, None)
+    latest = run_dir / "checkpoints" / "latest.pt"
+    save_checkpoint(Checkpoint(state=ARRAYS.to_torch_state_dict(), server_round=4,
+                               config={}), latest)
+    _history(run_dir, 4)
+    (run_dir / "clients.csv").write_text("round,node-id\n1,7\n")
+    damage(run_dir)
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+
+    # Execute
+    recorder = Recorder(cfg, run_folder(cfg, latest), load_checkpoint(latest), latest)
+    with pytest.raises(ConfigError) as info:
+        recorder.open()
+
+    # Assert: the error names the file and the way out; nothing was written; the
+    # folder is not left locked
+    assert says in str(info.value) and str(run_dir) in str(info.value)
+    assert "holds round 4" in str(info.value) and "copy the checkpoint" in str(info.value)
+    after = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    assert after.pop(RUN_LOCK) == b""
+    before.pop(RUN_LOCK, None)
+    assert after == before
+    RunLock(run_dir / RUN_LOCK).acquire()
+
+
+def test_a_checkpoint_from_elsewhere_starts_a_new_folders_history(tmp_path: Path) -> None:
+    # Prepare: a checkpoint of round 4 kept outside any run folder
+    cfg = _cfg(tmp_path)
+    kept = tmp_path / "kept" / "round4.pt"
+    save_checkpoint(Checkpoint(state=ARRAYS.to_torch_state_dict(), server_round=4,
+                               config={}), kept)
+
+    # Execute
+    recorder = Recorder(cfg, run_folder(cfg, kept), load_checkpoint(kept), kept)
+    recorder.open()
+    _round(recorder, 1)
+    recorder.finish()
+
+    # Assert: a new run folder whose history starts after the checkpoint
+    assert recorder.run_dir == tmp_path / "outputs" / "run"
+    assert [r["round"] for r in _read_csv(recorder.run_dir / "metrics.csv")] == ["5"]
+
+
+# --- one writer per run folder ------------------------------------------------------
+
+
+def test_a_second_run_cannot_write_a_folder_another_process_writes(tmp_path: Path) -> None:
+    # Prepare: another process runs in outputs/run (same output-dir and run-name)
+    cfg = _cfg(tmp_path)
+    with RunFolderHolder(tmp_path / "outputs", "run") as holder:
+        rows_before = (tmp_path / "outputs" / "run" / "run_config.json").read_bytes()
+
+        # Execute: this run picks the same folder, and opens it anyway
+        with pytest.raises(RunFolderInUse) as picked:
+            run_folder(cfg, None)
+        recorder = Recorder(cfg, tmp_path / "outputs" / "run")
+        with pytest.raises(RunFolderInUse) as opened:
+            recorder.open()
+        # Assert: both name the folder and the process holding it; nothing written
+        for error in (picked.value, opened.value):
+            assert str(tmp_path / "outputs" / "run") in str(error)
+            assert f"pid {holder.pid} on host {socket.gethostname()}" in str(error)
+        assert (tmp_path / "outputs" / "run" / "run_config.json").read_bytes() == rows_before
+        assert recorder.outputs == []
+
+        # Execute: the holder dies without finishing (SIGKILL): the kernel frees the lock
+        holder.kill()
+    recorder.open()
+    recorder.finish()
+
+    # Assert
+    assert (recorder.run_dir / "summary.json").is_file()
+
+
+def test_finish_unlocks_the_folder_for_the_next_run(tmp_path: Path) -> None:
+    # Prepare: a run that finishes (flock locks belong to an open file, so a second
+    # open of the lock file conflicts within one process too)
+    cfg = _cfg(tmp_path)
+    first = Recorder(cfg, run_folder(cfg, None))
+    first.open()
+    with pytest.raises(RunFolderInUse, match=f"pid {os.getpid()} "):
+        Recorder(cfg, first.run_dir).open()
+
+    # Execute
+    first.finish()
+    second = Recorder(cfg, run_folder(cfg, None))
+    second.open()
+    second.finish()
+
+    # Assert: the lock file stays (removing it would race), with no holder named
+    assert (first.run_dir / RUN_LOCK).read_bytes() == b""

@@ -35,6 +35,7 @@ from fedgan_app.checkpoint import (
 from fedgan_app.config import ConfigError
 from fedgan_app.inprocess import InProcessGrid, server_context
 from tests.conftest import tiny_settings
+from tests.run_folder import RunFolderHolder
 
 TRAIN = "train"
 
@@ -405,3 +406,42 @@ def test_a_failed_checkpoint_write_keeps_the_previous_file(
     # Assert: the old checkpoint, and no temp file left beside it
     assert latest.read_bytes() == latest_bytes
     assert sorted(p.name for p in latest.parent.iterdir()) == ["latest.pt"]
+
+
+def test_a_resume_refuses_a_metrics_csv_emptied_by_a_power_loss(
+    memoryless_runs: dict[str, tuple[Path, Path]], tmp_path: Path
+) -> None:
+    # Prepare: the crashed run (latest.pt of round 2), its metrics.csv left empty
+    # as a rename without fsync can leave it after a power loss
+    resume, _, run_dir = _resume_copy(memoryless_runs, "fedavg", tmp_path)
+    (run_dir / "metrics.csv").write_bytes(b"")
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+
+    # Execute
+    error = _resume_error(resume, run_dir)
+
+    # Assert: the error names the file, the round and the way out; nothing changed
+    assert isinstance(error, ConfigError)
+    assert f"{run_dir / 'metrics.csv'} is empty" in str(error)
+    assert "holds round 2" in str(error) and "copy the checkpoint" in str(error)
+    after = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    assert after.pop(run_dir / recorder.RUN_LOCK) == b""
+    before.pop(run_dir / recorder.RUN_LOCK, None)
+    assert after == before
+
+
+def test_a_second_run_into_a_folder_in_use_stops_before_any_round(
+    tiny_run_config: dict[str, Any], tmp_path: Path
+) -> None:
+    # Prepare: another process writes outputs/test-run (same output-dir and run-name)
+    run_config = {**tiny_run_config, "output-dir": str(tmp_path / "outputs")}
+    grid = InProcessGrid(client_module.app, num_nodes=2, run_config=run_config)
+    with RunFolderHolder(tmp_path / "outputs", "test-run") as holder:
+        # Execute
+        with pytest.raises(recorder.RunFolderInUse) as info:
+            server_app.main(grid, server_context(run_config))
+
+    # Assert: named the folder and the holder; no client was asked to train
+    assert str(tmp_path / "outputs" / "test-run") in str(info.value)
+    assert f"pid {holder.pid} on host" in str(info.value)
+    assert grid.calls == []
