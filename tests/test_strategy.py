@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
-import tracemalloc
 import pickle
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
