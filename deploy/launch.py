@@ -1,30 +1,37 @@
 """Run fedgan on Flower's Deployment Engine on this machine: TLS, SuperNode auth, N nodes.
 
 ``python -m deploy.launch [N] [--run-config "k=v ..."]`` (what ``./fedgan.sh deploy``
-runs) does what an operator does across machines, with every party on loopback:
+runs) does what an operator does across machines (docs/deployment.md), with
+every party on loopback:
 
 1. writes a CA, the SuperLink's certificate and one key pair per SuperNode
    (``deploy/credentials.py``) into the work folder (default ``.deploy/``);
 2. starts ``flower-superlink`` with TLS, ``--enable-supernode-auth`` and the
-   runtime dependency installer off, on a free loopback port;
-3. registers each SuperNode's public key (``flwr supernode register``);
-4. starts N ``flower-supernode`` processes, node i with
+   runtime dependency installer off, on a free port of 127.0.0.1: its one port
+   also serves the unauthenticated Control API, so only this machine reaches it;
+3. starts the Fleet gateway (``deploy/gateway.py``) on a second port: the only
+   port SuperNodes are given, forwarding their Fleet API calls and nothing else;
+4. registers each SuperNode's public key (``flwr supernode register``, on the
+   SuperLink's own port);
+5. starts N ``flower-supernode`` processes pointed at the gateway, node i with
    ``--node-config "partition-id=i num-partitions=N"`` and its own port, and
    waits until the SuperLink lists them all online;
-5. runs the app: ``flwr run . <connection> --stream``, then reads the run's
+6. runs the app: ``flwr run . <connection> --stream``, then reads the run's
    final status with ``flwr ls`` (``flwr run --stream`` exits 0 even when the
    ServerApp failed);
-6. stops every process it started, by PID, also on Ctrl-C, SIGTERM or an
-   error: each process (and everything it spawns, e.g. the ServerApp and
-   ClientApp subprocesses) carries a marker in its environment, and the launcher
-   stops exactly the processes with its marker (``FEDGAN_DEPLOYMENT_ID``: a
-   fresh id, or the one already in the launcher's environment, which is how a
-   caller can find every process of a deployment).
+7. stops what it started, by PID, also on Ctrl-C, SIGTERM or an error: the
+   processes it spawned and their descendants (SuperExec, ServerApp, ClientApp
+   processes), found by walking the process tree from its own children and
+   remembered by PID and start time, so a parent that dies first does not hide
+   its children. Each process also carries a marker in its environment
+   (``FEDGAN_DEPLOYMENT_ID``: a fresh id, or the one already in the launcher's
+   environment), by which a caller can look for leftovers; the launcher never
+   signals a process for its marker alone.
 
 Each party keeps its own Flower home and log in the work folder:
 ``flwr-home/`` (the SuperLink's state and the CLI's ``config.toml``),
-``superlink.log``, ``supernode-<i>/`` and ``supernode-<i>.log``, ``run.log``.
-The exit status is 0 only when the run finished as ``finished:completed``.
+``superlink.log``, ``gateway.log``, ``supernode-<i>/`` and ``supernode-<i>.log``,
+``run.log``. The exit status is 0 only when the run finished as ``finished:completed``.
 """
 
 from __future__ import annotations
@@ -50,6 +57,7 @@ from pathlib import Path
 from typing import IO
 
 from deploy.credentials import Credentials, generate_credentials
+from fedgan_app.local_superlink import alive, descendants, process_table
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_WORKDIR = REPO_ROOT / ".deploy"
@@ -95,10 +103,10 @@ class RunResult:
 
 
 class Deployment:
-    """A SuperLink and SuperNodes on loopback, with TLS and SuperNode authentication.
+    """A SuperLink, its Fleet gateway and SuperNodes on loopback, with TLS and node auth.
 
     Use it as a context manager: leaving the block stops every process it
-    started (and their children), whatever happened inside.
+    started (and their descendants), whatever happened inside.
 
     Parameters
     ----------
@@ -131,9 +139,12 @@ class Deployment:
         self.env = _flower_env(self.bin_dir, self.marker)
         self.env["FLWR_HOME"] = str(self.home)
         self.superlink: subprocess.Popen | None = None
-        self.superlink_port: int | None = None
+        self.superlink_port: int | None = None  # loopback only: Control, Fleet, Runtime
+        self.gateway: subprocess.Popen | None = None
+        self.gateway_port: int | None = None  # what SuperNodes connect to: Fleet only
         self.supernodes: list[SuperNode] = []
         self._children: list[subprocess.Popen] = []
+        self._seen: dict[int, int] = {}  # PID -> start time of every process of ours seen
 
     # --- context manager ---------------------------------------------------------
 
@@ -149,7 +160,7 @@ class Deployment:
     # --- SuperLink ------------------------------------------------------------------
 
     def start_superlink(self, timeout: float = 60) -> None:
-        """Start the SuperLink with TLS and SuperNode auth; return once it accepts TLS."""
+        """Start the SuperLink on loopback with TLS and node auth; return once it accepts TLS."""
         self.superlink_port = free_port()
         self.home.mkdir(parents=True, exist_ok=True)
         creds = self.credentials
@@ -166,9 +177,30 @@ class Deployment:
         self.superlink = self._spawn(command, self.workdir / "superlink.log", self.env,
                                      cwd=self.app_dir)
         self._write_connection()
-        self._wait_tls(timeout)
-        self.echo(f"SuperLink up on 127.0.0.1:{self.superlink_port} (TLS, node auth; "
-                  f"pid {self.superlink.pid})")
+        self._wait_tls(self.superlink, "SuperLink", self.superlink_port,
+                       self.workdir / "superlink.log", timeout)
+        self.echo(f"SuperLink up on 127.0.0.1:{self.superlink_port} (loopback only; TLS, "
+                  f"node auth; pid {self.superlink.pid})")
+
+    def start_gateway(self, timeout: float = 60) -> None:
+        """Start the Fleet gateway before the SuperLink; return once it accepts TLS."""
+        if self.superlink_port is None:
+            raise DeploymentError("start the SuperLink before its gateway")
+        self.gateway_port = free_port()
+        creds = self.credentials
+        command = [
+            sys.executable, "-m", "deploy.gateway",
+            "--listen", f"127.0.0.1:{self.gateway_port}",
+            "--superlink", f"127.0.0.1:{self.superlink_port}",
+            "--certfile", str(creds.server_cert), "--keyfile", str(creds.server_key),
+            "--root-certificates", str(creds.ca_cert),
+        ]
+        # From this repository, where the `deploy` package lives.
+        log = self.workdir / "gateway.log"
+        self.gateway = self._spawn(command, log, self.env, cwd=REPO_ROOT)
+        self._wait_tls(self.gateway, "Fleet gateway", self.gateway_port, log, timeout)
+        self.echo(f"Fleet gateway up on 127.0.0.1:{self.gateway_port} (SuperNodes' "
+                  f"address; pid {self.gateway.pid})")
 
     def _write_connection(self) -> None:
         """Name the SuperLink in the CLI's config.toml (address + CA certificate)."""
@@ -179,25 +211,26 @@ class Deployment:
             f'root-certificates = "{self.credentials.ca_cert.resolve()}"\n'
         )
 
-    def _wait_tls(self, timeout: float) -> None:
-        """Wait until the SuperLink completes a TLS handshake verified by our CA."""
+    def _wait_tls(self, proc: subprocess.Popen, name: str, port: int, log: Path,
+                  timeout: float) -> None:
+        """Wait until `proc` on `port` completes a TLS handshake verified by our CA."""
         context = ssl.create_default_context(cafile=str(self.credentials.ca_cert))
         deadline = time.monotonic() + timeout
         while True:
-            self._check_alive(self.superlink, "SuperLink", self.workdir / "superlink.log")
+            self._check_alive(proc, name, log)
             try:
-                with socket.create_connection(("127.0.0.1", self.superlink_port), 1) as raw:
+                with socket.create_connection(("127.0.0.1", port), 1) as raw:
                     with context.wrap_socket(raw, server_hostname="127.0.0.1"):
                         return
             except ssl.SSLCertVerificationError as exc:
                 raise DeploymentError(
-                    f"the SuperLink's certificate does not verify against "
+                    f"the {name}'s certificate does not verify against "
                     f"{self.credentials.ca_cert}: {exc.verify_message}") from exc
             except OSError:
                 if time.monotonic() > deadline:
                     raise DeploymentError(
-                        f"the SuperLink did not accept TLS connections within {timeout:.0f}s"
-                        f"; see {self.workdir / 'superlink.log'}") from None
+                        f"the {name} did not accept TLS connections within {timeout:.0f}s"
+                        f"; see {log}") from None
                 time.sleep(0.2)
 
     # --- SuperNodes -----------------------------------------------------------------
@@ -220,15 +253,17 @@ class Deployment:
         return node_ids
 
     def start_supernode(self, index: int, num_partitions: int, private_key: Path | None = None,
-                        partition_id: int | None = None) -> SuperNode:
+                        partition_id: int | None = None,
+                        extra_args: Sequence[str] = ()) -> SuperNode:
         """Start SuperNode `index`, authenticated, training its partition of `num_partitions`.
 
-        `private_key` defaults to the credentials' key for `index` (pass another
-        one to start a node the SuperLink does not know); `partition_id`
-        defaults to `index`.
+        It reaches the SuperLink through the Fleet gateway. `private_key`
+        defaults to the credentials' key for `index` (pass another one to start
+        a node the SuperLink does not know); `partition_id` defaults to
+        `index`; `extra_args` go to `flower-supernode` as they are.
         """
-        if self.superlink_port is None:
-            raise DeploymentError("start the SuperLink before its SuperNodes")
+        if self.gateway_port is None:
+            raise DeploymentError("start the SuperLink and its gateway before SuperNodes")
         key = private_key or self.credentials.node_key(index)
         port = free_port()
         node_home = self.workdir / f"supernode-{index}"
@@ -237,12 +272,13 @@ class Deployment:
         command = [
             self._bin("flower-supernode"),
             "--root-certificates", str(self.credentials.ca_cert),
-            "--superlink", f"127.0.0.1:{self.superlink_port}",
+            "--superlink", f"127.0.0.1:{self.gateway_port}",
             "--auth-supernode-private-key", str(key),
             "--node-config",
             f"partition-id={index if partition_id is None else partition_id} "
             f"num-partitions={num_partitions}",
             "--host", "127.0.0.1", "--port", str(port),
+            *extra_args,
         ]
         log = self.workdir / f"supernode-{index}.log"
         node = SuperNode(index, self._spawn(command, log, env, cwd=node_home), log, port)
@@ -258,6 +294,14 @@ class Deployment:
                                   f"{proc.stderr[-2000:]}")
         return reply["nodes"]
 
+    def list_runs(self) -> list[dict]:
+        """The SuperLink's runs (`flwr ls`): run-id, status, ..."""
+        proc = self._flwr("ls", CONNECTION, "--format", "json", timeout=120)
+        reply = _json_or_none(proc.stdout)
+        if proc.returncode != 0 or not reply or not reply.get("success"):
+            raise DeploymentError(f"flwr ls failed: {proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+        return reply["runs"]
+
     def wait_online(self, node_ids: Sequence[int], nodes: Sequence[SuperNode],
                     timeout: float = 120) -> None:
         """Wait until the SuperLink lists every node id online; fail if a node exits.
@@ -270,6 +314,7 @@ class Deployment:
         want = {int(n) for n in node_ids}
         ask_at, online = time.monotonic() + 5, set()
         while True:
+            self.processes()  # note each node's SuperExec while its parent lives
             for node in nodes:
                 self._check_alive(node.process, f"SuperNode {node.index}", node.log)
             logged = all(ACTIVATED_LOG_LINE in node.log.read_text(errors="replace")
@@ -305,7 +350,7 @@ class Deployment:
                                       daemon=True)
             reader.start()
             try:
-                proc.wait(timeout=timeout)
+                self._wait_watching(proc, timeout)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 raise DeploymentError(f"flwr run still going after {timeout:.0f}s; "
@@ -321,6 +366,22 @@ class Deployment:
             return RunResult(None, "not-started", output)
         run_id = int(match.group(1))
         return RunResult(run_id, self.wait_finished(run_id), output)
+
+    def _wait_watching(self, proc: subprocess.Popen, timeout: float | None) -> None:
+        """Wait for `proc`, noting the deployment's process tree every second meanwhile.
+
+        A ClientApp whose SuperNode dies is re-parented away from our tree;
+        noted while its parent lived, it is still stopped by PID.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            self.processes()
+            try:
+                proc.wait(timeout=1)
+                return
+            except subprocess.TimeoutExpired:
+                if deadline is not None and time.monotonic() > deadline:
+                    raise
 
     def status(self, run_id: int) -> str:
         """The run's status from `flwr ls`, e.g. 'finished:completed'."""
@@ -343,35 +404,54 @@ class Deployment:
     # --- processes -------------------------------------------------------------------
 
     def processes(self) -> list[int]:
-        """PIDs of every live process of this deployment (by the marker in its environment)."""
-        return processes_with_marker(self.marker)
+        """PIDs of the live processes of this deployment: those it started, their descendants.
+
+        Walks the process tree from our children and from every process of
+        ours seen before (remembered with its start time, so a PID taken over
+        by another process is never ours), and remembers what it finds: a child
+        whose parent exits first is still known by PID.
+        """
+        table = process_table()
+        roots = {p.pid for p in self._children if p.returncode is None} | set(self._live_seen())
+        for root in roots:
+            for pid in (root, *descendants(root, table)):
+                if pid not in self._seen and (start := _start_time(pid)) is not None:
+                    self._seen[pid] = start
+        return self._live_seen()
+
+    def _live_seen(self) -> list[int]:
+        """The remembered processes that still run (same PID, same start time)."""
+        return [pid for pid, start in self._seen.items()
+                if _start_time(pid) == start and alive(pid)]
 
     def stop(self, grace: float = 15) -> None:
         """Stop every process of this deployment: SIGTERM by PID, then SIGKILL what is left.
 
-        The `flwr` CLI goes first, then the SuperNodes (they sign off at the
-        SuperLink), then the SuperLink; their children (SuperExec, ServerApp,
-        ClientApp) follow their parents or are found by the marker.
+        Only what this deployment started and their descendants are signalled
+        (see `processes`), never a process for its marker alone: the shell or
+        program that started the launcher carries the same marker. The `flwr`
+        CLI goes first, then the SuperNodes (they sign off through the
+        gateway), then the SuperLink and the gateway; their children
+        (SuperExec, ServerApp, ClientApp) follow their parents or are signalled
+        after them.
         """
         nodes = [n.process for n in self.supernodes]
-        link = [self.superlink] if self.superlink else []
+        link = [p for p in (self.superlink, self.gateway) if p is not None]
         others = [p for p in self._children if p not in nodes + link]
-        # The CLI first, then the SuperNodes (they sign off at the SuperLink),
-        # then the SuperLink.
         for group in (others, nodes, link):
+            self.processes()  # the tree below this group, before its parents go
             for proc in group:
                 if proc.poll() is None:
                     _signal(proc.pid, signal.SIGTERM)
             _wait_gone(lambda g=group: [p.pid for p in g if p.poll() is None], grace)
-        started = others + nodes + link
         # Children outlive their parent for a while (a SuperExec polls its
         # parent's PID): ask them too, then force whatever is left.
         for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
             for pid in self.processes():
                 _signal(pid, sig)
-            if _wait_gone(self.processes, wait):
+            if _wait_gone(self._live_seen, wait):
                 break
-        for proc in started:
+        for proc in others + nodes + link:
             if proc.poll() is None:
                 _signal(proc.pid, signal.SIGKILL)
             proc.wait()
@@ -436,7 +516,11 @@ def free_port() -> int:
 
 
 def processes_with_marker(marker: str) -> list[int]:
-    """PIDs of live processes (zombies excluded) whose environment holds our marker."""
+    """PIDs of live processes (zombies excluded) whose environment holds our marker.
+
+    For a caller looking for a deployment's leftovers; `Deployment.stop` never
+    signals by marker.
+    """
     needle = f"{MARKER_ENV}={marker}".encode() + b"\0"
     found = []
     for entry in Path("/proc").iterdir():
@@ -455,7 +539,9 @@ def processes_with_marker(marker: str) -> list[int]:
 
 def _flower_env(bin_dir: Path, marker: str) -> dict[str, str]:
     """Environment for every Flower process: quiet, offline, our executables first."""
-    env = dict(os.environ)
+    # Flower's internal switches that would also open the legacy gRPC Control and
+    # Fleet servers, on their own (public) addresses beside the loopback port.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLWR_INTERNAL_GRPC_")}
     env.update({
         MARKER_ENV: marker,
         # Flower starts flower-superexec, flwr-serverapp, flwr-clientapp by name.
@@ -466,6 +552,15 @@ def _flower_env(bin_dir: Path, marker: str) -> dict[str, str]:
         "WANDB_SILENT": "true",
     })
     return env
+
+
+def _start_time(pid: int) -> int | None:
+    """When the process started (clock ticks since boot), or None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return int(handle.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 _LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
@@ -547,7 +642,7 @@ def claim_workdir(workdir: Path) -> IO[str]:
 def deploy(num_nodes: int, run_config: Sequence[str], workdir: Path = DEFAULT_WORKDIR,
            timeout: float | None = None,
            echo: Callable[[str], None] = print) -> RunResult:
-    """Credentials, SuperLink, N authenticated SuperNodes, one run; everything stopped after.
+    """Credentials, SuperLink, gateway, N authenticated SuperNodes, one run; all stopped after.
 
     Parameters
     ----------
@@ -576,6 +671,7 @@ def deploy(num_nodes: int, run_config: Sequence[str], workdir: Path = DEFAULT_WO
         echo(f"credentials for {num_nodes} SuperNodes in {creds.folder}")
         with Deployment(workdir, creds, echo=echo) as dep:
             dep.start_superlink()
+            dep.start_gateway()
             node_ids = dep.register([creds.node_public_key(i) for i in range(num_nodes)])
             nodes = [dep.start_supernode(i, num_nodes) for i in range(num_nodes)]
             dep.wait_online(node_ids, nodes)

@@ -2,13 +2,18 @@
 
 Every party runs as its own process on loopback, over TLS, with SuperNode
 authentication, started and stopped by `deploy.launch` (the code behind
-`./fedgan.sh deploy`). Each ClientApp call is a fresh process that imports
-torch, so the runs are as small as they can be.
+`./fedgan.sh deploy`): the SuperLink on a loopback port of its own (Control,
+Fleet and Runtime APIs), SuperNodes through the Fleet gateway
+(`deploy.gateway`), which forwards their calls and nothing else. Each ClientApp
+call is a fresh process that imports torch, so the runs are as small as they
+can be.
 """
 
 from __future__ import annotations
 
 import csv
+import ipaddress
+import json
 import os
 import signal
 import socket
@@ -22,10 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
 from flwr.supercore.error import ApiErrorCode
 from flwr.supercore.exit import ExitCode
+from flwr.superlink.routers.fleet.router import router as superlink_fleet_router
 
 from deploy.credentials import Credentials, generate_credentials, write_node_key_pair
+from deploy.gateway import FLEET_PATHS
 from deploy.launch import (
     MARKER_ENV,
     WORKDIR_STAMP,
@@ -54,10 +63,47 @@ def _run_config(out: Path, rounds: int, **extra: str) -> list[str]:
 
 
 def _tls_handshake(port: int, context: ssl.SSLContext) -> None:
-    """Complete a TLS handshake with the SuperLink on loopback, verifying its certificate."""
+    """Complete a TLS handshake with a server on loopback, verifying its certificate."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
         with context.wrap_socket(raw, server_hostname="127.0.0.1"):
             pass
+
+
+def _http_status(port: int, ca_cert: Path, request: str) -> int:
+    """Send one raw HTTP/1.1 request over TLS, byte for byte; the reply's status code."""
+    context = ssl.create_default_context(cafile=str(ca_cert))
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as raw:
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            tls.sendall(request.encode())
+            reply = tls.recv(4096)
+    return int(reply.split(b" ", 2)[1])
+
+
+def _listening(pid: int) -> set[tuple[str, int]]:
+    """The (address, port) pairs process `pid` listens on, from /proc/net/tcp{,6}."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:  # closed meanwhile
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:["):-1])
+    found = set()
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                host, port = fields[1].split(":")
+                found.add((_kernel_address(host), int(port, 16)))
+    return found
+
+
+def _kernel_address(hex_address: str) -> str:
+    """An address as /proc/net/tcp writes it (32-bit words in host byte order)."""
+    raw = bytes.fromhex(hex_address)
+    words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+    return str(ipaddress.ip_address(words))
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +117,7 @@ def credentials(tmp_path_factory: pytest.TempPathFactory) -> Credentials:
 
 @dataclass
 class Federation:
-    """A running deployment: 2 registered SuperNodes and one whose key is unknown."""
+    """A running deployment: SuperLink, gateway, 2 registered SuperNodes, 1 unknown one."""
 
     deployment: Deployment
     node_ids: list[int]
@@ -83,11 +129,12 @@ class Federation:
 @pytest.fixture(scope="module")
 def federation(credentials: Credentials,
                tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
-    """One SuperLink shared by the run, refused-node and killed-node tests; stopped after."""
+    """One SuperLink shared by the tests at the end of this file; stopped after them."""
     workdir = tmp_path_factory.mktemp("federation")
     dep = Deployment(workdir, credentials)
     try:
         dep.start_superlink()
+        dep.start_gateway()
         node_ids = dep.register([credentials.node_public_key(i) for i in range(2)])
         nodes = [dep.start_supernode(i, 2) for i in range(2)]
         stranger = dep.start_supernode(2, 2, private_key=credentials.folder / "stranger",
@@ -97,6 +144,8 @@ def federation(credentials: Credentials,
     finally:
         dep.stop()
     assert dep.processes() == [], "processes of the deployment left running"
+    # also none that left the deployment's process tree (a killed node's children)
+    assert processes_with_marker(dep.marker) == [], "processes of the deployment left running"
 
 
 def test_work_folder_is_emptied_for_a_new_deploy_but_not_while_one_runs(tmp_path: Path) -> None:
@@ -126,14 +175,78 @@ def test_foreign_work_folder_is_refused(tmp_path: Path) -> None:
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
+def test_gateway_forwards_exactly_the_superlinks_fleet_routes() -> None:
+    # Prepare / Execute: the routes Flower's SuperLink serves as its Fleet API
+    routes = {(route.path, method) for route in superlink_fleet_router.routes
+              for method in route.methods}
+
+    # Assert: all POST, and the gateway's allow-list is exactly their paths
+    assert routes == {(path, "POST") for path in FLEET_PATHS}
+
+
+# Run by the parent shell below: a deployment that starts its SuperLink and gateway,
+# stops them, and reports what ran before and after.
+_STOP_SCRIPT = """
+import json, sys
+from pathlib import Path
+from deploy.credentials import generate_credentials
+from deploy.launch import Deployment
+work = Path(sys.argv[1])
+with Deployment(work / "wd", generate_credentials(work / "creds", 0)) as dep:
+    dep.start_superlink()
+    dep.start_gateway()
+    started = dep.processes()
+print(json.dumps({"marker": dep.marker, "started": started, "left": dep.processes()}))
+"""
+
+
+def test_stop_spares_the_parent_shell_that_carries_the_marker(tmp_path: Path) -> None:
+    # Prepare: a shell with the deployment's marker in its environment runs the
+    # deployment, as `FEDGAN_DEPLOYMENT_ID=x ./fedgan.sh deploy` does
+    marker = f"test-{os.getpid()}-{time.monotonic_ns()}"
+    env = {**os.environ, MARKER_ENV: marker, "STOP_SCRIPT": _STOP_SCRIPT}
+    command = ["bash", "-c", f'"{sys.executable}" -c "$STOP_SCRIPT" "$0"; '
+                             f'echo "parent survived, deployment exited $?"', str(tmp_path)]
+
+    # Execute
+    shell = subprocess.Popen(command, cwd=REPO_ROOT, env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        output, _ = shell.communicate(timeout=180)
+    finally:
+        if shell.poll() is None:
+            for pid in descendants(shell.pid, process_table()) + [shell.pid]:
+                os.kill(pid, signal.SIGKILL)
+            shell.wait()
+
+    # Assert: the shell lived on after stop(); the deployment's own processes
+    # (SuperLink, its SuperExec, the gateway) ran, then were all gone
+    assert shell.returncode == 0, output[-3000:]
+    assert "parent survived, deployment exited 0" in output, output[-3000:]
+    report = json.loads(next(line for line in output.splitlines() if line.startswith("{")))
+    assert report["marker"] == marker
+    assert len(report["started"]) >= 3, report
+    assert report["left"] == []
+    assert not any(alive(pid) for pid in report["started"])
+    assert processes_with_marker(marker) == []
+
+
 def _kill_when_training(node: SuperNode, killed: threading.Event,
                         timeout: float = 300) -> None:
-    """SIGKILL the SuperNode (by PID) once its ClientApp process is running."""
+    """SIGKILL the SuperNode (by PID) once its ClientApp process runs a train message.
+
+    (A partition query before the round runs a ClientApp too; the node's log
+    holds earlier runs, so only what it logs from now on counts.)
+    """
     deadline = time.monotonic() + timeout
+    logged_before = node.log.stat().st_size
     while time.monotonic() < deadline and node.process.poll() is None:
         table = process_table()
-        if any("flwr-clientapp" in table[pid][1] and alive(pid)
-               for pid in descendants(node.pid, table)):
+        with open(node.log, "rb") as log:
+            log.seek(logged_before)
+            training = b"Receiving: train message" in log.read()
+        if training and any("flwr-clientapp" in table[pid][1] and alive(pid)
+                            for pid in descendants(node.pid, table)):
             os.kill(node.pid, signal.SIGKILL)
             killed.set()
             return
@@ -141,6 +254,7 @@ def _kill_when_training(node: SuperNode, killed: threading.Event,
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_ctrl_c_stops_every_process(tmp_path: Path) -> None:
     # Prepare: the command line a user runs, marked so its processes can be found
     marker = f"test-{os.getpid()}-{time.monotonic_ns()}"
@@ -173,23 +287,143 @@ def test_ctrl_c_stops_every_process(tmp_path: Path) -> None:
     assert processes_with_marker(marker) == []
 
 
-# The three tests below share one SuperLink (module fixture `federation`); they come
+# The tests below share one SuperLink (module fixture `federation`); they come
 # last, so it is stopped right after them and idles beside no other test.
 
 
+def test_superlink_listens_on_loopback_only(federation: Federation) -> None:
+    # Prepare
+    dep = federation.deployment
+    superlink = dep.superlink.pid
+
+    # Execute: what every process of the deployment listens on, as the kernel says
+    listening = {pid: _listening(pid) for pid in dep.processes()}
+
+    # Assert: the SuperLink's one port (Control, Fleet and Runtime APIs) is on
+    # 127.0.0.1 only; SuperNodes are given the gateway's port, which here is on
+    # loopback too (across machines it is the one public port)
+    assert listening[superlink] == {("127.0.0.1", dep.superlink_port)}
+    assert listening[dep.gateway.pid] == {("127.0.0.1", dep.gateway_port)}
+    for pid, addresses in listening.items():
+        assert all(ipaddress.ip_address(host).is_loopback for host, _ in addresses), (
+            pid, addresses)
+
+
+def test_gateway_refuses_everything_but_fleet_calls(federation: Federation,
+                                                    credentials: Credentials) -> None:
+    # Prepare: what a participant could send to the one port it reaches
+    dep = federation.deployment
+    post = "POST {} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+    refused = {
+        "GET /docs": "GET /docs HTTP/1.1\r\nHost: x\r\n\r\n",
+        "GET /openapi.json": "GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n",
+        "GET /health": "GET /health HTTP/1.1\r\nHost: x\r\n\r\n",
+        "control": post.format("/v1/control/list-runs"),
+        "runtime": post.format("/v1/runtime/pull-task-input"),
+        "wrong method": "GET /v1/fleet/get-run HTTP/1.1\r\nHost: x\r\n\r\n",
+        "dot segments": post.format("/v1/fleet/../control/list-runs"),
+        "encoded dots": post.format("/v1/fleet/%2e%2e/control/list-runs"),
+        "query": post.format("/v1/fleet/get-run?x=1"),
+    }
+    fleet = "POST /v1/fleet/get-run HTTP/1.1\r\nHost: x\r\ncontent-type: application/protobuf\r\n"
+
+    # Execute
+    statuses = {name: _http_status(dep.gateway_port, credentials.ca_cert, request)
+                for name, request in refused.items()}
+    too_big = _http_status(dep.gateway_port, credentials.ca_cert,
+                           fleet + "Content-Length: 999999999999\r\n\r\n")
+    no_length = _http_status(dep.gateway_port, credentials.ca_cert,
+                             fleet + "Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+    unsigned = _http_status(dep.gateway_port, credentials.ca_cert,
+                            fleet + "Content-Length: 0\r\n\r\n")
+
+    # Assert: every non-Fleet request refused and logged; bodies bounded; a real
+    # Fleet call reaches the SuperLink, whose node authentication refuses it
+    # unsigned (401 comes from the SuperLink, not from the gateway)
+    assert statuses == dict.fromkeys(refused, 403)
+    assert (too_big, no_length) == (413, 411)
+    assert unsigned == 401
+    log = (dep.workdir / "gateway.log").read_text()
+    for path in ("'/docs'", "'/v1/control/list-runs'", "'/v1/runtime/pull-task-input'",
+                 "'/v1/fleet/../control/list-runs'"):
+        assert f"refused 'POST' {path}" in log or f"refused 'GET' {path}" in log, path
+
+
+_FOREIGN_APP = """
+from pathlib import Path
+
+from flwr.clientapp import ClientApp
+from flwr.serverapp import ServerApp
+
+server = ServerApp()
+client = ClientApp()
+
+
+@server.main()
+def main(grid, context):
+    Path(__file__).with_name("ran-on-the-superlink").write_text("owned")
+"""
+
+
+def _foreign_app(folder: Path) -> Path:
+    """A participant's own Flower app: its ServerApp writes a file when it runs."""
+    (folder / "foreignapp").mkdir(parents=True)
+    (folder / "foreignapp" / "__init__.py").write_text("")
+    (folder / "foreignapp" / "app.py").write_text(_FOREIGN_APP)
+    (folder / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["hatchling"]\nbuild-backend = "hatchling.build"\n\n'
+        '[project]\nname = "foreignapp"\nversion = "1.0.0"\ndependencies = []\n\n'
+        '[tool.hatch.build.targets.wheel]\npackages = ["."]\n\n'
+        '[tool.flwr.app]\npublisher = "participant"\n\n'
+        '[tool.flwr.app.components]\nserverapp = "foreignapp.app:server"\n'
+        'clientapp = "foreignapp.app:client"\n\n[tool.flwr.app.config]\n')
+    return folder
+
+
+def test_a_run_submitted_through_the_gateway_is_refused(federation: Federation,
+                                                        credentials: Credentials,
+                                                        tmp_path: Path) -> None:
+    # Prepare: a participant's `flwr` pointed at the address it can reach, the
+    # gateway (SuperNodes' --superlink), with the federation's CA
+    dep = federation.deployment
+    app = _foreign_app(tmp_path / "app")
+    home = tmp_path / "participant-home"
+    home.mkdir()
+    (home / "config.toml").write_text(
+        f'[superlink.reachable]\naddress = "127.0.0.1:{dep.gateway_port}"\n'
+        f'root-certificates = "{credentials.ca_cert.resolve()}"\n')
+    runs_before = {run["run-id"] for run in dep.list_runs()}
+
+    # Execute
+    submit = subprocess.run([str(dep.bin_dir / "flwr"), "run", str(app), "reachable", "--stream"],
+                            env={**dep.env, "FLWR_HOME": str(home)}, capture_output=True,
+                            text=True, timeout=120)
+
+    # Assert: refused at the gateway with 403; no run on the SuperLink (asked on
+    # its own, loopback, Control API); the app's code ran nowhere
+    output = submit.stdout + submit.stderr
+    assert submit.returncode != 0, output[-3000:]
+    assert "403 Forbidden" in output, output[-3000:]
+    assert {run["run-id"] for run in dep.list_runs()} == runs_before
+    assert "refused 'POST' '/v1/control/start-run'" in (dep.workdir / "gateway.log").read_text()
+    assert not list(tmp_path.rglob("ran-on-the-superlink"))
+
+
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_two_authenticated_supernodes_complete_a_run_over_tls(federation: Federation,
                                                               credentials: Credentials) -> None:
     # Prepare
-    port = federation.deployment.superlink_port
+    dep = federation.deployment
 
-    # Execute
-    result = federation.deployment.run_app(_run_config(federation.outputs, 2), timeout=600)
+    # Execute: the nodes reach the SuperLink only through the gateway
+    result = dep.run_app(_run_config(federation.outputs, 2), timeout=600)
 
-    # Assert: TLS with a certificate of our CA (the system's CAs reject it)
-    _tls_handshake(port, ssl.create_default_context(cafile=str(credentials.ca_cert)))
-    with pytest.raises(ssl.SSLCertVerificationError):
-        _tls_handshake(port, ssl.create_default_context())
+    # Assert: TLS with a certificate of our CA on both ports (the system's CAs reject it)
+    for port in (dep.superlink_port, dep.gateway_port):
+        _tls_handshake(port, ssl.create_default_context(cafile=str(credentials.ca_cert)))
+        with pytest.raises(ssl.SSLCertVerificationError):
+            _tls_handshake(port, ssl.create_default_context())
     # completed, with both registered nodes training in both rounds
     assert result.completed, result.output[-3000:]
     run_dir = federation.outputs / "run"
@@ -204,6 +438,7 @@ def test_two_authenticated_supernodes_complete_a_run_over_tls(federation: Federa
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_supernode_with_unregistered_key_is_refused(federation: Federation) -> None:
     # Prepare: the stranger was started beside the two registered nodes, same flags
     stranger = federation.stranger
@@ -223,9 +458,10 @@ def test_supernode_with_unregistered_key_is_refused(federation: Federation) -> N
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_killed_supernode_is_counted_failed_and_run_finishes(federation: Federation) -> None:
-    # Prepare: node 1 is SIGKILLed while it trains in round 1 (this test comes
-    # last: the federation has one registered node left after it).
+    # Prepare: node 1 is SIGKILLed while it trains in round 1 (the federation has
+    # one registered node left after it).
     # Flower answers for a node that misses its heartbeats (within 2 x 30 s) with
     # an error reply, "Node Unavailable": a failed reply, as long as the round
     # waits that long (round-timeout); a shorter timeout would count it missing.
@@ -247,6 +483,40 @@ def test_killed_supernode_is_counted_failed_and_run_finishes(federation: Federat
     assert float(row["replies-accepted"]) == 1, row
     assert float(row["replies-failed"]) == 1, row
     assert float(row["replies-missing"]) == 0, row
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_supernode_with_trusted_entities_refuses_an_unsigned_app(federation: Federation,
+                                                                tmp_path: Path) -> None:
+    # Prepare: after the killed-node test, node 0 is the one node left; beside it a
+    # registered node that runs only apps signed by a trusted entity (an ed25519
+    # key of the operator's). Flower 1.41's SuperLink signs nothing submitted by
+    # `flwr run .`, the operator's own app included.
+    dep = federation.deployment
+    operator_key = ed25519.Ed25519PrivateKey.generate().public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+    trusted = tmp_path / "trusted-entities.yaml"
+    trusted.write_text(f"fpk_operator: '{operator_key}'\n")
+    write_node_key_pair(tmp_path / "wary", tmp_path / "wary.pub")
+    (wary_id,) = dep.register([tmp_path / "wary.pub"])
+    wary = dep.start_supernode(3, 2, private_key=tmp_path / "wary", partition_id=1,
+                               extra_args=["--trusted-entities", str(trusted)])
+    dep.wait_online([federation.node_ids[0], wary_id], [federation.nodes[0], wary])
+    outputs = federation.outputs / "trusted"
+
+    # Execute: fedgan, submitted as the operator submits it
+    result = dep.run_app(_run_config(outputs, 1), timeout=600)
+
+    # Assert: the wary node refused the unsigned app (an error reply, counted as
+    # failed); node 0 trained and the run completed
+    assert result.completed, result.output[-3000:]
+    (row,) = _read_csv(outputs / "run" / "metrics.csv")
+    assert float(row["replies-accepted"]) == 1, row
+    assert float(row["replies-failed"]) == 1, row
+    log = wary.log.read_text(errors="replace")
+    assert "App verification is not supported by the connected SuperLink" in log, log[-2000:]
+    assert "Received successfully" not in log  # no message content was taken in
 
 
 def _wait_for_text(path: Path, text: str, timeout: float) -> str:
