@@ -16,9 +16,11 @@ front of it on the public address:
 - answers 403 to anything else (the Control and Runtime APIs, ``/docs``, any
   other method or path) and logs the refusal;
 - bounds what it accepts: a request body must state its length
-  (``Content-Length``) and stay under ``--max-body-mb``; a client that stops
-  sending its body is cut off after ``--timeout`` seconds, and so is a
-  SuperLink that does not answer.
+  (``Content-Length``) and stay under ``--max-body-mb``; a client that opens
+  a connection and sends no request, or stops sending its body, is cut off
+  after ``--timeout`` seconds, and so is a SuperLink that does not answer; one
+  client address holds at most ``--max-connections-per-peer`` connections, so
+  one participant cannot take every connection the gateway can hold.
 
 ``python -m deploy.gateway --listen 0.0.0.0:9092 --superlink 127.0.0.1:9093
 --certfile superlink.crt --keyfile superlink.key --root-certificates ca.crt``
@@ -30,6 +32,7 @@ import argparse
 import asyncio
 import logging
 import ssl
+from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -42,6 +45,7 @@ from starlette.background import BackgroundTask
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 # Every call of Flower 1.41's SuperNode (flwr/supernode/fleet_http_client.py), all
 # POST with a protobuf body; tests/test_deploy.py checks this against the routes
@@ -55,7 +59,8 @@ FLEET_PATHS = frozenset(f"/v1/fleet/{name}" for name in (
 # 5 MB); fedgan's largest is far below this.
 DEFAULT_MAX_BODY_MB = 256
 DEFAULT_TIMEOUT = 120.0  # seconds; SuperNodes' own calls time out after 30 s
-MAX_CONNECTIONS = 256  # beyond it, new requests get 503 until some end
+# A SuperNode holds up to 4 at once (its main loop, heartbeats, 2 object transfers).
+DEFAULT_MAX_CONNECTIONS_PER_PEER = 32
 # Connection-level headers, and forwarding headers a client could forge: the
 # gateway sets X-Forwarded-For itself (the SuperLink's uvicorn trusts it from
 # loopback, so its log shows the SuperNode's own address).
@@ -147,7 +152,8 @@ def _refuse(request: Request, status: int, reason: str) -> Response:
 
 def serve(listen: str, superlink: str, certfile: Path, keyfile: Path,
           root_certificates: Path, max_body_bytes: int = DEFAULT_MAX_BODY_MB * 2**20,
-          timeout: float = DEFAULT_TIMEOUT) -> None:
+          timeout: float = DEFAULT_TIMEOUT,
+          max_connections_per_peer: int = DEFAULT_MAX_CONNECTIONS_PER_PEER) -> None:
     """Run the gateway on `listen` ("host:port") until SIGINT or SIGTERM."""
     host, port = _host_port(listen)
     app = create_app(superlink, root_certificates, max_body_bytes, timeout)
@@ -155,12 +161,40 @@ def serve(listen: str, superlink: str, certfile: Path, keyfile: Path,
              superlink)
     uvicorn.Server(uvicorn.Config(
         app, host=host, port=port, ssl_certfile=str(certfile), ssl_keyfile=str(keyfile),
-        http="h11",  # bounds a request's head (16 KiB)
+        # uvicorn's h11 protocol (it bounds a request's head to 16 KiB), limited per peer
+        http=_peer_limited_h11(max_connections_per_peer, timeout),
         proxy_headers=False,  # a client's X-Forwarded-For is never believed
         server_header=False, access_log=False, log_level="warning",
-        limit_concurrency=MAX_CONNECTIONS, timeout_keep_alive=30,
-        timeout_graceful_shutdown=5,
+        timeout_keep_alive=30, timeout_graceful_shutdown=5,
     )).run()
+
+
+def _peer_limited_h11(max_per_peer: int, first_request_timeout: float) -> type[H11Protocol]:
+    """Uvicorn's HTTP/1.1 connection class, at most `max_per_peer` open per client address.
+
+    A connection that sends no request within `first_request_timeout` seconds
+    is closed (uvicorn times out idle connections only between requests).
+    """
+    open_by_peer: Counter[str] = Counter()
+
+    class PeerLimitedH11(H11Protocol):
+        def connection_made(self, transport: asyncio.Transport) -> None:
+            super().connection_made(transport)
+            self.peer = self.client[0] if self.client else "?"
+            open_by_peer[self.peer] += 1
+            if open_by_peer[self.peer] > max_per_peer:
+                log.warning("refused a connection from %s: %d open already", self.peer,
+                            max_per_peer)
+                transport.close()
+            else:
+                self.timeout_keep_alive_task = self.loop.call_later(
+                    first_request_timeout, self.timeout_keep_alive_handler)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            open_by_peer[self.peer] -= 1
+            super().connection_lost(exc)
+
+    return PeerLimitedH11
 
 
 def _host_port(address: str) -> tuple[str, int]:
@@ -193,11 +227,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
                         help="seconds a stalled client or SuperLink is waited for "
                              f"(default: {DEFAULT_TIMEOUT:.0f})")
+    parser.add_argument("--max-connections-per-peer", type=int,
+                        default=DEFAULT_MAX_CONNECTIONS_PER_PEER,
+                        help="connections one client address may hold open "
+                             f"(default: {DEFAULT_MAX_CONNECTIONS_PER_PEER})")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING"],
                         help="DEBUG logs every forwarded call (default: INFO)")
     args = parser.parse_args(argv)
-    if args.max_body_mb <= 0 or args.timeout <= 0:
-        parser.error("--max-body-mb and --timeout must be > 0")
+    if min(args.max_body_mb, args.timeout, args.max_connections_per_peer) <= 0:
+        parser.error("--max-body-mb, --timeout and --max-connections-per-peer must be > 0")
     for name in ("listen", "superlink"):
         try:
             _host_port(getattr(args, name))
@@ -208,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for noisy in ("httpx", "httpcore"):  # one line per forwarded call at INFO
         logging.getLogger(noisy).setLevel(logging.WARNING)
     serve(args.listen, args.superlink, args.certfile, args.keyfile, args.root_certificates,
-          int(args.max_body_mb * 2**20), args.timeout)
+          int(args.max_body_mb * 2**20), args.timeout, args.max_connections_per_peer)
     return 0
 
 

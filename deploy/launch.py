@@ -57,6 +57,7 @@ from pathlib import Path
 from typing import IO
 
 from deploy.credentials import Credentials, generate_credentials
+from deploy.gateway import DEFAULT_MAX_CONNECTIONS_PER_PEER
 from fedgan_app.local_superlink import alive, descendants, process_table
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -182,7 +183,8 @@ class Deployment:
         self.echo(f"SuperLink up on 127.0.0.1:{self.superlink_port} (loopback only; TLS, "
                   f"node auth; pid {self.superlink.pid})")
 
-    def start_gateway(self, timeout: float = 60) -> None:
+    def start_gateway(self, timeout: float = 60,
+                      max_connections_per_peer: int = DEFAULT_MAX_CONNECTIONS_PER_PEER) -> None:
         """Start the Fleet gateway before the SuperLink; return once it accepts TLS."""
         if self.superlink_port is None:
             raise DeploymentError("start the SuperLink before its gateway")
@@ -194,6 +196,7 @@ class Deployment:
             "--superlink", f"127.0.0.1:{self.superlink_port}",
             "--certfile", str(creds.server_cert), "--keyfile", str(creds.server_key),
             "--root-certificates", str(creds.ca_cert),
+            "--max-connections-per-peer", str(max_connections_per_peer),
         ]
         # From this repository, where the `deploy` package lives.
         log = self.workdir / "gateway.log"
@@ -671,7 +674,9 @@ def deploy(num_nodes: int, run_config: Sequence[str], workdir: Path = DEFAULT_WO
         echo(f"credentials for {num_nodes} SuperNodes in {creds.folder}")
         with Deployment(workdir, creds, echo=echo) as dep:
             dep.start_superlink()
-            dep.start_gateway()
+            # Every node connects from 127.0.0.1 here: one peer, up to 4 connections each.
+            dep.start_gateway(max_connections_per_peer=max(DEFAULT_MAX_CONNECTIONS_PER_PEER,
+                                                           8 * num_nodes))
             node_ids = dep.register([creds.node_public_key(i) for i in range(num_nodes)])
             nodes = [dep.start_supernode(i, num_nodes) for i in range(num_nodes)]
             dep.wait_online(node_ids, nodes)

@@ -42,6 +42,7 @@ from deploy.launch import (
     DeploymentError,
     SuperNode,
     claim_workdir,
+    free_port,
     processes_with_marker,
 )
 from tests.flwr_local import REPO_ROOT, alive, descendants, process_table
@@ -182,6 +183,63 @@ def test_gateway_forwards_exactly_the_superlinks_fleet_routes() -> None:
 
     # Assert: all POST, and the gateway's allow-list is exactly their paths
     assert routes == {(path, "POST") for path in FLEET_PATHS}
+
+
+def _closed_by_server(conn: ssl.SSLSocket, within: float) -> bool:
+    """Whether the server closes the connection within `within` seconds (no data sent)."""
+    conn.settimeout(within)
+    try:
+        return conn.recv(1) == b""
+    except (ssl.SSLEOFError, ConnectionResetError):
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_gateway_bounds_the_connections_of_one_peer(credentials: Credentials,
+                                                    tmp_path: Path) -> None:
+    # Prepare: a gateway allowing 2 connections per client address, each to start
+    # its first request within 2 s (it forwards nothing here: no SuperLink needed)
+    port, log = free_port(), tmp_path / "gateway.log"
+    command = [sys.executable, "-m", "deploy.gateway", "--listen", f"127.0.0.1:{port}",
+               "--superlink", "127.0.0.1:9", "--certfile", str(credentials.server_cert),
+               "--keyfile", str(credentials.server_key),
+               "--root-certificates", str(credentials.ca_cert),
+               "--max-connections-per-peer", "2", "--timeout", "2"]
+    context = ssl.create_default_context(cafile=str(credentials.ca_cert))
+    with open(log, "wb") as out:
+        gateway = subprocess.Popen(command, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT)
+    conns: list[ssl.SSLSocket] = []
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                _tls_handshake(port, context)
+                break
+            except OSError:
+                assert gateway.poll() is None and time.monotonic() < deadline, log.read_text()
+                time.sleep(0.2)
+        time.sleep(0.5)  # the probe's connection is closed on the gateway's side too
+
+        # Execute: one peer opens 3 connections and sends nothing
+        for _ in range(3):
+            raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+            conns.append(context.wrap_socket(raw, server_hostname="127.0.0.1"))
+        third_closed = _closed_by_server(conns[2], within=1)
+        first_open_at_once = not _closed_by_server(conns[0], within=0.5)
+        started = time.monotonic()
+        first_closed = _closed_by_server(conns[0], within=10)
+        waited = time.monotonic() - started
+    finally:
+        for conn in conns:
+            conn.close()
+        gateway.terminate()
+        gateway.wait(timeout=30)
+
+    # Assert: the third was closed at once, the first after its 2 s without a request
+    assert third_closed
+    assert first_open_at_once and first_closed and waited < 5, waited
+    assert "refused a connection from 127.0.0.1: 2 open already" in log.read_text()
 
 
 # Run by the parent shell below: a deployment that starts its SuperLink and gateway,
