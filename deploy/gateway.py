@@ -33,7 +33,7 @@ import asyncio
 import logging
 import ssl
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -45,6 +45,7 @@ from starlette.background import BackgroundTask
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 # Every call of Flower 1.41's SuperNode (flwr/supernode/fleet_http_client.py), all
@@ -101,7 +102,8 @@ def create_app(superlink: str, root_certificates: Path,
         if int(length) > max_body_bytes:
             return _refuse(request, 413, f"body of {length} bytes over {max_body_bytes}")
         headers = [(k, v) for k, v in request.headers.items() if k not in _DROPPED_HEADERS]
-        headers += [("x-forwarded-for", _peer(request)), ("x-forwarded-proto", "https")]
+        peer_host = request.client.host if request.client else ""
+        headers += [("x-forwarded-for", peer_host), ("x-forwarded-proto", "https")]
         client: httpx.AsyncClient = request.app.state.client
         outgoing = client.build_request("POST", path, headers=headers,
                                         content=_body(request, timeout))
@@ -116,9 +118,23 @@ def create_app(superlink: str, root_certificates: Path,
             headers={k: v for k, v in reply.headers.items() if k not in _DROPPED_HEADERS},
             background=BackgroundTask(reply.aclose))
 
-    methods = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
-    return Starlette(routes=[Route("/{path:path}", forward, methods=methods)],
-                     lifespan=lifespan)
+    return Starlette(routes=[Route("/{path:path}", _EveryMethod(forward))], lifespan=lifespan)
+
+
+class _EveryMethod:
+    """An ASGI app answering every request with `handler(request)`, whatever its method.
+
+    (Starlette routes a plain function for GET only, and answers other methods
+    405 itself, unlogged.)
+    """
+
+    def __init__(self, handler: Callable[[Request], Awaitable[Response]]) -> None:
+        self.handler = handler
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Build the request, call the handler, send its response."""
+        response = await self.handler(Request(scope, receive))
+        await response(scope, receive, send)
 
 
 async def _body(request: Request, idle_timeout: float) -> AsyncIterator[bytes]:

@@ -196,52 +196,6 @@ def _closed_by_server(conn: ssl.SSLSocket, within: float) -> bool:
         return False
 
 
-def test_gateway_bounds_the_connections_of_one_peer(credentials: Credentials,
-                                                    tmp_path: Path) -> None:
-    # Prepare: a gateway allowing 2 connections per client address, each to start
-    # its first request within 2 s (it forwards nothing here: no SuperLink needed)
-    port, log = free_port(), tmp_path / "gateway.log"
-    command = [sys.executable, "-m", "deploy.gateway", "--listen", f"127.0.0.1:{port}",
-               "--superlink", "127.0.0.1:9", "--certfile", str(credentials.server_cert),
-               "--keyfile", str(credentials.server_key),
-               "--root-certificates", str(credentials.ca_cert),
-               "--max-connections-per-peer", "2", "--timeout", "2"]
-    context = ssl.create_default_context(cafile=str(credentials.ca_cert))
-    with open(log, "wb") as out:
-        gateway = subprocess.Popen(command, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT)
-    conns: list[ssl.SSLSocket] = []
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                _tls_handshake(port, context)
-                break
-            except OSError:
-                assert gateway.poll() is None and time.monotonic() < deadline, log.read_text()
-                time.sleep(0.2)
-        time.sleep(0.5)  # the probe's connection is closed on the gateway's side too
-
-        # Execute: one peer opens 3 connections and sends nothing
-        for _ in range(3):
-            raw = socket.create_connection(("127.0.0.1", port), timeout=10)
-            conns.append(context.wrap_socket(raw, server_hostname="127.0.0.1"))
-        third_closed = _closed_by_server(conns[2], within=1)
-        first_open_at_once = not _closed_by_server(conns[0], within=0.5)
-        started = time.monotonic()
-        first_closed = _closed_by_server(conns[0], within=10)
-        waited = time.monotonic() - started
-    finally:
-        for conn in conns:
-            conn.close()
-        gateway.terminate()
-        gateway.wait(timeout=30)
-
-    # Assert: the third was closed at once, the first after its 2 s without a request
-    assert third_closed
-    assert first_open_at_once and first_closed and waited < 5, waited
-    assert "refused a connection from 127.0.0.1: 2 open already" in log.read_text()
-
-
 # Run by the parent shell below: a deployment that starts its SuperLink and gateway,
 # stops them, and reports what ran before and after.
 _STOP_SCRIPT = """
@@ -379,6 +333,7 @@ def test_gateway_refuses_everything_but_fleet_calls(federation: Federation,
         "control": post.format("/v1/control/list-runs"),
         "runtime": post.format("/v1/runtime/pull-task-input"),
         "wrong method": "GET /v1/fleet/get-run HTTP/1.1\r\nHost: x\r\n\r\n",
+        "odd method": "PROPFIND /v1/control/list-runs HTTP/1.1\r\nHost: x\r\n\r\n",
         "dot segments": post.format("/v1/fleet/../control/list-runs"),
         "encoded dots": post.format("/v1/fleet/%2e%2e/control/list-runs"),
         "query": post.format("/v1/fleet/get-run?x=1"),
@@ -405,6 +360,67 @@ def test_gateway_refuses_everything_but_fleet_calls(federation: Federation,
     for path in ("'/docs'", "'/v1/control/list-runs'", "'/v1/runtime/pull-task-input'",
                  "'/v1/fleet/../control/list-runs'"):
         assert f"refused 'POST' {path}" in log or f"refused 'GET' {path}" in log, path
+    assert "refused 'PROPFIND' '/v1/control/list-runs'" in log
+
+
+def test_gateway_bounds_one_peers_connections_and_stalls(federation: Federation,
+                                                        credentials: Credentials,
+                                                        tmp_path: Path) -> None:
+    # Prepare: a second gateway in front of the SuperLink, allowing 2 connections
+    # per client address and 2 s of silence (before a request, within a body)
+    port, log = free_port(), tmp_path / "gateway.log"
+    command = [sys.executable, "-m", "deploy.gateway", "--listen", f"127.0.0.1:{port}",
+               "--superlink", f"127.0.0.1:{federation.deployment.superlink_port}",
+               "--certfile", str(credentials.server_cert),
+               "--keyfile", str(credentials.server_key),
+               "--root-certificates", str(credentials.ca_cert),
+               "--max-connections-per-peer", "2", "--timeout", "2"]
+    context = ssl.create_default_context(cafile=str(credentials.ca_cert))
+    with open(log, "wb") as out:
+        gateway = subprocess.Popen(command, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT)
+    conns: list[ssl.SSLSocket] = []
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                _tls_handshake(port, context)
+                break
+            except OSError:
+                assert gateway.poll() is None and time.monotonic() < deadline, log.read_text()
+                time.sleep(0.2)
+        time.sleep(0.5)  # the probe's connection is closed on the gateway's side too
+
+        # Execute: one peer opens 3 connections and sends nothing...
+        for _ in range(3):
+            raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+            conns.append(context.wrap_socket(raw, server_hostname="127.0.0.1"))
+        third_closed = _closed_by_server(conns[2], within=1)
+        first_open_at_once = not _closed_by_server(conns[0], within=0.5)
+        started = time.monotonic()
+        first_closed = _closed_by_server(conns[0], within=10)
+        silent_for = time.monotonic() - started
+        for conn in conns:
+            conn.close()
+        time.sleep(0.5)
+        # ... then starts a Fleet call and stops sending its body
+        started = time.monotonic()
+        stalled = _http_status(port, credentials.ca_cert,
+                               "POST /v1/fleet/get-run HTTP/1.1\r\nHost: x\r\n"
+                               "content-type: application/protobuf\r\n"
+                               "Content-Length: 100\r\n\r\n" + "x" * 10)
+        stalled_for = time.monotonic() - started
+    finally:
+        for conn in conns:
+            conn.close()
+        gateway.terminate()
+        gateway.wait(timeout=30)
+
+    # Assert: the third connection was closed at once, the first after 2 s without
+    # a request; the stalled call was given up after 2 s (502: nothing forwarded)
+    assert third_closed
+    assert first_open_at_once and first_closed and silent_for < 5, silent_for
+    assert "refused a connection from 127.0.0.1: 2 open already" in log.read_text()
+    assert stalled == 502 and 1.5 < stalled_for < 6, (stalled, stalled_for)
 
 
 _FOREIGN_APP = """
