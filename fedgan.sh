@@ -4,8 +4,8 @@
 #   ./fedgan.sh run [flwr run options]   train (default: 5 clients), then stop the SuperLink
 #   ./fedgan.sh deploy [N] [--run-config "k=v ..."]
 #                                        the same on Flower's Deployment Engine: a SuperLink
-#                                        and N SuperNodes (default 2) as separate processes
-#                                        on this machine, over TLS with node authentication
+#                                        on loopback, its Fleet gateway and N SuperNodes
+#                                        (default 2) as processes here; docs/deployment.md
 #   ./fedgan.sh test [pytest options]    run the test suite
 #   ./fedgan.sh stop                     stop the local SuperLink fedgan.sh started
 #   ./fedgan.sh federation               print the --federation-config `run` uses here
@@ -19,8 +19,8 @@
 # off (it would otherwise reinstall torch into a per-run environment), and it
 # stops that SuperLink when the run ends, even on Ctrl-C. `stop` stops only
 # that SuperLink (found by its own control port), never another one. `deploy`
-# (deploy/launch.py) keeps its certificates, Flower homes and logs in .deploy/
-# and stops every process it started when the run ends, even on Ctrl-C.
+# (deploy/launch.py) keeps its certificates, Flower homes and logs in .deploy/;
+# it stops what it started (and their descendants) by PID at the end, even on Ctrl-C.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
