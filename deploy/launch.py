@@ -185,7 +185,7 @@ class Deployment:
 
     def start_gateway(self, timeout: float = 60,
                       max_connections_per_peer: int = DEFAULT_MAX_CONNECTIONS_PER_PEER) -> None:
-        """Start the Fleet gateway before the SuperLink; return once it accepts TLS."""
+        """Start the Fleet gateway in front of the SuperLink; return once it accepts TLS."""
         if self.superlink_port is None:
             raise DeploymentError("start the SuperLink before its gateway")
         self.gateway_port = free_port()
