@@ -244,15 +244,15 @@ def test_stop_spares_the_parent_shell_that_carries_the_marker(tmp_path: Path) ->
 
 
 def _kill_when_training(node: SuperNode, killed: threading.Event,
-                        timeout: float = 300) -> None:
+                        run_over: threading.Event) -> None:
     """SIGKILL the SuperNode (by PID) once its ClientApp process runs a train message.
 
     (A partition query before the round runs a ClientApp too; the node's log
-    holds earlier runs, so only what it logs from now on counts.)
+    holds earlier runs, so only what it logs from now on counts.) Gives up
+    when the run is over.
     """
-    deadline = time.monotonic() + timeout
     logged_before = node.log.stat().st_size
-    while time.monotonic() < deadline and node.process.poll() is None:
+    while not run_over.is_set() and node.process.poll() is None:
         table = process_table()
         with open(node.log, "rb") as log:
             log.seek(logged_before)
@@ -541,14 +541,17 @@ def test_killed_supernode_is_counted_failed_and_run_finishes(federation: Federat
     # waits that long (round-timeout); a shorter timeout would count it missing.
     node = federation.nodes[1]
     outputs = federation.outputs / "killed"
-    killed = threading.Event()
-    killer = threading.Thread(target=_kill_when_training, args=(node, killed))
+    killed, run_over = threading.Event(), threading.Event()
+    killer = threading.Thread(target=_kill_when_training, args=(node, killed, run_over))
     killer.start()
 
     # Execute
-    result = federation.deployment.run_app(
-        _run_config(outputs, 1, **{"round-timeout": "300"}), timeout=600)
-    killer.join()
+    try:
+        result = federation.deployment.run_app(
+            _run_config(outputs, 1, **{"round-timeout": "300"}), timeout=600)
+    finally:
+        run_over.set()
+        killer.join()
 
     # Assert: the kill happened mid-run, the run completed, the failure is counted
     assert killed.is_set() and node.process.wait(timeout=30) == -signal.SIGKILL
