@@ -116,7 +116,7 @@ federation_config() {
   # One client per core at a time on CPUs (all of a round's at once sharing the GPUs
   # nvidia-smi lists), the cores shared by threads (client-threads = 0), so the lone
   # client of a last wave takes every core. fedgan_app/cores.py says how.
-  "$VENV/bin/python" -m fedgan_app.cores "${FEDGAN_CLIENTS:-5}"
+  "$VENV/bin/python" -m fedgan_app.federation.cores "${FEDGAN_CLIENTS:-5}"
 }
 
 stop() {
@@ -136,6 +136,6 @@ case "${1:-}" in
   deploy) shift; setup; exec "$VENV/bin/python" -m deploy.launch "$@" ;;
   test) shift; setup; exec "$VENV/bin/python" -m pytest "$@" ;;
   # exec: Ctrl-C goes straight to the server, which stops cleanly.
-  dashboard) shift; setup; exec "$VENV/bin/python" -m fedgan_app.dashboard "$@" ;;
+  dashboard) shift; setup; exec "$VENV/bin/python" -m fedgan_app.outputs.dashboard "$@" ;;
   *) sed -n '2,22p' "$0"; exit 2 ;;
 esac

@@ -5,7 +5,7 @@ Run by hand from the repository root, alone on the machine:
     .venv/bin/python benchmarks/attacks.py
 
 Every shape of harness/attacks.py is decoded by the server's decoder
-(`fedgan_app.metadata.decode_metadata`) in a child process of its own, under a
+(`fedgan_app.protocol.metadata.decode_metadata`) in a child process of its own, under a
 2 GiB address-space limit and a 60 s timeout, so a shape that hangs or floods
 shows up as such instead of stopping the benchmark. Each shape is decoded
 `--repeats` times for the median time, then once more under tracemalloc for
@@ -42,7 +42,7 @@ def measure(index: int, repeats: int) -> dict:
     """Decode attack `index` `repeats` times, then once under tracemalloc."""
     from flwr.app import ConfigRecord
 
-    from fedgan_app.metadata import METADATA_KEY, MetadataError, decode_metadata
+    from fedgan_app.protocol.metadata import METADATA_KEY, MetadataError, decode_metadata
     from harness.attacks import ATTACKS
 
     attack = ATTACKS[index]

@@ -1,7 +1,7 @@
 """Shared pieces of the hand-run benchmarks: machine header, in-process runs, job pool.
 
 Every benchmark that trains runs the real ServerApp `main` with the real
-ClientApp on an in-process grid (fedgan_app.inprocess), so it trains and scores
+ClientApp on an in-process grid (harness.inprocess), so it trains and scores
 exactly as the app does. Jobs run in separate single-thread processes (two
 one-thread processes beat one two-thread process on these machines), and
 their results accumulate in a JSON file, so an interrupted benchmark continues
@@ -79,9 +79,9 @@ def run_in_process(run_config: dict[str, Any], num_nodes: int,
 
     `grid_options` go to InProcessGrid (e.g. partition_ids, num_partitions).
     """
-    from fedgan_app import client_app
-    from fedgan_app.inprocess import InProcessGrid, server_context
+    from fedgan_app.federation import client_app
     from fedgan_app.server_app import main
+    from harness.inprocess import InProcessGrid, server_context
 
     grid = InProcessGrid(client_app.app, num_nodes=num_nodes, run_config=run_config,
                          **grid_options)

@@ -7,7 +7,7 @@ Run by hand from the repository root, alone on the machine:
     .venv/bin/python benchmarks/quality.py --quick               # smoke run (tiny budget)
 
 Every row is the app itself (the real ServerApp and ClientApps in process,
-fedgan_app.inprocess) with its default recipe, so no row can drift from what
+harness.inprocess) with its default recipe, so no row can drift from what
 `flwr run` trains; only the federation differs:
 
 * centralized: one node that holds the pooled training data (the 4,000

@@ -8,7 +8,7 @@ Run by hand from the repository root, alone on the machine:
 
 Every candidate is a set of the app's own settings (see the README's settings
 table) on top of the defaults, run as the default run is: 5 clients, iid, the
-real ServerApp and ClientApps in process (fedgan_app.inprocess), scored by the
+real ServerApp and ClientApps in process (harness.inprocess), scored by the
 app's quality judge every quarter of the budget. Every candidate sees the same
 number of images in all (rounds x 5 clients x local steps x batch), so the
 table compares quality per image; the wall column tells quality per second.

@@ -50,9 +50,9 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 import torch  # noqa: E402
 from flwr.app import ArrayRecord, Message  # noqa: E402
 
-from fedgan_app import client_app  # noqa: E402
-from fedgan_app.inprocess import InProcessGrid, server_context  # noqa: E402
+from fedgan_app.federation import client_app  # noqa: E402
 from fedgan_app.server_app import main  # noqa: E402
+from harness.inprocess import InProcessGrid, server_context  # noqa: E402
 
 NUM_NODES = 5
 ATTACKER_NODE = 105  # InProcessGrid numbers nodes 101.. ; partition id 4

@@ -6,8 +6,8 @@ Run by hand from the repository root, alone on the machine:
     .venv/bin/python benchmarks/strategies.py --quick     # smoke run, 8 tiny runs
 
 Every run is the real ServerApp `main` with the real ClientApp on an in-process
-grid of 5 nodes (fedgan_app.inprocess), with the app's own quality judge
-(fedgan_app.quality), so every rule sees exactly the replies FedGAN's checks let
+grid of 5 nodes (harness.inprocess), with the app's own quality judge
+(fedgan_app.quality.judge), so every rule sees exactly the replies FedGAN's checks let
 through and is scored as the app scores it. The update-norm screen is off
 (``max-update-norm-ratio`` 0) so each row shows what the rule does on its own,
 except the "fedavg + norm screen" rows. Two tables:
@@ -59,13 +59,13 @@ import torch  # noqa: E402
 
 from benchmarks.common import results_file, run_jobs, spread  # noqa: E402
 from benchmarks.robustness import AttackGrid, make_tamper  # noqa: E402
-from fedgan_app import client_app  # noqa: E402
 from fedgan_app.config import SETTINGS_BY_KEY, STRATEGIES, RunConfig  # noqa: E402
-from fedgan_app.data import load_server_split, partition_spec  # noqa: E402
-from fedgan_app.inprocess import server_context  # noqa: E402
-from fedgan_app.models import GANConfig, build_gan  # noqa: E402
-from fedgan_app.quality import QualityJudge  # noqa: E402
+from fedgan_app.data.prepared import load_server_split, partition_spec  # noqa: E402
+from fedgan_app.federation import client_app  # noqa: E402
+from fedgan_app.gan.models import GANConfig, build_gan  # noqa: E402
+from fedgan_app.quality.judge import QualityJudge  # noqa: E402
 from fedgan_app.server_app import main  # noqa: E402
+from harness.inprocess import server_context  # noqa: E402
 
 NUM_NODES = 5
 DEVICE = torch.device("cpu")

@@ -53,7 +53,7 @@ from benchmarks.common import (  # noqa: E402
     quiet_environment,
     read_rows,
 )
-from fedgan_app.cores import simulation_resources, visible_gpus  # noqa: E402
+from fedgan_app.federation.cores import simulation_resources, visible_gpus  # noqa: E402
 
 PARTS = ("step", "limit", "federation", "layouts", "scale")
 STEP_BLOCK = 20  # steps per timed block
@@ -69,9 +69,10 @@ def _models_and_data(settings: dict[str, Any], batch: int, channels_last: bool
     import torch
 
     from fedgan_app.config import RunConfig
-    from fedgan_app.data import batch_iterator, load_partition, partition_spec
-    from fedgan_app.models import build_gan, gan_config
-    from fedgan_app.training import make_optimizers, to_channels_last
+    from fedgan_app.data.prepared import batch_iterator, load_partition
+    from fedgan_app.data.spec import partition_spec
+    from fedgan_app.gan.models import build_gan, gan_config
+    from fedgan_app.gan.training import make_optimizers, to_channels_last
 
     cfg = RunConfig.defaults(**{k.replace("-", "_"): v for k, v in settings.items()})
     data = load_partition(partition_spec(cfg, 5), 0)
@@ -160,7 +161,7 @@ def _step_runner(variant: str, settings: dict[str, Any], batch: int
 
     import torch
 
-    from fedgan_app.training import StepRecipe, train_gan
+    from fedgan_app.gan.training import StepRecipe, train_gan
 
     on = set(SPEEDUPS) if variant == "bf16" else (
         set(SPEEDUPS[:SPEEDUPS.index(variant) + 1]) if variant in SPEEDUPS else set())

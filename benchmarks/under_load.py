@@ -43,7 +43,7 @@ from benchmarks.common import (  # noqa: E402
     quiet_environment,
 )
 from benchmarks.throughput import FEDERATION_CLIENTS, run_federation  # noqa: E402
-from fedgan_app.cores import simulation_resources, visible_gpus  # noqa: E402
+from fedgan_app.federation.cores import simulation_resources, visible_gpus  # noqa: E402
 
 HOG = "import os, sys\nos.sched_setaffinity(0, {int(sys.argv[1])})\nwhile True:\n    pass\n"
 OUT = RUNS_DIR / "under-load"

@@ -58,7 +58,7 @@ DIFFAUGMENT_POLICIES = ("none", "translation", "cutout", "translation,cutout",
                         "color,translation,cutout")
 BATCHNORM_POLICIES = ("average", "local")
 CONDITIONINGS = ("acgan", "projection")
-# Flower's strategies behind FedGAN's reply checks (fedgan_app.strategy builds them).
+# Flower's strategies behind FedGAN's reply checks (fedgan_app.federation.fedgan builds them).
 STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedadagrad", "fedyogi",
               "median", "trimmed-mean", "krum", "multikrum", "bulyan")
 # Keys that were removed, and the key that replaced each.
@@ -69,7 +69,7 @@ WANDB_MODES = ("offline", "online", "disabled")
 WEIGHT_CHECKS = ("partition-size", "cap")
 DEVICES = ("auto", "cpu", "cuda")
 # Longest round: a client reports one loss per step, and the server's metadata
-# decoder (fedgan_app.metadata) bounds its work by this many steps.
+# decoder (fedgan_app.protocol.metadata) bounds its work by this many steps.
 MAX_LOCAL_STEPS = 20_000
 
 SETTINGS: tuple[Setting, ...] = (

@@ -9,7 +9,7 @@ G is rebuilt from the checkpoint alone: its settings come from the run's own
 config stored in the checkpoint, and the image shape and number of classes
 from the shapes of G's weights (no data is loaded). Its BatchNorm statistics
 are recomputed from noise, as the server does before it samples
-(`fedgan_app.quality.generator_from`). The server-side EMA generator is
+(`fedgan_app.quality.judge.generator_from`). The server-side EMA generator is
 sampled when the checkpoint holds one (``--raw`` picks the raw global G).
 
 With the defaults (64 images, the run's seed) the grid is the one the run
@@ -29,10 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedgan_app.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from fedgan_app.config import SETTINGS_BY_KEY, ConfigError, RunConfig
 from fedgan_app.files import atomic_write
-from fedgan_app.models import (
+from fedgan_app.gan.models import (
     G_PREFIX,
     GANConfig,
     Generator,
@@ -40,14 +39,15 @@ from fedgan_app.models import (
     gan_config,
     pick_device,
 )
-from fedgan_app.quality import (
+from fedgan_app.gan.training import derive_seed, sample_images
+from fedgan_app.outputs.checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from fedgan_app.outputs.tracking import make_grid
+from fedgan_app.quality.judge import (
     GRID_COLUMNS,
     GRID_NOISE_STREAM,
     balanced_labels,
     generator_from,
 )
-from fedgan_app.tracking import make_grid
-from fedgan_app.training import derive_seed, sample_images
 
 # The image sizes the DCGAN can be built for (models.GANConfig): the candidates
 # tried against a checkpoint's weights.

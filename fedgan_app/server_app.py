@@ -11,8 +11,10 @@ from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from fedgan_app.config import RunConfig
-from fedgan_app.data import load_server_split, partition_label_counts, partition_spec
-from fedgan_app.models import (
+from fedgan_app.data.prepared import load_server_split, partition_label_counts
+from fedgan_app.data.spec import partition_spec
+from fedgan_app.federation.fedgan import FedGAN, check_federation, make_inner_strategy
+from fedgan_app.gan.models import (
     GANConfig,
     Generator,
     buffer_keys,
@@ -21,7 +23,8 @@ from fedgan_app.models import (
     pack_gan,
     pick_device,
 )
-from fedgan_app.quality import (
+from fedgan_app.outputs.recorder import Recorder, load_resume, resume_arrays, run_folder
+from fedgan_app.quality.judge import (
     QualityJudge,
     class_grid,
     generator_from,
@@ -29,8 +32,6 @@ from fedgan_app.quality import (
     sample_grid,
     update_ema,
 )
-from fedgan_app.recorder import Recorder, load_resume, resume_arrays, run_folder
-from fedgan_app.strategy import FedGAN, check_federation, make_inner_strategy
 
 app = ServerApp()
 

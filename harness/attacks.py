@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from fedgan_app.metadata import PROTOCOL, TrainMetadata
+from fedgan_app.protocol.metadata import PROTOCOL, TrainMetadata
 
 
 @dataclass(frozen=True)

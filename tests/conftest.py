@@ -15,7 +15,7 @@ import pytest
 # Set before torch is imported (it sizes its thread pool once).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from fedgan_app.inprocess import set_task_identity  # noqa: E402  (after the thread count)
+from harness.inprocess import set_task_identity  # noqa: E402  (after the thread count)
 
 # Quiet network probes and W&B in every test process.
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedgan_app.tracking import make_grid
+from fedgan_app.outputs.tracking import make_grid
 
 CLIENT_COLUMNS = [
     "round", "node-id", "partition-id", "num-examples", "steps", "loss-d", "loss-g",
@@ -120,7 +120,7 @@ def _write_csv(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> No
 _HOLDER = """
 import sys
 from fedgan_app.config import RunConfig
-from fedgan_app.recorder import Recorder, run_folder
+from fedgan_app.outputs.recorder import Recorder, run_folder
 cfg = RunConfig.defaults(output_dir=sys.argv[1], run_name=sys.argv[2], wandb_mode="disabled")
 recorder = Recorder(cfg, run_folder(cfg, None))
 recorder.open()

@@ -1,4 +1,4 @@
-"""Tests for fedgan_app.animate: GIFs drawn from real run folders (contract CSVs and a real run)."""
+"""fedgan_app.outputs.animation: GIFs drawn from real run folders (contract CSVs, a real run)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 
-from fedgan_app import animate
-from fedgan_app import client_app as client_module
-from fedgan_app import dashboard as dashboard_module
 from fedgan_app import server_app as server_module
-from fedgan_app.animate import (
+from fedgan_app.federation import client_app as client_module
+from fedgan_app.outputs import animation as animate
+from fedgan_app.outputs import dashboard as dashboard_module
+from fedgan_app.outputs.animation import (
     DIAGRAM_BOX,
     DROP_COLOR,
     FRAMES_PER_ROUND,
@@ -23,8 +23,8 @@ from fedgan_app.animate import (
     load_run,
     render_federation_gif,
 )
-from fedgan_app.inprocess import InProcessGrid, server_context
-from fedgan_app.tracking import LocalFiles
+from fedgan_app.outputs.tracking import LocalFiles
+from harness.inprocess import InProcessGrid, server_context
 from tests.run_folder import HISTOGRAMS, NORM_REASON, sample_grid, write_contract_run
 
 UPLOAD = sum(n for phase, n in PHASES[: [p for p, _ in PHASES].index("upload")])

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedgan_app.checkpoint import (
+from fedgan_app.outputs.checkpoint import (
     FORMAT,
     MAX_CHECKPOINT_BYTES,
     VERSION,

@@ -13,7 +13,7 @@ import pytest
 from flwr.common.config import parse_config_args
 from flwr.supercore.utils import simulation_config_from_json
 
-from fedgan_app.cores import (
+from fedgan_app.federation.cores import (
     BusyMeter,
     CoreShare,
     federation_config,
@@ -25,7 +25,7 @@ from fedgan_app.cores import (
 OTHER_CLIENT = """
 import sys, time
 from pathlib import Path
-from fedgan_app.cores import CoreShare
+from fedgan_app.federation.cores import CoreShare
 with CoreShare("run-1", cores=4, root=Path(sys.argv[1])) as share:
     print("registered", flush=True)
     time.sleep(60)

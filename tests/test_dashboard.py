@@ -1,4 +1,4 @@
-"""Tests for fedgan_app.dashboard: the page of real run folders, its server, a real browser."""
+"""fedgan_app.outputs.dashboard: the page of real run folders, its server, a real browser."""
 
 from __future__ import annotations
 
@@ -24,9 +24,9 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 
-from fedgan_app import client_app as client_module
-from fedgan_app.animate import FRAMES_PER_ROUND
-from fedgan_app.dashboard import (
+from fedgan_app.federation import client_app as client_module
+from fedgan_app.outputs.animation import FRAMES_PER_ROUND
+from fedgan_app.outputs.dashboard import (
     GRID_SCALE,
     PAGE,
     STATE,
@@ -36,8 +36,8 @@ from fedgan_app.dashboard import (
     serve,
     write_page,
 )
-from fedgan_app.inprocess import InProcessGrid, server_context
 from fedgan_app.server_app import main as server_main
+from harness.inprocess import InProcessGrid, server_context
 from tests.run_folder import NORM_REASON, sample_grid, write_contract_run
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -321,7 +321,7 @@ def test_server_answers_get_and_head_only(served: Any) -> None:
 def test_cli_serves_a_run_prints_the_url_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     # Prepare: a finished run without a page yet (the command writes it)
     run_dir = write_contract_run(tmp_path / "run", rounds=2)
-    command = [sys.executable, "-m", "fedgan_app.dashboard", str(run_dir), "--port", "0",
+    command = [sys.executable, "-m", "fedgan_app.outputs.dashboard", str(run_dir), "--port", "0",
                "--no-open"]
 
     # Execute

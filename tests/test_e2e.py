@@ -10,7 +10,7 @@ from pathlib import Path
 import imageio.v3 as iio
 import pytest
 
-from fedgan_app.checkpoint import load_checkpoint
+from fedgan_app.outputs.checkpoint import load_checkpoint
 from tests.flwr_local import LocalFlower
 
 pytestmark = pytest.mark.e2e

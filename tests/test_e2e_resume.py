@@ -19,7 +19,7 @@ from pathlib import Path
 import imageio.v3 as iio
 import pytest
 
-from fedgan_app.checkpoint import CheckpointError, load_checkpoint
+from fedgan_app.outputs.checkpoint import CheckpointError, load_checkpoint
 from tests.flwr_local import LocalFlower, alive, descendants, process_table
 
 pytestmark = pytest.mark.e2e

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from fedgan_app.checkpoint import load_checkpoint
 from fedgan_app.config import STRATEGIES
+from fedgan_app.outputs.checkpoint import load_checkpoint
 from tests.flwr_local import LocalFlower
 
 pytestmark = pytest.mark.e2e

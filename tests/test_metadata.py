@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from flwr.app import ConfigRecord
 
-from fedgan_app.metadata import (
+from fedgan_app.protocol.metadata import (
     MAX_HISTORY,
     MAX_MESSAGE,
     METADATA_KEY,

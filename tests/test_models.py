@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedgan_app.models import (
+from fedgan_app.gan.models import (
     D_PREFIX,
     G_PREFIX,
     GANConfig,
@@ -16,7 +16,7 @@ from fedgan_app.models import (
     recalibrate_batchnorm,
     unpack_gan,
 )
-from fedgan_app.training import to_channels_last
+from fedgan_app.gan.training import to_channels_last
 
 
 @pytest.mark.parametrize("channels,size", [(1, 28), (3, 32)])

@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 
 from fedgan_app.config import RunConfig
-from fedgan_app.data import load_server_split, partition_spec
-from fedgan_app.evaluation import QUALITY_KEYS
-from fedgan_app.evaluator_cache import cache_path
-from fedgan_app.models import GANConfig, build_gan, pack_gan
-from fedgan_app.quality import (
+from fedgan_app.data.prepared import load_server_split
+from fedgan_app.data.spec import partition_spec
+from fedgan_app.gan.models import GANConfig, build_gan, pack_gan
+from fedgan_app.quality.evaluator import cache_path
+from fedgan_app.quality.judge import (
     GRID_IMAGES,
     QualityJudge,
     evaluator_cache_dir,
@@ -19,6 +19,7 @@ from fedgan_app.quality import (
     grid_noise,
     sample_grid,
 )
+from fedgan_app.quality.metrics import QUALITY_KEYS
 
 CPU = torch.device("cpu")
 

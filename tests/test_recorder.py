@@ -14,10 +14,10 @@ import pytest
 import torch
 from flwr.app import ArrayRecord
 
-from fedgan_app.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedgan_app.config import ConfigError, RunConfig
 from fedgan_app.files import RunLock
-from fedgan_app.recorder import RUN_LOCK, Recorder, RunFolderInUse, run_folder
+from fedgan_app.outputs.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from fedgan_app.outputs.recorder import RUN_LOCK, Recorder, RunFolderInUse, run_folder
 from tests.run_folder import RunFolderHolder
 
 ARRAYS = ArrayRecord({"generator.w": torch.arange(3.0)})

@@ -24,16 +24,17 @@ from typing import Any
 import pytest
 import torch
 
-from fedgan_app import client_app as client_module
-from fedgan_app import recorder, server_app
-from fedgan_app.checkpoint import (
+from fedgan_app import server_app
+from fedgan_app.config import ConfigError
+from fedgan_app.federation import client_app as client_module
+from fedgan_app.outputs import recorder
+from fedgan_app.outputs.checkpoint import (
     Checkpoint,
     CheckpointError,
     load_checkpoint,
     save_checkpoint,
 )
-from fedgan_app.config import ConfigError
-from fedgan_app.inprocess import InProcessGrid, server_context
+from harness.inprocess import InProcessGrid, server_context
 from tests.conftest import tiny_settings
 from tests.run_folder import RunFolderHolder
 

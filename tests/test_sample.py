@@ -13,12 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
-from fedgan_app import client_app as client_module
-from fedgan_app.checkpoint import load_checkpoint
-from fedgan_app.inprocess import InProcessGrid, server_context
+from fedgan_app.federation import client_app as client_module
+from fedgan_app.outputs.checkpoint import load_checkpoint
+from fedgan_app.outputs.tracking import make_grid
 from fedgan_app.sample import main, sample_checkpoint
 from fedgan_app.server_app import main as server_main
-from fedgan_app.tracking import make_grid
+from harness.inprocess import InProcessGrid, server_context
 from tests.test_checkpoint import Hostile, zip_bomb
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -9,11 +9,10 @@ from typing import Any
 import pytest
 from flwr.app import ConfigRecord, Message
 
-from fedgan_app import client_app
 from fedgan_app.config import RunConfig
-from fedgan_app.inprocess import InProcessGrid
-from fedgan_app.models import GANConfig, buffer_keys, build_gan, pack_gan
-from fedgan_app.sampling import (
+from fedgan_app.federation import client_app
+from fedgan_app.federation.fedgan import FedGAN, make_inner_strategy
+from fedgan_app.federation.sampling import (
     EVALUATE_STREAM,
     QUERY_RECORD_KEY,
     TRAIN_STREAM,
@@ -21,7 +20,8 @@ from fedgan_app.sampling import (
     SampledGrid,
     partition_order,
 )
-from fedgan_app.strategy import FedGAN, make_inner_strategy
+from fedgan_app.gan.models import GANConfig, buffer_keys, build_gan, pack_gan
+from harness.inprocess import InProcessGrid
 from tests.test_strategy import CollectingSink
 
 ROUNDS = 6

@@ -28,14 +28,14 @@ from flwr.serverapp.strategy import (
     MultiKrum,
 )
 
-from fedgan_app import client_app
-from fedgan_app.checkpoint import CheckpointError
 from fedgan_app.config import STRATEGIES, ConfigError, RunConfig
-from fedgan_app.inprocess import InProcessGrid
-from fedgan_app.metadata import METADATA_KEY, encode_metadata
-from fedgan_app.models import GANConfig, buffer_keys, build_gan, pack_gan
-from fedgan_app.strategy import FedGAN, check_federation, make_inner_strategy
+from fedgan_app.federation import client_app
+from fedgan_app.federation.fedgan import FedGAN, check_federation, make_inner_strategy
+from fedgan_app.gan.models import GANConfig, buffer_keys, build_gan, pack_gan
+from fedgan_app.outputs.checkpoint import CheckpointError
+from fedgan_app.protocol.metadata import METADATA_KEY, encode_metadata
 from harness.attacks import OsSystem, honest_meta
+from harness.inprocess import InProcessGrid
 
 GAN = GANConfig()
 G_WEIGHT = "generator.net.0.weight"
@@ -610,8 +610,8 @@ def test_server_optimizers_keep_the_model_finite_and_buffers_plainly_averaged(
     name: str, tiny_run_config: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Prepare: 10 rounds of the real ServerApp and ClientApp with Flower's optimizer
-    from fedgan_app.inprocess import server_context
     from fedgan_app.server_app import main
+    from harness.inprocess import server_context
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     config = {**tiny_run_config, "strategy": name, "num-server-rounds": 10,
@@ -625,7 +625,7 @@ def test_server_optimizers_keep_the_model_finite_and_buffers_plainly_averaged(
 
     # Assert: every global model is finite; after each round its buffers are the
     # plain weighted average of the replies' buffers, its parameters are not
-    from fedgan_app.checkpoint import load_checkpoint
+    from fedgan_app.outputs.checkpoint import load_checkpoint
 
     latest = load_checkpoint(Path(config["output-dir"]) / "test-run" / "checkpoints"
                              / "latest.pt")

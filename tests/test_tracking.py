@@ -1,4 +1,4 @@
-"""fedgan_app.tracking: real files in tmp_path and real offline W&B runs."""
+"""fedgan_app.outputs.tracking: real files in tmp_path and real offline W&B runs."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from fedgan_app.dashboard import refresh_run
-from fedgan_app.tracking import LocalFiles, Output, WandbRun, make_grid
+from fedgan_app.outputs.dashboard import refresh_run
+from fedgan_app.outputs.tracking import LocalFiles, Output, WandbRun, make_grid
 from tests.test_faults import _wandb_history, _wandb_records
 
 # Keep W&B's banner out of the test output.
@@ -191,7 +191,7 @@ def test_disabled_mode_writes_local_outputs_without_wandb(tmp_path: Path) -> Non
 import sys
 from pathlib import Path
 import torch
-from fedgan_app.tracking import LocalFiles, make_grid
+from fedgan_app.outputs.tracking import LocalFiles, make_grid
 local = LocalFiles(Path({str(run_dir)!r}), {{"a": 1}})
 local.log_round(1, {{"loss-d": 0.5, "loss-g": 1.0}})
 local.log_clients(1, [{{"partition-id": 0, "loss-d": 0.5}}])

@@ -10,9 +10,9 @@ import torch
 from torch.nn import functional as F
 
 from fedgan_app.config import RunConfig
-from fedgan_app.diffaugment import diff_augment, parse_policy
-from fedgan_app.models import GANConfig, Generator, build_gan, gan_config
-from fedgan_app.training import (
+from fedgan_app.gan.diffaugment import diff_augment, parse_policy
+from fedgan_app.gan.models import GANConfig, Generator, build_gan, gan_config
+from fedgan_app.gan.training import (
     StepRecipe,
     make_optimizers,
     proximal_term,

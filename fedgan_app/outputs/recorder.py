@@ -31,7 +31,7 @@ import torch
 from flwr.app import ArrayRecord
 from flwr.common.logger import log
 
-from fedgan_app.checkpoint import (
+from fedgan_app.outputs.checkpoint import (
     Checkpoint,
     CheckpointError,
     check_state_matches,
@@ -41,8 +41,8 @@ from fedgan_app.checkpoint import (
 )
 from fedgan_app.config import ConfigError, RunConfig
 from fedgan_app.files import LockHeld, RunLock
-from fedgan_app.quality import format_quality
-from fedgan_app.tracking import CLIENTS_CSV, METRICS_CSV, LocalFiles, Output, WandbRun, csv_rounds
+from fedgan_app.quality.judge import format_quality
+from fedgan_app.outputs.tracking import CLIENTS_CSV, METRICS_CSV, LocalFiles, Output, WandbRun, csv_rounds
 
 # W&B online without network would otherwise block for its default 90 s.
 WANDB_INIT_TIMEOUT_S = 30.0

@@ -44,7 +44,7 @@ class InProcessGrid(Grid):
     Parameters
     ----------
     client_app : Callable[[Message, Context], Message]
-        The ClientApp (``fedgan_app.client_app.app``) or any callable like it.
+        The ClientApp (``fedgan_app.federation.client_app.app``) or any callable like it.
     num_nodes : int
         Nodes 101, 102, ... (or `node_ids`) get partition ids 0 .. num_nodes - 1.
     run_config : dict[str, Any]

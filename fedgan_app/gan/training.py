@@ -19,8 +19,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fedgan_app.diffaugment import diff_augment, parse_policy
-from fedgan_app.models import Discriminator, Generator
+from fedgan_app.gan.diffaugment import diff_augment, parse_policy
+from fedgan_app.gan.models import Discriminator, Generator
 
 LOSSES = ("bce", "hinge")
 
@@ -158,7 +158,7 @@ def train_gan(
         Feed images in NHWC memory (call `to_channels_last` on the nets too).
     threads : Callable[[], int] | None
         Asked before every step for the torch thread count to use (e.g.
-        `fedgan_app.cores.CoreShare.threads`); None leaves it as it is.
+        `fedgan_app.federation.cores.CoreShare.threads`); None leaves it as it is.
 
     Returns
     -------

@@ -50,9 +50,16 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from fedgan_app.checkpoint import CheckpointError
 from fedgan_app.config import ConfigError, RunConfig
-from fedgan_app.metadata import (
+from fedgan_app.federation.sampling import (
+    EVALUATE_STREAM,
+    TRAIN_STREAM,
+    PartitionSampler,
+    SampledGrid,
+)
+from fedgan_app.federation.weights import cap_weights
+from fedgan_app.outputs.checkpoint import CheckpointError
+from fedgan_app.protocol.metadata import (
     EVAL_MAX_IMAGES,
     MetadataError,
     TrainMetadata,
@@ -60,8 +67,6 @@ from fedgan_app.metadata import (
     decode_metadata,
     short,
 )
-from fedgan_app.sampling import EVALUATE_STREAM, TRAIN_STREAM, PartitionSampler, SampledGrid
-from fedgan_app.weights import cap_weights
 
 ARRAYS_KEY = "arrays"
 METRICS_KEY = "metrics"

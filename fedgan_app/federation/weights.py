@@ -7,7 +7,7 @@ FedAvg weights client j by the examples it reports. Two policies (setting
   dataset, partitioner and seed every node uses, as in simulation and in this
   app's deployment), so it knows each partition's size and label counts. A
   reply whose claim differs from its node's partition is dropped
-  (`fedgan_app.strategy`).
+  (`fedgan_app.federation.fedgan`).
 - ``cap``: for nodes that bring data the server cannot see. Claims above
   'weight-cap-ratio' times the round's median claim are clipped to it, then
   no reply's share of the average may exceed 'max-weight-share' (`cap_weights`).

@@ -13,10 +13,11 @@ from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 
 from fedgan_app.config import RunConfig
-from fedgan_app.cores import CoreShare
-from fedgan_app.data import ImageData, batch_iterator, load_partition, partition_spec
-from fedgan_app.metadata import EVAL_MAX_IMAGES, TrainMetadata, encode_metadata, has_converged
-from fedgan_app.models import (
+from fedgan_app.data.prepared import batch_iterator, load_partition
+from fedgan_app.data.spec import ImageData, partition_spec
+from fedgan_app.federation.cores import CoreShare
+from fedgan_app.federation.sampling import query_reply
+from fedgan_app.gan.models import (
     Discriminator,
     Generator,
     batchnorm_stat_keys,
@@ -26,8 +27,7 @@ from fedgan_app.models import (
     split_state,
     unpack_gan,
 )
-from fedgan_app.sampling import query_reply
-from fedgan_app.training import (
+from fedgan_app.gan.training import (
     StepRecipe,
     derive_seed,
     discriminator_accuracy,
@@ -36,6 +36,12 @@ from fedgan_app.training import (
     set_torch_threads,
     to_channels_last,
     train_gan,
+)
+from fedgan_app.protocol.metadata import (
+    EVAL_MAX_IMAGES,
+    TrainMetadata,
+    encode_metadata,
+    has_converged,
 )
 
 app = ClientApp()

@@ -38,7 +38,7 @@ from flwr.app.message_type import MessageType
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from fedgan_app.training import derive_seed
+from fedgan_app.gan.training import derive_seed
 
 QUERY_RECORD_KEY = "partition"  # the ConfigRecord of a query reply
 # derive_seed(seed, round, stream) seeds a round's sampling. Negative streams can

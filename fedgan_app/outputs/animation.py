@@ -16,7 +16,7 @@ the server aggregates, and the new model goes back out (blue arrows). Each clien
 is a pie of its label histogram (grey when unknown) whose area is proportional to
 its number of examples, so non-IID data is visible at a glance.
 
-``python -m fedgan_app.animate outputs/<run> [--out PATH]`` draws it after the
+``python -m fedgan_app.outputs.animation outputs/<run> [--out PATH]`` draws it after the
 fact (a resumed run included: it reads the rows of all rounds on disk);
 :func:`render_federation_gif` is the per-round hook. Frames of a round are cached
 in memory, keyed on everything they are drawn from, so a per-round refresh draws
@@ -888,7 +888,7 @@ def _counts_line(view: RoundView) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: draw outputs/<run>/federation.gif (or --out) from the run's files."""
     parser = argparse.ArgumentParser(
-        prog="python -m fedgan_app.animate",
+        prog="python -m fedgan_app.outputs.animation",
         description="Draw the federation animation of a run folder from its CSVs and grids.",
     )
     parser.add_argument("run_dir", type=Path, help="the run folder, e.g. outputs/<run>")

@@ -5,11 +5,11 @@ function of the folder (it reads only the files the run wrote)::
 
     plots/losses.png, plots/quality.png   the curves in metrics.csv
     progress.gif                          the sample grids in round order
-    federation.gif                        the federation animation (fedgan_app.animate)
+    federation.gif                        the federation animation (fedgan_app.outputs.animation)
     dashboard.html, dashboard.json        the page, and its version (written last)
 
 The page is plain HTML with relative links into the run folder: no server-side
-code, no network, nothing to install. Served (``python -m fedgan_app.dashboard``,
+code, no network, nothing to install. Served (``python -m fedgan_app.outputs.dashboard``,
 ``./fedgan.sh dashboard``), it polls ``dashboard.json`` every two seconds and
 reloads itself when a round has rewritten the page; opened as a file, it reloads
 every ten seconds. It works the same during the run and long after it.
@@ -41,7 +41,7 @@ from urllib.parse import unquote
 import numpy as np
 from flwr.common.logger import log
 
-from fedgan_app.animate import (
+from fedgan_app.outputs.animation import (
     AnimationError,
     Reply,
     RunView,
@@ -52,7 +52,7 @@ from fedgan_app.animate import (
     read_run_config,
     render_federation_gif,
 )
-from fedgan_app.evaluation import QUALITY_KEYS
+from fedgan_app.quality.metrics import QUALITY_KEYS
 from fedgan_app.files import atomic_write, write_json, write_text
 
 PAGE = "dashboard.html"
@@ -651,7 +651,7 @@ def newest_run(outputs: Path) -> Path:
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: serve a run folder's live dashboard on localhost until Ctrl-C."""
     parser = argparse.ArgumentParser(
-        prog="python -m fedgan_app.dashboard",
+        prog="python -m fedgan_app.outputs.dashboard",
         description="Serve the live dashboard of a run folder on localhost (Ctrl-C stops).",
     )
     parser.add_argument("run_dir", type=Path, nargs="?", default=None,

@@ -11,11 +11,11 @@
 
 The views of those files (plots/, progress.gif, federation.gif,
 dashboard.html) are rebuilt after every round by
-``fedgan_app.dashboard.refresh_run``, which `LocalFiles.refresh` calls (the
+``fedgan_app.outputs.dashboard.refresh_run``, which `LocalFiles.refresh` calls (the
 two animations on a time budget, 'animation-share', and after the last round).
 `WandbRun` mirrors the same calls to a W&B run (``wandb/``, offline unless
 chosen otherwise), and at the end logs the animations and the clients table.
-Both implement `Output`; the recorder (fedgan_app.recorder) is their only
+Both implement `Output`; the recorder (fedgan_app.outputs.recorder) is their only
 caller.
 
 Every file is written atomically (`fedgan_app.files`: temp file, fsync,
@@ -260,7 +260,7 @@ class LocalFiles:
         duplicates.
     animation_share : float
         Most of the run's time the per-round redraws of progress.gif and
-        federation.gif may take (`fedgan_app.dashboard.AnimationBudget`; 1:
+        federation.gif may take (`fedgan_app.outputs.dashboard.AnimationBudget`; 1:
         every round). The finish always redraws them.
 
     """
@@ -269,7 +269,7 @@ class LocalFiles:
                  resume_after_round: int | None = None,
                  animation_share: float = 1.0) -> None:
         """Create the folders, write run_config.json, reload a resumed run."""
-        from fedgan_app.dashboard import AnimationBudget
+        from fedgan_app.outputs.dashboard import AnimationBudget
 
         self._animations = AnimationBudget(animation_share)
         self.run_dir = Path(run_dir)
@@ -319,7 +319,7 @@ class LocalFiles:
 
     def refresh(self, final: bool = False) -> None:
         """Rebuild the views: plots and page; the animations when due (always if final)."""
-        from fedgan_app.dashboard import refresh_run  # the views read this module's files
+        from fedgan_app.outputs.dashboard import refresh_run  # the views read this module's files
 
         animations = final or self._animations.due()
         seconds = refresh_run(self.run_dir, animations=animations)

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from flwr.common.logger import log
 
-from fedgan_app.evaluation import EVALUATOR_RECIPE, Evaluator, train_evaluator
 from fedgan_app.files import atomic_torch_save, folder_lock
+from fedgan_app.quality.metrics import EVALUATOR_RECIPE, Evaluator, train_evaluator
 
 CACHE_FORMAT = "fedgan-evaluator-v1"
 

@@ -37,7 +37,7 @@ from flwr_datasets.partitioner import (
     PathologicalPartitioner,
 )
 
-from fedgan_app.data import (
+from fedgan_app.data.spec import (
     IMAGE_COLUMN,
     LABEL_COLUMN,
     OFFLINE_DATASET,

@@ -3,10 +3,10 @@
 `QualityJudge` scores a generator the way the ServerApp does: `eval_samples`
 images from a fixed noise stream (and, for a conditional G, balanced labels
 0, 1, ..., C-1, 0, ...) against the server's held-out split, in the cached
-evaluator classifier (fedgan_app.evaluator_cache). The noise streams, the
+evaluator classifier (fedgan_app.quality.evaluator). The noise streams, the
 grid size and the evaluator's cache key live here, so a benchmark that
 imports them scores exactly as the app does. The metrics themselves are the
-pure functions of fedgan_app.evaluation.
+pure functions of fedgan_app.quality.metrics.
 
 Every generator the server samples is built by `generator_from`, which
 recomputes G's BatchNorm statistics from noise for its current weights
@@ -27,17 +27,18 @@ import torch
 from flwr.app import ArrayRecord
 from flwr.common.logger import log
 
-from fedgan_app.data import ImageData, PartitionSpec, cache_root, load_train_pool
-from fedgan_app.evaluation import (
+from fedgan_app.data.prepared import cache_root, load_train_pool
+from fedgan_app.data.spec import ImageData, PartitionSpec
+from fedgan_app.gan.models import G_PREFIX, GANConfig, Generator, recalibrate_batchnorm
+from fedgan_app.gan.training import derive_seed, sample_images
+from fedgan_app.outputs.tracking import make_grid
+from fedgan_app.quality.evaluator import load_or_train_evaluator
+from fedgan_app.quality.metrics import (
     QUALITY_KEYS,
     Evaluator,
     compute_quality,
     conditional_quality,
 )
-from fedgan_app.evaluator_cache import load_or_train_evaluator
-from fedgan_app.models import G_PREFIX, GANConfig, Generator, recalibrate_batchnorm
-from fedgan_app.tracking import make_grid
-from fedgan_app.training import derive_seed, sample_images
 
 GRID_IMAGES = 64  # the fixed-noise sample grid: 8 x 8
 GRID_COLUMNS = 8

@@ -1,0 +1,1 @@
+"""Data: the dataset settings (spec), their preparation (sources) and the cache (prepared)."""

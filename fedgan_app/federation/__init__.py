@@ -1,0 +1,1 @@
+"""Federation: the ClientApp, the server's strategy wrappers, sampling, weights, cores."""

@@ -1,0 +1,1 @@
+"""Outputs: the run folder, checkpoints, the recorder, local files and W&B, the views."""

@@ -1,0 +1,1 @@
+"""Quality: the metrics, the evaluator classifier and its cache, the server's judge."""
