@@ -62,12 +62,14 @@ make_venv() {
 }
 
 flwr_env() {
-  export FLWR_HOME="${FLWR_HOME:-$ROOT/.flwr}"
-  export FLWR_LOCAL_SUPERLINK_HTTP_API_PORT="${FLWR_LOCAL_SUPERLINK_HTTP_API_PORT:-39291}"
-  export FLWR_LOCAL_CONTROL_API_PORT="${FLWR_LOCAL_CONTROL_API_PORT:-39293}"
-  export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
-  export FLWR_DISABLE_UPDATE_CHECK=1 FLWR_TELEMETRY_ENABLED=0
-  export RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=0 WANDB_SILENT=true
+  # Flower's settings come from deploy/processes.py (their one copy): this folder's
+  # Flower home and ports (kept when already set), quiet, offline, no runtime installs.
+  # Standard library only: the system Python runs it before the venv exists.
+  local python="$PYTHON" exports
+  [[ -x "$VENV/bin/python" ]] && python="$VENV/bin/python"
+  exports="$("$python" -m deploy.processes env --home "$ROOT/.flwr" \
+    --http-port 39291 --control-port 39293)"
+  eval "$exports"
 }
 
 superlink_pid() {

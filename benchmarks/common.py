@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from deploy.processes import use_flower_settings
 from fedgan_app.files import folder_lock, write_text
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -42,9 +43,7 @@ def results_file(name: str, runs_dir: Path, quick: bool) -> Path:
 
 def quiet_environment() -> None:
     """No network probes, no W&B banner, one torch thread per process."""
-    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    os.environ.setdefault("WANDB_SILENT", "true")
+    use_flower_settings()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 

@@ -52,8 +52,10 @@ from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
-os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+
+from deploy.processes import use_flower_settings  # noqa: E402
+
+use_flower_settings()  # before flwr is imported
 
 import torch  # noqa: E402
 

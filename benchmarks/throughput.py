@@ -306,7 +306,7 @@ class TreeMemory:
         self._thread.join()
 
     def _loop(self) -> None:
-        from fedgan_app.local_superlink import descendants, process_table
+        from deploy.processes import descendants, process_table
 
         links: list[int] = []
         while not self._stop.wait(self.interval):
@@ -349,7 +349,7 @@ def run_federation(name: str, out: Path, run_config: dict[str, Any], nodes: int,
     `resources` are the simulation's Ray settings (cores.simulation_resources
     keys, e.g. client-resources-num-cpus), passed in --federation-config.
     """
-    from fedgan_app.local_superlink import LocalFlower
+    from harness.local_superlink import LocalFlower
 
     home = out / "flwr-home" / name
     shutil.rmtree(home, ignore_errors=True)

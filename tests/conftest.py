@@ -15,12 +15,11 @@ import pytest
 # Set before torch is imported (it sizes its thread pool once).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+from deploy.processes import use_flower_settings  # noqa: E402
 from harness.inprocess import set_task_identity  # noqa: E402  (after the thread count)
 
-# Quiet network probes and W&B in every test process.
-os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-os.environ.setdefault("WANDB_SILENT", "true")
+# Quiet network probes and W&B in every test process (deploy/processes.py's list).
+use_flower_settings()
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # One cache folder for the whole suite: the evaluator (training it takes tens of
 # seconds) and the prepared data (tests/test_data.py uses empty folders of its own).

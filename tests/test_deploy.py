@@ -1,8 +1,8 @@
 """End to end on Flower's Deployment Engine: a real SuperLink and SuperNodes as processes.
 
 Every party runs as its own process on loopback, over TLS, with SuperNode
-authentication, started and stopped by `deploy.launch` (the code behind
-`./fedgan.sh deploy`): the SuperLink on a loopback port of its own (Control,
+authentication, started and stopped by `deploy.deployment` (behind `deploy.launch`,
+the code of `./fedgan.sh deploy`): the SuperLink on a loopback port of its own (Control,
 Fleet and Runtime APIs), SuperNodes through the Fleet gateway
 (`deploy.gateway`), which forwards their calls and nothing else. Each ClientApp
 call is a fresh process that imports torch, so the runs are as small as they
@@ -34,18 +34,17 @@ from flwr.supercore.exit import ExitCode
 from flwr.superlink.routers.fleet.router import router as superlink_fleet_router
 
 from deploy.credentials import Credentials, generate_credentials, write_node_key_pair
-from deploy.gateway import FLEET_PATHS
-from deploy.launch import (
+from deploy.deployment import (
     MARKER_ENV,
-    WORKDIR_STAMP,
+    REPO_ROOT,
     Deployment,
     DeploymentError,
     SuperNode,
-    claim_workdir,
-    free_port,
     processes_with_marker,
 )
-from tests.flwr_local import REPO_ROOT, alive, descendants, process_table
+from deploy.gateway import FLEET_PATHS
+from deploy.launch import WORKDIR_STAMP, claim_workdir
+from deploy.processes import alive, descendants, free_port, process_table
 
 # Two local steps on 16 images, a 100-image quality check, no client evaluation.
 TINY = ("local-steps=2 batch-size=16 eval-samples=100 fraction-evaluate=0.0 "
@@ -202,7 +201,7 @@ _STOP_SCRIPT = """
 import json, sys
 from pathlib import Path
 from deploy.credentials import generate_credentials
-from deploy.launch import Deployment
+from deploy.deployment import Deployment
 work = Path(sys.argv[1])
 with Deployment(work / "wd", generate_credentials(work / "creds", 0)) as dep:
     dep.start_superlink()

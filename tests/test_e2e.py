@@ -11,7 +11,7 @@ import imageio.v3 as iio
 import pytest
 
 from fedgan_app.outputs.checkpoint import load_checkpoint
-from tests.flwr_local import LocalFlower
+from harness.local_superlink import LocalFlower
 
 pytestmark = pytest.mark.e2e
 

@@ -19,8 +19,9 @@ from pathlib import Path
 import imageio.v3 as iio
 import pytest
 
+from deploy.processes import alive, descendants, process_table
 from fedgan_app.outputs.checkpoint import CheckpointError, load_checkpoint
-from tests.flwr_local import LocalFlower, alive, descendants, process_table
+from harness.local_superlink import LocalFlower
 
 pytestmark = pytest.mark.e2e
 

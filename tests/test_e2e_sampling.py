@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from fedgan_app.federation.sampling import TRAIN_STREAM, partition_order
-from tests.flwr_local import LocalFlower
+from harness.local_superlink import LocalFlower
 
 pytestmark = pytest.mark.e2e
 

@@ -24,7 +24,7 @@ import pytest
 
 from fedgan_app.config import STRATEGIES
 from fedgan_app.outputs.checkpoint import load_checkpoint
-from tests.flwr_local import LocalFlower
+from harness.local_superlink import LocalFlower
 
 pytestmark = pytest.mark.e2e
 

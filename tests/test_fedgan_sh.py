@@ -1,4 +1,4 @@
-"""fedgan.sh stop: stops the SuperLink on its own control port, and no other."""
+"""fedgan.sh: Flower's settings from deploy/processes.py; stop ends its own SuperLink only."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.flwr_local import REPO_ROOT, LocalFlower, alive
+from deploy.processes import FLOWER_SETTINGS, alive, free_port
+from harness.local_superlink import REPO_ROOT, LocalFlower
 
 pytestmark = pytest.mark.e2e
 
@@ -46,6 +47,31 @@ def test_stop_ends_only_the_superlink_on_its_control_port(tmp_path: Path) -> Non
     finally:
         ours.stop()
         other.stop()
+
+
+def test_flower_settings_come_from_deploy_processes(tmp_path: Path) -> None:
+    # Prepare: a pgrep that records the environment fedgan.sh gives it (and finds
+    # no SuperLink); a control port of our own, which fedgan.sh must keep
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "pgrep"
+    fake.write_text(f'#!/bin/sh\nenv -0 > "{tmp_path}/env"\n')
+    fake.chmod(0o755)
+    port = str(free_port())
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "FLWR_LOCAL_CONTROL_API_PORT": port}
+
+    # Execute
+    stop = subprocess.run([str(REPO_ROOT / "fedgan.sh"), "stop"], env=env,
+                          capture_output=True, text=True, timeout=60)
+
+    # Assert: every setting as deploy.processes has it; the home is this folder's
+    seen = dict(item.split("=", 1) for item in
+                (tmp_path / "env").read_text().split("\0") if item)
+    assert stop.returncode == 0, stop.stderr
+    assert {k: seen.get(k) for k in FLOWER_SETTINGS} == FLOWER_SETTINGS
+    assert seen["FLWR_LOCAL_CONTROL_API_PORT"] == port
+    assert seen["FLWR_HOME"] == str(REPO_ROOT / ".flwr")
+    assert f"no local SuperLink on control port {port}" in stop.stderr
 
 
 @pytest.mark.parametrize("gpus,clients", [(0, 5), (1, 5), (1, 1), (2, 5)])
