@@ -24,21 +24,19 @@ Parts (all measured in one run, on one machine, side by side):
   peak memory of the whole process tree; 50 rounds at 1,000 clients to show
   memory stays flat.
 
-Writes benchmarks/results/throughput.md (``--quick``: benchmarks/runs/).
+Writes benchmarks/results/throughput.md (``--quick``: benchmarks/runs/), each
+section with the machine its part ran on. The step variants and the limit are
+measured by benchmarks/local_step.py, the federations run by
+benchmarks/flwr_runs.py; this script runs the parts and writes the report.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
-import shutil
 import statistics
 import sys
-import threading
-import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,359 +49,25 @@ from benchmarks.common import (  # noqa: E402
     command_line,
     machine_header,
     quiet_environment,
-    read_rows,
 )
+from benchmarks.flwr_runs import (  # noqa: E402
+    FEDERATION_CLIENTS,
+    default_setting,
+    images_trained,
+    run_federation,
+)
+from benchmarks.local_step import (  # noqa: E402
+    APP_STEP,
+    STEP_BLOCK,
+    STEP_REPEATS,
+    measure_limit,
+    measure_step_variants,
+    sampling_rates,
+)
+from benchmarks.under_load import write_section  # noqa: E402
 from fedgan_app.federation.cores import simulation_resources, visible_gpus  # noqa: E402
 
 PARTS = ("step", "limit", "federation", "layouts", "scale")
-STEP_BLOCK = 20  # steps per timed block
-STEP_REPEATS = 5  # interleaved blocks per variant
-
-
-# --- the local step -------------------------------------------------------------
-
-
-def _models_and_data(settings: dict[str, Any], batch: int, channels_last: bool
-                     ) -> tuple[Any, Any, Any, Any, Iterator, Any]:
-    """The default recipe's G, D, optimizers and a real partition's batches."""
-    import torch
-
-    from fedgan_app.config import RunConfig
-    from fedgan_app.data.prepared import batch_iterator, load_partition
-    from fedgan_app.data.spec import partition_spec
-    from fedgan_app.gan.models import build_gan, gan_config
-    from fedgan_app.gan.training import make_optimizers, to_channels_last
-
-    cfg = RunConfig.defaults(**{k.replace("-", "_"): v for k, v in settings.items()})
-    data = load_partition(partition_spec(cfg, 5), 0)
-    generator, discriminator = build_gan(
-        gan_config(cfg, data.image_shape, data.num_classes), cfg.seed)
-    if channels_last:
-        to_channels_last(generator, discriminator)
-    opt_g, opt_d = make_optimizers(generator, discriminator, cfg.lr_generator,
-                                   cfg.lr_discriminator, (cfg.adam_beta1, cfg.adam_beta2))
-    rng = torch.Generator().manual_seed(0)
-    return generator, discriminator, opt_g, opt_d, batch_iterator(data, batch, rng), cfg
-
-
-def legacy_step(generator: Any, discriminator: Any, opt_g: Any, opt_d: Any,
-                batches: Iterator, steps: int, rng: Any) -> None:
-    """The local step as the app ran it before this work (kept here as the baseline).
-
-    Four host syncs per step (``.item()``), separate D passes, contiguous
-    memory; the default recipe of that time (BCE, BatchNorm in D).
-    """
-    import torch
-    from torch.nn import functional as F
-
-    for _ in range(steps):
-        real, _ = next(batches)
-        n = real.size(0)
-        z = torch.randn(n, generator.latent_dim, generator=rng)
-        ones, zeros = torch.ones(n), torch.zeros(n)
-        fake = generator(z)
-        logits_real = discriminator(real)
-        logits_fake = discriminator(fake.detach())
-        loss_d = (F.binary_cross_entropy_with_logits(logits_real, ones)
-                  + F.binary_cross_entropy_with_logits(logits_fake, zeros))
-        opt_d.zero_grad(set_to_none=True)
-        loss_d.backward()
-        opt_d.step()
-        loss_g = F.binary_cross_entropy_with_logits(discriminator(fake), ones)
-        opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
-        opt_g.step()
-        [t.item() for t in (loss_d, loss_g, torch.sigmoid(logits_real).mean(),
-                            torch.sigmoid(logits_fake).mean())]
-
-
-# Speed-ups of the app's step, in the order the table adds them (each variant
-# has every speed-up up to its own). The math is the same throughout
-# (tests/test_training.py); "bf16" is not: it is measured, not used.
-SPEEDUPS = ("channels_last", "nhwc_projection", "matmul", "unfold", "frozen_d", "fused_adam",
-            "compiled")
-APP_STEP = "fused_adam"  # the variant that is the app's own step
-
-
-class _Plain:
-    """The nets' layers as DCGAN writes them (the speed-ups switched off)."""
-
-    @staticmethod
-    def generator_forward(generator: Any, z: Any, labels: Any = None) -> Any:
-        """G's first layer a transposed convolution of a 1x1 input."""
-        code = generator.code(z, labels)
-        return generator.net(code.view(code.size(0), -1, 1, 1))
-
-    @staticmethod
-    def features(discriminator: Any, x: Any) -> Any:
-        """D's first layer a convolution."""
-        return discriminator.net(x)
-
-    @staticmethod
-    def logits(discriminator: Any, h: Any, labels: Any = None) -> Any:
-        """The projection term over the flattened features (NCHW order, whatever h's)."""
-        out = discriminator.head(h).view(-1)
-        if discriminator.conditioning == "projection":
-            out = out + (discriminator.embed(labels) * h.flatten(1)).sum(dim=1)
-        return out
-
-
-def _step_runner(variant: str, settings: dict[str, Any], batch: int
-                 ) -> Callable[[int], float]:
-    """A function that runs `steps` steps of one variant and returns images/s.
-
-    `variant` is "legacy" (the step before this work), "bf16" (the app's step
-    under CPU bfloat16 autocast: other math), or one of SPEEDUPS: the app's
-    step with that speed-up and every one before it in SPEEDUPS, the rest off
-    ("contiguous": none of them).
-    """
-    import types
-
-    import torch
-
-    from fedgan_app.gan.training import StepRecipe, train_gan
-
-    on = set(SPEEDUPS) if variant == "bf16" else (
-        set(SPEEDUPS[:SPEEDUPS.index(variant) + 1]) if variant in SPEEDUPS else set())
-    cl = "channels_last" in on
-    generator, discriminator, opt_g, opt_d, batches, cfg = _models_and_data(
-        settings, batch, cl)
-    if "matmul" not in on:
-        generator.forward = types.MethodType(_Plain.generator_forward, generator)
-    if "unfold" not in on:
-        discriminator.features = types.MethodType(_Plain.features, discriminator)
-    if "nhwc_projection" not in on:
-        discriminator.logits = types.MethodType(_Plain.logits, discriminator)
-    if "frozen_d" not in on:  # D's weights collect gradients in G's step, as before
-        discriminator.requires_grad_ = types.MethodType(lambda self, *a, **k: self,
-                                                        discriminator)
-    if "fused_adam" not in on:
-        opt_g = torch.optim.Adam(generator.parameters(), **_adam_args(opt_g), foreach=True)
-        opt_d = torch.optim.Adam(discriminator.parameters(), **_adam_args(opt_d),
-                                 foreach=True)
-    if "compiled" in on and variant != "bf16":
-        generator, discriminator = torch.compile(generator), torch.compile(discriminator)
-    rng = torch.Generator().manual_seed(1)
-    cpu = torch.device("cpu")
-
-    def run(steps: int) -> float:
-        start = time.perf_counter()
-        if variant == "legacy":
-            legacy_step(generator, discriminator, opt_g, opt_d, batches, steps, rng)
-        else:
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=variant == "bf16"):
-                train_gan(generator, discriminator, opt_g, opt_d, batches, steps, cpu, rng,
-                          StepRecipe.from_settings(cfg), channels_last=cl)
-        return steps * batch / (time.perf_counter() - start)
-
-    return run
-
-
-def _adam_args(optimizer: Any) -> dict[str, Any]:
-    """The learning rate and betas of an Adam optimizer."""
-    group = optimizer.param_groups[0]
-    return {"lr": group["lr"], "betas": group["betas"]}
-
-
-def measure_step_variants(variants: list[tuple[str, str, dict[str, Any], int]],
-                          repeats: int, block: int) -> dict[str, dict[str, Any]]:
-    """Interleaved blocks of every variant in this process: median images/s each."""
-    import torch
-
-    torch.set_num_threads(1)
-    runners = {}
-    for label, variant, settings, batch in variants:
-        start = time.perf_counter()
-        runners[label] = _step_runner(variant, settings, batch)
-        runners[label](3)  # warm-up (and compilation)
-        print(f"  {label}: ready in {time.perf_counter() - start:.1f}s", flush=True)
-    rates: dict[str, list[float]] = {label: [] for label in runners}
-    for _ in range(repeats):
-        for label, run in runners.items():
-            rates[label].append(run(block))
-    return {label: {"median": statistics.median(r), "min": min(r), "max": max(r)}
-            for label, r in rates.items()}
-
-
-def sampling_rates(settings: dict[str, Any], repeats: int) -> dict[str, float]:
-    """Images/s of sampling 1,000 images with no_grad vs inference_mode."""
-    import torch
-
-    generator = _models_and_data(settings, 32, False)[0]
-    generator.eval()
-    z = torch.randn(1000, generator.latent_dim)
-    labels = (torch.arange(1000) % generator.num_classes) if generator.num_classes else None
-    rates: dict[str, list[float]] = {"no_grad": [], "inference_mode": []}
-    for _ in range(repeats):
-        for mode, ctx in (("no_grad", torch.no_grad), ("inference_mode", torch.inference_mode)):
-            start = time.perf_counter()
-            with ctx():
-                for part in range(0, 1000, 500):
-                    generator(z[part:part + 500],
-                              None if labels is None else labels[part:part + 500])
-            rates[mode].append(1000 / (time.perf_counter() - start))
-    return {mode: statistics.median(r) for mode, r in rates.items()}
-
-
-# --- the limit -------------------------------------------------------------------
-
-
-def _limit_worker(settings: dict[str, Any], batch: int, threads: int, steps: int,
-                  start_at: float, queue: Any) -> None:
-    """One process of the limit: wait for the common start, run the app's step."""
-    import torch
-
-    torch.set_num_threads(threads)
-    run = _step_runner(APP_STEP, settings, batch)
-    run(3)
-    while time.time() < start_at:
-        time.sleep(0.01)
-    began = time.perf_counter()
-    run(steps)
-    queue.put((steps * batch, time.perf_counter() - began))
-
-
-def measure_limit(settings: dict[str, Any], batch: int, processes: int, threads: int,
-                  steps: int) -> float:
-    """Aggregate images/s of `processes` processes with `threads` threads each, in step."""
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    start_at = time.time() + 30  # all processes ready before the clock starts
-    workers = [context.Process(target=_limit_worker,
-                               args=(settings, batch, threads, steps, start_at, queue))
-               for _ in range(processes)]
-    for worker in workers:
-        worker.start()
-    results = [queue.get() for _ in workers]
-    for worker in workers:
-        worker.join()
-    return sum(images for images, _ in results) / max(seconds for _, seconds in results)
-
-
-# --- federations through flwr run ----------------------------------------------
-
-
-class TreeMemory:
-    """Samples the memory of a SuperLink's whole process tree every `interval` s.
-
-    Each sample lists the processes (`ps`) and reads their /proc files: about
-    0.1 s of CPU, so the federation's own timing uses a long interval.
-    """
-
-    def __init__(self, flower: Any, interval: float) -> None:
-        self.flower = flower
-        self.interval = interval
-        self.samples: list[tuple[float, float, float]] = []  # (time, rss MB, pss MB)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def __enter__(self) -> TreeMemory:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _loop(self) -> None:
-        from deploy.processes import descendants, process_table
-
-        links: list[int] = []
-        while not self._stop.wait(self.interval):
-            links = links or self.flower.superlink_pids()  # found once
-            if not links:
-                continue
-            table = process_table()
-            pids = [p for link in links for p in (link, *descendants(link, table))]
-            rss = pss = 0.0
-            for pid in pids:
-                rss += _proc_kb(f"/proc/{pid}/status", "VmRSS:")
-                pss += _proc_kb(f"/proc/{pid}/smaps_rollup", "Pss:")
-            self.samples.append((time.time(), rss / 1024, pss / 1024))
-
-    @property
-    def peak(self) -> tuple[float, float]:
-        """Peak (RSS sum, PSS sum) in MB."""
-        if not self.samples:
-            return float("nan"), float("nan")
-        return max(s[1] for s in self.samples), max(s[2] for s in self.samples)
-
-
-def _proc_kb(path: str, field: str) -> float:
-    """A kB field of a /proc file (0 when the process is gone)."""
-    try:
-        with open(path) as handle:
-            for line in handle:
-                if line.startswith(field):
-                    return float(line.split()[1])
-    except OSError:
-        pass
-    return 0.0
-
-
-def run_federation(name: str, out: Path, run_config: dict[str, Any], nodes: int,
-                   resources: dict[str, float], timeout: float = 3600,
-                   memory_interval: float = 5.0) -> dict[str, Any]:
-    """One `flwr run` on a private SuperLink: wall time, rows, memory.
-
-    `resources` are the simulation's Ray settings (cores.simulation_resources
-    keys, e.g. client-resources-num-cpus), passed in --federation-config.
-    """
-    from harness.local_superlink import LocalFlower
-
-    home = out / "flwr-home" / name
-    shutil.rmtree(home, ignore_errors=True)
-    shutil.rmtree(out / name, ignore_errors=True)
-    flower = LocalFlower(home)
-    config = {**run_config, "output-dir": str(out), "run-name": name,
-              "wandb-mode": run_config.get("wandb-mode", "offline")}
-    text = " ".join(f"{k}={_toml(v)}" for k, v in config.items())
-    federation = " ".join([f"num-supernodes={nodes}",
-                           *(f"{key}={value:g}" for key, value in resources.items())])
-    try:
-        with TreeMemory(flower, memory_interval) as memory:
-            started = time.time()
-            proc = flower.flwr("run", ".", "--stream", "--run-config", text,
-                               "--federation-config", federation, timeout=timeout)
-            ended = time.time()
-        output = proc.stdout + proc.stderr
-        run_id = next((int(w) for line in output.splitlines() if "started run" in line
-                       for w in line.split() if w.isdigit()), None)
-        status = flower.status(run_id) if run_id is not None else "did not start"
-    finally:
-        flower.stop()
-    run_dir = out / name
-    summary = (json.loads((run_dir / "summary.json").read_text())
-               if (run_dir / "summary.json").is_file() else {})
-    return {"name": name, "status": status, "started": started, "wall_s": ended - started,
-            "rows": read_rows(run_dir / "metrics.csv"),
-            "clients": read_rows(run_dir / "clients.csv"), "summary": summary,
-            "peak_rss_mb": memory.peak[0], "peak_pss_mb": memory.peak[1],
-            "memory": memory.samples, "config": config, "nodes": nodes,
-            "output_tail": output[-2000:] if status != "finished:completed" else ""}
-
-
-def _toml(value: Any) -> str:
-    """A run-config value as `flwr run --run-config` reads it."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return f"'{value}'"
-    return repr(value)
-
-
-def images_trained(run: dict[str, Any]) -> float:
-    """Images the clients trained on (accepted and dropped replies), from clients.csv."""
-    batch = run["config"].get("batch-size") or _default("batch-size")
-    return sum(row.get("steps", 0.0) * batch for row in run["clients"]
-               if row.get("status", "accepted") != "failed")
-
-
-def _default(key: str) -> Any:
-    """A setting's default, from the app's settings table."""
-    from fedgan_app.config import SETTINGS_BY_KEY
-
-    return SETTINGS_BY_KEY[key].default
 
 
 def breakdown(run: dict[str, Any], limit: float) -> dict[str, float]:
@@ -457,18 +121,19 @@ def main() -> None:
     results_path = out / "results.json"
     results: dict[str, Any] = (json.loads(results_path.read_text())
                                if results_path.is_file() else {})
-    results["header"] = machine_header()
-    default_batch = _default("batch-size")
+    # Each part names its own machine: parts of one report may run in other sittings.
+    results.pop("header", None)  # an older file's: the last machine, not every part's
+    machines = results.setdefault("machines", {})
+    default_batch = default_setting("batch-size")
     for part in args.parts:
         print(f"== {part}", flush=True)
+        machines[part] = machine_header()
         results[part] = PART_RUNNERS[part](args, cores, out, default_batch)
         results_path.write_text(json.dumps(results, indent=1, default=str))
     target = (out if args.quick else RESULTS_DIR) / "throughput.md"
     target.write_text(report(results, cores))
     under_load = DATA_DIR / "under-load.json"
     if not args.quick and under_load.is_file():  # the section benchmarks/under_load.py draws
-        from benchmarks.under_load import write_section
-
         write_section(target, under_load)
     print(f"wrote {target}")
 
@@ -505,10 +170,6 @@ def part_limit(args: argparse.Namespace, cores: int, out: Path, batch: int) -> d
     steps = 10 if args.quick else 200
     return {"one process, all threads": measure_limit({}, batch, 1, cores, steps),
             "one single-thread process per core": measure_limit({}, batch, cores, 1, steps)}
-
-
-# The default federation: what `./fedgan.sh run` starts.
-FEDERATION_CLIENTS = 5
 
 
 def part_federation(args: argparse.Namespace, cores: int, out: Path, batch: int) -> dict:
@@ -578,25 +239,36 @@ OLD_DEFAULTS = {"g-width": 32, "d-width": 64, "d-norm": "batchnorm", "gan-loss":
 
 
 def report(results: dict[str, Any], cores: int) -> str:
-    """The markdown report of whatever parts have results."""
+    """The markdown report of whatever parts have results, each with its own machine."""
     lines = ["# Throughput: does every CPU-second train?", "",
-             f"Command: `{command_line()}`", "", results.get("header", ""), ""]
+             f"Command: `{command_line()}`", "",
+             "Each section names the machine and time of its own part (`--parts` runs "
+             "parts in separate sittings).", ""]
     if "step" in results:
-        lines += _step_section(results["step"])
+        lines += _with_machine(results, "step", _step_section(results["step"]))
     limit = None
     if "limit" in results:
         limit = max(results["limit"].values())
-        lines += ["## The limit: the app's step with every core", "",
-                  "| layout | images/s |", "|---|---|",
-                  *[f"| {k} | {v:.0f} |" for k, v in results["limit"].items()],
-                  "", f"Limit: **{limit:.0f} images/s**.", ""]
+        lines += _with_machine(results, "limit", [
+            "## The limit: the app's step with every core", "",
+            "| layout | images/s |", "|---|---|",
+            *[f"| {k} | {v:.0f} |" for k, v in results["limit"].items()],
+            "", f"Limit: **{limit:.0f} images/s**.", ""])
     if "federation" in results:
-        lines += _federation_section(results["federation"], limit, cores)
+        lines += _with_machine(results, "federation",
+                               _federation_section(results["federation"], limit, cores))
     if "layouts" in results:
-        lines += _layouts_section(results["layouts"], limit)
+        lines += _with_machine(results, "layouts",
+                               _layouts_section(results["layouts"], limit))
     if "scale" in results:
-        lines += _scale_section(results["scale"])
+        lines += _with_machine(results, "scale", _scale_section(results["scale"]))
     return "\n".join(lines) + "\n"
+
+
+def _with_machine(results: dict[str, Any], part: str, section: list[str]) -> list[str]:
+    """A section with the machine its part ran on under its heading."""
+    machine = results.get("machines", {}).get(part) or "Machine not recorded."
+    return [*section[:2], machine, "", *section[2:]]
 
 
 def _step_section(step: dict[str, Any]) -> list[str]:
@@ -651,7 +323,7 @@ def _layouts_section(layouts: dict[str, Any], limit: float | None) -> list[str]:
         rows = run["rows"][1:]
         seconds = sum(r["round-time-s"] for r in rows)
         images = sum(c.get("steps", 0) * (run["config"].get("batch-size")
-                                          or _default("batch-size"))
+                                          or default_setting("batch-size"))
                      for c in run["clients"] if c.get("round", 0) > 1)
         rate = images / seconds if seconds else float("nan")
         ratio = f"{rate / limit:.2f}" if limit else "–"

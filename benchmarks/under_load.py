@@ -42,7 +42,7 @@ from benchmarks.common import (  # noqa: E402
     machine_header,
     quiet_environment,
 )
-from benchmarks.throughput import FEDERATION_CLIENTS, run_federation  # noqa: E402
+from benchmarks.flwr_runs import FEDERATION_CLIENTS, run_federation  # noqa: E402
 from fedgan_app.federation.cores import simulation_resources, visible_gpus  # noqa: E402
 
 HOG = "import os, sys\nos.sched_setaffinity(0, {int(sys.argv[1])})\nwhile True:\n    pass\n"
