@@ -4,8 +4,9 @@ Every benchmark that trains runs the real ServerApp `main` with the real
 ClientApp on an in-process grid (harness.inprocess), so it trains and scores
 exactly as the app does. Jobs run in separate single-thread processes (two
 one-thread processes beat one two-thread process on these machines), and
-their results accumulate in a JSON file, so an interrupted benchmark continues
-where it stopped.
+their results accumulate in a JSON file, each with the machine it ran on (a
+report tags each row with its machines), so an interrupted benchmark continues
+where it stopped, on this machine or another.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ from deploy.processes import use_flower_settings
 from fedgan_app.files import folder_lock, write_text
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# Each result of run_jobs holds the machine it ran on under this key.
+MACHINE_KEY = "machine"
+NOT_RECORDED = "machine not recorded"
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 RUNS_DIR = REPO_ROOT / "benchmarks" / "runs"
 # The raw results every committed table is drawn from, committed beside it: a
@@ -59,17 +63,66 @@ def cpu_model() -> str:
     return "unknown CPU"
 
 
-def machine_header() -> str:
-    """One paragraph naming the machine: CPU model, cores, load, torch and flwr versions."""
+def machine() -> dict[str, Any]:
+    """What a measurement runs on: CPU model, cores, GPU, versions, load and time (UTC)."""
     import flwr
     import torch
 
-    gpu = (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU")
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"Machine: {cpu_model()}, {os.cpu_count()} cores, {gpu}; torch "
-            f"{torch.__version__}, flwr {flwr.__version__}, Python "
-            f"{platform.python_version()}; load average {load:.2f} at the start; "
-            f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC.")
+    return {"cpu": cpu_model(), "cores": os.cpu_count(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU",
+            "torch": torch.__version__, "flwr": flwr.__version__,
+            "python": platform.python_version(),
+            "load": os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan"),
+            "utc": f"{datetime.now(UTC):%Y-%m-%d %H:%M}"}
+
+
+def machine_name(info: dict[str, Any]) -> str:
+    """The machine and software of `machine()`, without the load and the time."""
+    return (f"{info['cpu']}, {info['cores']} cores, {info['gpu']}; torch {info['torch']}, "
+            f"flwr {info['flwr']}, Python {info['python']}")
+
+
+def machine_header(info: dict[str, Any] | None = None) -> str:
+    """One paragraph naming the machine: CPU model, cores, load, torch and flwr versions."""
+    info = info or machine()
+    return (f"Machine: {machine_name(info)}; load average {info['load']:.2f} at the start; "
+            f"{info['utc']} UTC.")
+
+
+class Machines:
+    """The machines the results of a report ran on: a tag per machine, and the legend.
+
+    Each result of `run_jobs` holds the machine it ran on (MACHINE_KEY); a
+    result saved before they did has none and is tagged NOT_RECORDED.
+    """
+
+    def __init__(self, results: dict[str, dict[str, Any]]) -> None:
+        self.of_job: dict[str, str | None] = {}
+        self.times: dict[str, list[str]] = {}  # machine name -> its results' times
+        for job, result in results.items():
+            info = result.get(MACHINE_KEY) if isinstance(result, dict) else None
+            name = machine_name(info) if info else None
+            self.of_job[job] = name
+            if name:
+                self.times.setdefault(name, []).append(info["utc"])
+        self.tags = {name: f"M{i}" for i, name in enumerate(self.times, 1)}
+
+    def tag(self, jobs: Iterable[str]) -> str:
+        """The tags of the machines the given jobs ran on ('–' when none has a result)."""
+        names = {self.of_job[job] for job in jobs if job in self.of_job}
+        tags = sorted((self.tags[n] for n in names if n), key=lambda tag: int(tag[1:]))
+        tags += [NOT_RECORDED] if None in names else []
+        return ", ".join(tags) or "–"
+
+    def legend(self) -> list[str]:
+        """Markdown lines: each tag's machine and the times of its results."""
+        lines = ["Machines (the machine column names each row's):", ""]
+        lines += [f"- {tag}: {name}; results from {min(self.times[name])} to "
+                  f"{max(self.times[name])} UTC." for name, tag in self.tags.items()]
+        if None in self.of_job.values():
+            lines.append(f"- {NOT_RECORDED}: results saved before each result stored "
+                         "its machine.")
+        return [*lines, ""]
 
 
 def run_in_process(run_config: dict[str, Any], num_nodes: int,
@@ -112,8 +165,9 @@ def run_jobs(jobs: dict[str, Callable[[], dict[str, Any]]], results_path: Path,
              processes: int) -> dict[str, dict[str, Any]]:
     """Run the jobs not yet in `results_path`, `processes` at a time; all results.
 
-    Each job runs in a fresh process (spawned, one torch thread); its result
-    is saved as soon as it ends, so a rerun skips it.
+    Each job runs in a fresh process (spawned, one torch thread); its result,
+    with the machine it ran on (MACHINE_KEY), is saved as soon as it ends, so a
+    rerun skips it.
     """
     results: dict[str, dict[str, Any]] = (json.loads(results_path.read_text())
                                           if results_path.is_file() else {})
@@ -148,11 +202,12 @@ def _save_result(results_path: Path, name: str, result: dict[str, Any]) -> dict[
 
 
 def _call(job: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """Run one job in a pool process (one torch thread)."""
+    """Run one job in a pool process (one torch thread); its result names the machine."""
     import torch
 
     torch.set_num_threads(1)
-    return job()
+    info = machine()  # the load as the job starts
+    return {**job(), MACHINE_KEY: info}
 
 
 def spread(values: Iterable[float], digits: str = ".3g") -> str:

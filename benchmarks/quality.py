@@ -50,8 +50,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import (  # noqa: E402
     RESULTS_DIR,
     RUNS_DIR,
+    Machines,
     command_line,
-    machine_header,
     quiet_environment,
     read_rows,
     results_file,
@@ -60,6 +60,7 @@ from benchmarks.common import (  # noqa: E402
     spread,
 )
 from fedgan_app.config import SETTINGS_BY_KEY  # noqa: E402
+from fedgan_app.outputs.runfolder import RunFolder  # noqa: E402
 
 NUM_CLIENTS = 5
 # The app's own defaults, read from its settings table, so that the rows train
@@ -121,21 +122,21 @@ def run_job(kind: str, mode: str, seed: int, images: int, eval_every_images: int
     grid_options = ({"partition_ids": [partition], "num_partitions": NUM_CLIENTS}
                     if kind == "local" else {})
     run_dir, wall = run_in_process(config, nodes, **grid_options)
-    rows = read_rows(run_dir / "metrics.csv")
+    rows = read_rows(RunFolder(run_dir).metrics_csv)
     per_round = nodes * IMAGES_PER_STEP_ROUND
     curve = [{"images": int(r["round"]) * per_round,
               **{k: v for k, v in r.items() if k.startswith(METRICS)}}
              for r in rows if "fid" in r]
     summary = read_summary(run_dir)
     grids = {}
-    for label, pattern in (("grid", "round_{:04d}.png"), ("classes", "classes_round_{:04d}.png")):
-        source = run_dir / "samples" / pattern.format(rounds)
+    for label, per_class in (("grid", False), ("classes", True)):
+        source = RunFolder(run_dir).sample(rounds, per_class)
         if source.is_file():
             target = Path(out_dir) / "grids" / f"{name}-{label}.png"
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, target)
             grids[label] = str(target)
-    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # megabytes a run
+    shutil.rmtree(RunFolder(run_dir).checkpoints_dir, ignore_errors=True)  # megabytes a run
     return {"curve": curve, "wall_s": wall, "images": rounds * per_round,
             "train_s": sum(r.get("time-clients-s", 0.0) for r in rows), "grids": grids,
             "reference": {k.split("/", 1)[1]: v for k, v in summary.items()
@@ -144,7 +145,7 @@ def run_job(kind: str, mode: str, seed: int, images: int, eval_every_images: int
 
 def read_summary(run_dir: Path) -> dict[str, Any]:
     """The run's summary.json ({} when missing)."""
-    path = run_dir / "summary.json"
+    path = RunFolder(run_dir).summary_json
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
@@ -205,7 +206,8 @@ ROWS = ("centralized", "local-only best client", "local-only mean of 5",
 
 def rows_table(results: dict[str, Any], seeds: list[int], images: int) -> list[str]:
     """The main table: every row and mode, median (min–max) over seeds."""
-    head = ["row", "mode", "seeds", *METRICS, "train s (local-only: per client)"]
+    head = ["row", "mode", "seeds", *METRICS, "train s (local-only: per client)", "machine"]
+    machines = Machines(results)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     # The reference of the default run's own setting (5 iid clients): each run draws
     # its real training images from its own partitioning and seed, so the row differs
@@ -215,7 +217,7 @@ def rows_table(results: dict[str, Any], seeds: list[int], images: int) -> list[s
     if reference:
         lines.append("| reference (real held-out vs real train; 5 iid clients, first seed) | | | "
                      + " | ".join(spread([reference.get(m, float("nan"))]) for m in METRICS)
-                     + " | |")
+                     + " | | |")
     for row in ROWS:
         for mode in MODES:
             runs = row_runs(results, row, mode, seeds, images)
@@ -226,7 +228,7 @@ def rows_table(results: dict[str, Any], seeds: list[int], images: int) -> list[s
             train = [results[k]["train_s"] for k in keys if k in results]
             cells = [spread([r.get(m, float("nan")) for r in runs]) for m in METRICS]
             lines.append(f"| {row} | {mode} | {len(runs)} | " + " | ".join(cells)
-                         + f" | {spread(train, '.0f') if train else ''} |")
+                         + f" | {spread(train, '.0f') if train else ''} | {machines.tag(keys)} |")
     return lines
 
 
@@ -280,9 +282,11 @@ def curve_lines(results: dict[str, Any], seed: int) -> list[str]:
                       format(point.get("classifier-score", float("nan")), ".3g")]
         lines.append(f"| {images:,} | " + " | ".join(cells) + " |")
     lines.append("")
+    machines = Machines(results)
     for mode, run in runs.items():
         if run:
-            lines.append(f"- {mode}: {flattening(run['curve'])}")
+            machine = machines.tag([f"centralized|{mode}|{seed}"])
+            lines.append(f"- {mode} (machine {machine}): {flattening(run['curve'])}")
     return lines
 
 
@@ -365,7 +369,7 @@ def write_image(path: Path, results: dict[str, Any], seed: int) -> None:
     plt.close(fig)
 
 
-def report(results: dict[str, Any], args: argparse.Namespace, header: str) -> str:
+def report(results: dict[str, Any], args: argparse.Namespace) -> str:
     """The markdown report, every figure computed from the results."""
     seeds = sorted({int(k.rsplit("|", 1)[1]) for k in results})
     return "\n".join([
@@ -373,7 +377,7 @@ def report(results: dict[str, Any], args: argparse.Namespace, header: str) -> st
         f"Command: `{command_line()}`", "",
         *(["This call ran only the jobs its `--only` names; the tables hold every "
            "row of the results file, earlier calls' too.", ""] if args.only else []),
-        header, "",
+        *Machines(results).legend(),
         f"Budget of the rows: {args.images:,} images seen in all (FedGAN: "
         f"{NUM_CLIENTS} clients x {args.images // (NUM_CLIENTS * IMAGES_PER_STEP_ROUND)} "
         f"rounds x {LOCAL_STEPS} steps x batch {BATCH}; local-only: each client its fifth, "
@@ -425,7 +429,7 @@ def main() -> None:
     results = run_jobs(jobs, results_file(out.name, out, args.quick), args.processes)
     target_dir = out if args.quick else RESULTS_DIR
     target_dir.mkdir(parents=True, exist_ok=True)
-    (target_dir / "quality.md").write_text(report(results, args, machine_header()))
+    (target_dir / "quality.md").write_text(report(results, args))
     write_image(target_dir / "quality.png", results, min(args.seeds))
     print(f"wrote {target_dir / 'quality.md'}")
 

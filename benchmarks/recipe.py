@@ -6,7 +6,7 @@ Run by hand from the repository root, alone on the machine:
     .venv/bin/python benchmarks/recipe.py --only baseline diffaugment --seeds 0
     .venv/bin/python benchmarks/recipe.py --quick             # smoke run (tiny budget)
 
-Every candidate is a set of the app's own settings (see the README's settings
+Every candidate is a set of the app's own settings (see docs/settings.md's
 table) on top of the defaults, run as the default run is: 5 clients, iid, the
 real ServerApp and ClientApps in process (harness.inprocess), scored by the
 app's quality judge every quarter of the budget. Every candidate sees the same
@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import (  # noqa: E402
     RESULTS_DIR,
     RUNS_DIR,
+    Machines,
     command_line,
-    machine_header,
     quiet_environment,
     read_rows,
     results_file,
@@ -40,6 +40,7 @@ from benchmarks.common import (  # noqa: E402
     run_jobs,
     spread,
 )
+from fedgan_app.outputs.runfolder import RunFolder  # noqa: E402
 
 NUM_CLIENTS = 5
 IMAGES = 160_000  # the issue's budget for the default run: half of the old default's
@@ -90,8 +91,8 @@ CANDIDATES: dict[str, tuple[dict[str, Any], int, int]] = {
                          50, 32),
     "default-lr2e-3": ({**DA, "lr-generator": 2e-3, "lr-discriminator": 2e-3,
                         "conditional": True, "conditioning": "projection"}, 50, 32),
-    # lr 2e-3 paid (fid 61 against 81 at 160k, still falling): higher still, with
-    # batch 16, annealed (halved after 10 of the 20 rounds), with a server-side EMA.
+    # lr 2e-3 paid (benchmarks/results/recipe.md): higher still, with batch 16,
+    # annealed (halved after 10 of the 20 rounds), with a server-side EMA.
     "lr2e-3-b16": ({**DA, **LR2, **PROJECTION}, 100, 16),
     "lr3e-3": ({**DA, "lr-generator": 3e-3, "lr-discriminator": 3e-3, **PROJECTION}, 50, 32),
     "lr2e-3-decay10": ({**DA, **LR2, **PROJECTION, "lr-decay-every": 10,
@@ -131,14 +132,13 @@ CANDIDATES: dict[str, tuple[dict[str, Any], int, int]] = {
     "pathological": ({**DA, **FAST, **PROJECTION, "partitioner": "pathological"}, 50, 32),
     "lr2e-3-b16-pathological": ({**DA, **LR2, **PROJECTION,
                                  "partitioner": "pathological"}, 100, 16),
-    # The default (nda) left 2s and 5s below 0.9 on request under pathological
-    # (quality.md); lr 1e-3 with batch 32 and K = 50 drew every class at 160k
-    # with DiffAugment on (seed 0, 2026-12-01): the same without it, 3 seeds, drew
-    # only 6-7 of 10 at >= 0.9 (2026-12-03, recipe.md).
+    # The default (nda) left some classes short on request under pathological
+    # (quality.md); lr 1e-3 with batch 32 and K = 50 had drawn every class with
+    # DiffAugment on: does it without? (benchmarks/results/recipe.md)
     "nda-pathological-lr1e-3-b32": ({**NDA, **FAST, "partitioner": "pathological"}, 50, 32),
     # The default itself under pathological, for longer budgets than quality.md's
-    # 160k (run with --images 320000 --name recipe-320k-pathological): the 2s and
-    # 5s were still rising at 160k.
+    # 160k (run with --images 320000 --name recipe-320k-pathological): its weakest
+    # classes were still rising at 160k (benchmarks/results/recipe.md).
     "nda-pathological": ({**NDA, "partitioner": "pathological"}, 200, 8),
 }
 
@@ -164,7 +164,7 @@ def run_candidate(name: str, seed: int, images: int, eval_samples: int,
     }
     shutil.rmtree(Path(out_dir) / run_name, ignore_errors=True)  # never a mix of runs
     run_dir, wall = run_in_process(config, NUM_CLIENTS)
-    rows = read_rows(run_dir / "metrics.csv")
+    rows = read_rows(RunFolder(run_dir).metrics_csv)
     per_round = NUM_CLIENTS * local_steps * batch
     curve = [{"images": int(r["round"]) * per_round,
               **{k: r[k] for k in r if k.startswith(("fid", "raw-fid", "classifier-score",
@@ -172,7 +172,7 @@ def run_candidate(name: str, seed: int, images: int, eval_samples: int,
                                                      "coverage", "conditional-accuracy"))}}
              for r in rows if "fid" in r]
     train_s = sum(r.get("time-clients-s", 0.0) for r in rows)
-    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # megabytes a run
+    shutil.rmtree(RunFolder(run_dir).checkpoints_dir, ignore_errors=True)  # megabytes a run
     return {**{k: curve[-1].get(k, float("nan")) for k in METRICS},
             "curve": curve, "wall_s": wall, "train_s": train_s,
             "images": rounds * per_round, "rounds": rounds}
@@ -184,9 +184,10 @@ def _slug(name: str) -> str:
 
 
 def report(results: dict[str, dict[str, Any]], names: list[str], seeds: list[int],
-           header: str) -> str:
+           budget: str) -> str:
     """The markdown report: one row per candidate, median (min–max) over seeds."""
-    head = ["candidate", "settings", "K x batch, rounds", *METRICS, "train s"]
+    head = ["candidate", "settings", "K x batch, rounds", *METRICS, "train s", "machine"]
+    machines = Machines(results)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name in names:
         runs = [results[f"{name}|{s}"] for s in seeds if f"{name}|{s}" in results]
@@ -196,7 +197,8 @@ def report(results: dict[str, dict[str, Any]], names: list[str], seeds: list[int
         text = ", ".join(f"{k}={v}" for k, v in settings.items()) or "defaults of the old app"
         cells = [spread([r[m] for r in runs], ".3g") for m in METRICS]
         lines.append(f"| {name} | {text} | {steps} x {batch}, {runs[0]['rounds']} | "
-                     + " | ".join(cells) + f" | {spread([r['train_s'] for r in runs], '.0f')} |")
+                     + " | ".join(cells) + f" | {spread([r['train_s'] for r in runs], '.0f')} | "
+                     f"{machines.tag(f'{name}|{s}' for s in seeds)} |")
     curves = ["| candidate | fid at images seen: median (min–max) |", "|---|---|"]
     for name in names:
         runs = [results[f"{name}|{s}"] for s in seeds if f"{name}|{s}" in results]
@@ -207,8 +209,8 @@ def report(results: dict[str, dict[str, Any]], names: list[str], seeds: list[int
             curves.append(f"| {name} | " + "; ".join(points) + " |")
     return "\n".join([
         "# Training recipe: quality per image seen", "", f"Command: `{command_line()}`", "",
-        header, "", "## Final quality", "", *lines, "", "## fid along the budget", "",
-        *curves, "", *class_lines(results, names, seeds)])
+        budget, "", *machines.legend(), "## Final quality", "", *lines, "",
+        "## fid along the budget", "", *curves, "", *class_lines(results, names, seeds)])
 
 
 def class_lines(results: dict[str, dict[str, Any]], names: list[str],
@@ -258,7 +260,6 @@ def main() -> None:
     # One results file per budget: a candidate's runs at another budget never mix.
     name = "recipe-quick" if args.quick else (args.name or f"recipe-{args.images // 1000}k")
     out = RUNS_DIR / name
-    header = machine_header()
     jobs = {f"{n}|{s}": partial(run_candidate, n, s, args.images, args.eval_samples,
                                 str(out)) for n in names for s in args.seeds}
     results = run_jobs(jobs, results_file(out.name, out, args.quick), args.processes)
@@ -266,7 +267,7 @@ def main() -> None:
     done = [n for n in CANDIDATES if any(k.startswith(n + "|") for k in results)]
     seeds = sorted({int(k.rsplit("|", 1)[1]) for k in results})
     text = report(results, done, seeds,
-                  f"{header}\n\nBudget: {args.images:,} images seen in all by {NUM_CLIENTS} "
+                  f"Budget: {args.images:,} images seen in all by {NUM_CLIENTS} "
                   f"clients (iid unless the settings name a partitioner); quality from "
                   f"{args.eval_samples} samples.")
     # One table per budget (recipe-80k.md, recipe-160k.md); recipe.md holds the findings.

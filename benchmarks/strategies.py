@@ -38,10 +38,7 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
-import platform
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -59,12 +56,13 @@ use_flower_settings()  # before flwr is imported
 
 import torch  # noqa: E402
 
-from benchmarks.common import results_file, run_jobs, spread  # noqa: E402
+from benchmarks.common import Machines, results_file, run_jobs, spread  # noqa: E402
 from benchmarks.robustness import AttackGrid, make_tamper  # noqa: E402
 from fedgan_app.config import SETTINGS_BY_KEY, STRATEGIES, RunConfig  # noqa: E402
 from fedgan_app.data.prepared import load_server_split, partition_spec  # noqa: E402
 from fedgan_app.federation import client_app  # noqa: E402
 from fedgan_app.gan.models import GANConfig, build_gan  # noqa: E402
+from fedgan_app.outputs.runfolder import RunFolder  # noqa: E402
 from fedgan_app.quality.judge import QualityJudge  # noqa: E402
 from fedgan_app.server_app import main  # noqa: E402
 from harness.inprocess import server_context  # noqa: E402
@@ -148,8 +146,8 @@ def run_one(run: Run, budget: Budget, out_dir: Path) -> dict[str, Any]:
     main(grid, server_context(config))
     wall = time.perf_counter() - start
     run_dir = out_dir / run.name
-    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # 7 MB a run
-    with open(run_dir / "metrics.csv", newline="") as handle:
+    shutil.rmtree(RunFolder(run_dir).checkpoints_dir, ignore_errors=True)  # unused; they add up
+    with open(RunFolder(run_dir).metrics_csv, newline="") as handle:
         rows = list(csv.DictReader(handle))
     return {
         **{k: float(rows[-1].get(k) or "nan") for k in METRICS},
@@ -199,10 +197,12 @@ def _cells(results: dict[str, dict], runs: list[Run], key: str, digits: str) -> 
 def quality_table(results: dict[str, dict], args: argparse.Namespace,
                   untrained: dict[str, list[float]]) -> list[str]:
     """Table 1: every strategy, both splits."""
+    machines = Machines(results)
     lines = ["| strategy | fid iid | fid dirichlet 0.3 | classifier-score iid "
-             "| classifier-score dirichlet 0.3 | wall s (iid) |", "|---|---|---|---|---|---|"]
+             "| classifier-score dirichlet 0.3 | wall s (iid) | machine |",
+             "|---|---|---|---|---|---|---|"]
     lines.append(f"| untrained G | {spread(untrained['iid'], '.0f')} | "
-                 f"{spread(untrained['dirichlet 0.3'], '.0f')} | | | |")
+                 f"{spread(untrained['dirichlet 0.3'], '.0f')} | | | | |")
     for strategy in (QUICK_STRATEGIES if args.quick else STRATEGIES):
         by_split = {split: [Run(strategy, split, seed) for seed in args.seeds]
                     for split in SPLITS}
@@ -211,7 +211,8 @@ def quality_table(results: dict[str, dict], args: argparse.Namespace,
             f"{_cells(results, by_split['dirichlet 0.3'], 'fid', '.0f')} | "
             f"{_cells(results, by_split['iid'], 'classifier-score', '.2f')} | "
             f"{_cells(results, by_split['dirichlet 0.3'], 'classifier-score', '.2f')} | "
-            f"{_cells(results, by_split['iid'], 'wall_s', '.0f')} |")
+            f"{_cells(results, by_split['iid'], 'wall_s', '.0f')} | "
+            f"{machines.tag(r.name for runs in by_split.values() for r in runs)} |")
     return lines
 
 
@@ -219,34 +220,24 @@ def robustness_table(results: dict[str, dict], args: argparse.Namespace) -> list
     """Table 2: robust rules against a clean run, 1 and 2 attackers."""
     columns = [(None, 0)] + [(attack, n) for n in ATTACKERS for attack in ATTACKS]
     head = ["clean"] + [f"{attack}, {n} of 5" for attack, n in columns[1:]]
+    machines = Machines(results)
     lines = ["| rule | f told (1 / 2 attackers) | " + " | ".join(f"fid {h}" for h in head)
-             + " | replies dropped (all runs) |",
-             "|---|---|" + "---|" * len(head) + "---|"]
+             + " | replies dropped (all runs) | machine |",
+             "|---|---|" + "---|" * len(head) + "---|---|"]
     for rule in robustness_rules(args):
-        cells = []
+        cells, names = [], []
         for attack, n in columns:
             runs = [Run(rule, "iid", seed, attack, n) for seed in args.robustness_seeds]
             cells.append(_cells(results, runs, "fid", ".0f"))
+            names += [r.name for r in runs]
         dropped = sum(results[r.name]["dropped"] for r in plan(args)
                       if r.strategy == rule and r.split == "iid" and r.name in results
                       and r.seed in args.robustness_seeds)
         strategy = "fedavg" if rule == SCREENED else rule
         told = f"{declared_f(strategy, 1)} / {declared_f(strategy, 2)}"
-        lines.append(f"| {rule} | {told} | " + " | ".join(cells) + f" | {dropped:g} |")
+        lines.append(f"| {rule} | {told} | " + " | ".join(cells)
+                     + f" | {dropped:g} | {machines.tag(names)} |")
     return lines
-
-
-def machine() -> str:
-    """CPU model, cores, load, torch: what the timings depend on."""
-    try:
-        model = next(line.split(":", 1)[1].strip() for line in subprocess.run(
-            ["lscpu"], capture_output=True, text=True).stdout.splitlines()
-            if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        model = platform.processor() or platform.machine()
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    return (f"{model}, {os.cpu_count()} cores (load average {load} when written), torch "
-            f"{torch.__version__}, {torch.get_num_threads()} torch thread(s)")
 
 
 def write_report(path: Path, results: dict[str, dict], args: argparse.Namespace,
@@ -264,8 +255,7 @@ def write_report(path: Path, results: dict[str, dict], args: argparse.Namespace,
         "",
         f"Command: `{command.strip()}`",
         "",
-        f"Machine: {machine()}.",
-        "",
+        *Machines(results).legend(),
         "## Setup",
         "",
         "- 5 in-process clients (the real ServerApp and ClientApp), offline MNIST "
