@@ -119,7 +119,7 @@ def _step_runner(variant: str, settings: dict[str, Any], batch: int
 
     import torch
 
-    from fedgan_app.gan.training import StepRecipe, train_gan
+    from fedgan_app.gan.training import Agent, LocalRound, StepRecipe, train_gan
 
     on = set(SPEEDUPS) if variant == "bf16" else (
         set(SPEEDUPS[:SPEEDUPS.index(variant) + 1]) if variant in SPEEDUPS else set())
@@ -150,8 +150,8 @@ def _step_runner(variant: str, settings: dict[str, Any], batch: int
             legacy_step(generator, discriminator, opt_g, opt_d, batches, steps, rng)
         else:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=variant == "bf16"):
-                train_gan(generator, discriminator, opt_g, opt_d, batches, steps, cpu, rng,
-                          StepRecipe.from_settings(cfg), channels_last=cl)
+                train_gan(Agent(generator, discriminator, opt_g, opt_d), batches,
+                          LocalRound(steps, cpu, rng, StepRecipe.from_settings(cfg), cl))
         return steps * batch / (time.perf_counter() - start)
 
     return run

@@ -58,7 +58,7 @@ DIFFAUGMENT_POLICIES = ("none", "translation", "cutout", "translation,cutout",
                         "color,translation,cutout")
 BATCHNORM_POLICIES = ("average", "local")
 CONDITIONINGS = ("acgan", "projection")
-# Flower's strategies behind FedGAN's reply checks (fedgan_app.federation.fedgan builds them).
+# Flower's strategies behind FedGAN's reply checks (fedgan_app.federation.rules builds them).
 STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedadagrad", "fedyogi",
               "median", "trimmed-mean", "krum", "multikrum", "bulyan")
 # Keys that were removed, and the key that replaced each.
@@ -249,6 +249,11 @@ SETTINGS: tuple[Setting, ...] = (
 )
 
 SETTINGS_BY_KEY: dict[str, Setting] = {s.key: s for s in SETTINGS}
+
+
+def default(key: str) -> Any:
+    """A setting's default: the one literal, read by GANConfig, StepRecipe and benchmarks."""
+    return SETTINGS_BY_KEY[key].default
 
 
 def _check(setting: Setting, value: Any) -> Any:

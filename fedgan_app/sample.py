@@ -32,7 +32,6 @@ import torch
 from fedgan_app.config import SETTINGS_BY_KEY, ConfigError, RunConfig
 from fedgan_app.files import atomic_write
 from fedgan_app.gan.models import (
-    G_PREFIX,
     GANConfig,
     Generator,
     ModelShapeError,
@@ -42,6 +41,7 @@ from fedgan_app.gan.models import (
 from fedgan_app.gan.training import derive_seed, sample_images
 from fedgan_app.outputs.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from fedgan_app.outputs.tracking import make_grid
+from fedgan_app.protocol.message import G_PREFIX
 from fedgan_app.quality.judge import (
     GRID_COLUMNS,
     GRID_NOISE_STREAM,

@@ -13,17 +13,17 @@ from flwr.serverapp import Grid, ServerApp
 from fedgan_app.config import RunConfig
 from fedgan_app.data.prepared import load_server_split, partition_label_counts
 from fedgan_app.data.spec import partition_spec
-from fedgan_app.federation.fedgan import FedGAN, check_federation, make_inner_strategy
+from fedgan_app.federation.rules import check_federation
+from fedgan_app.federation.strategy import build_strategy
 from fedgan_app.gan.models import (
     GANConfig,
     Generator,
-    buffer_keys,
     build_gan,
     gan_config,
-    pack_gan,
     pick_device,
 )
 from fedgan_app.outputs.recorder import Recorder, load_resume, resume_arrays, run_folder
+from fedgan_app.protocol.message import buffer_keys, pack_gan
 from fedgan_app.quality.judge import (
     QualityJudge,
     class_grid,
@@ -56,11 +56,9 @@ def main(grid: Grid, context: Context) -> None:
 
     # The recorder ends every round; the strategy checks replies, then aggregates.
     recorder = Recorder(cfg, run_folder(cfg, resume_path), resume, resume_path)
-    strategy = FedGAN(make_inner_strategy(cfg, num_nodes), cfg, reference,
-                      buffer_keys(generator, discriminator), recorder,
-                      num_classes=server_data.num_classes,
-                      partitions=(partial(_partition_counts, cfg)
-                                  if cfg.weight_check == "partition-size" else None))
+    strategy = build_strategy(cfg, reference, buffer_keys(generator, discriminator), recorder,
+                              num_nodes, num_classes=server_data.num_classes,
+                              partitions=partial(_partition_counts, cfg), grid=grid)
     if resume:
         strategy.load_state(resume.strategy_state, resume_path)
     judge = QualityJudge(cfg.dataset, cfg.seed, cfg.eval_samples, server_data, spec,

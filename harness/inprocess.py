@@ -17,6 +17,8 @@ from flwr.app.error import Error
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedgan_app.protocol.message import NUM_PARTITIONS, PARTITION_ID
+
 RUN_ID = 1
 SERVER_NODE_ID = 0
 
@@ -90,7 +92,7 @@ class InProcessGrid(Grid):
             node_id: Context(
                 run_id=RUN_ID,
                 node_id=node_id,
-                node_config={"partition-id": partition, "num-partitions": num_partitions},
+                node_config={PARTITION_ID: partition, NUM_PARTITIONS: num_partitions},
                 state=RecordDict(),
                 run_config=dict(run_config),
             )

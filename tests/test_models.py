@@ -1,22 +1,21 @@
-"""DCGAN shapes, init and the pack/unpack round trip."""
+"""DCGAN shapes, init, variants and defaults (packing: tests/test_message.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from fedgan_app.config import RunConfig
 from fedgan_app.gan.models import (
-    D_PREFIX,
-    G_PREFIX,
     GANConfig,
     ModelShapeError,
     build_gan,
-    pack_gan,
+    gan_config,
     pick_device,
     recalibrate_batchnorm,
-    unpack_gan,
 )
 from fedgan_app.gan.training import to_channels_last
+from fedgan_app.protocol.message import pack_gan, unpack_gan
 
 
 @pytest.mark.parametrize("channels,size", [(1, 28), (3, 32)])
@@ -45,34 +44,6 @@ def test_same_seed_same_weights_and_dcgan_init() -> None:
     assert abs(w1.std().item() - 0.02) < 0.002
 
 
-def test_pack_unpack_round_trip_is_exact_with_batchnorm_buffers() -> None:
-    # Prepare: run a forward pass in train mode so BN running stats move
-    generator, discriminator = build_gan(GANConfig(), 1)
-    discriminator(generator(torch.randn(8, 100)))
-    target_g, target_d = build_gan(GANConfig(), 2)
-
-    # Execute
-    record = pack_gan(generator, discriminator)
-    unpack_gan(record, target_g, target_d)
-
-    # Assert
-    keys = list(record.keys())
-    assert any(k.startswith(G_PREFIX) and "running_mean" in k for k in keys)
-    assert any(k.startswith(D_PREFIX) and "num_batches_tracked" in k for k in keys)
-    for src, dst in ((generator, target_g), (discriminator, target_d)):
-        for (name, a), b in zip(src.state_dict().items(), dst.state_dict().values(), strict=True):
-            assert torch.equal(a, b), name
-            assert a.dtype == b.dtype
-
-
-def test_unpack_rejects_foreign_keys() -> None:
-    generator, discriminator = build_gan(GANConfig(), 1)
-    record = pack_gan(generator, discriminator)
-    record["other.weight"] = record[G_PREFIX + "net.0.weight"]
-    with pytest.raises(KeyError, match="other.weight"):
-        unpack_gan(record, generator, discriminator)
-
-
 @pytest.mark.parametrize("channels,size", [(2, 28), (1, 30), (1, 128)])
 def test_unsupported_shapes_fail_clearly(channels: int, size: int) -> None:
     with pytest.raises(ModelShapeError):
@@ -93,7 +64,8 @@ def test_device_choice_follows_cuda_availability(monkeypatch: pytest.MonkeyPatch
 
 
 @pytest.mark.parametrize("cfg", [
-    GANConfig(num_classes=10), GANConfig(num_classes=10, conditioning="projection"),
+    GANConfig(num_classes=10, conditioning="acgan"),
+    GANConfig(num_classes=10, conditioning="projection"),
     GANConfig(d_norm="spectral", g_width=16, d_width=16),
 ])
 def test_conditional_and_spectral_variants_shapes_and_packing(cfg: GANConfig) -> None:
@@ -179,3 +151,17 @@ def test_first_layers_as_matrix_products_equal_the_convolutions(
     # and the layout the next layer is stored in
     assert fast_d.is_contiguous(
         memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def test_gan_config_defaults_are_the_default_run_settings_value_by_value() -> None:
+    # Prepare: the GANConfig the default run builds for 28x28 grey images of 10 classes
+    built = gan_config(RunConfig.defaults(), (1, 28, 28), num_classes=10)
+
+    # Execute
+    bare = GANConfig()
+
+    # Assert: every architecture field a setting decides, one by one
+    for name in ("latent_dim", "g_width", "d_width", "d_norm", "conditioning"):
+        assert getattr(bare, name) == getattr(built, name), name
+    assert (bare.channels, bare.image_size) == (built.channels, built.image_size)
+    assert built.num_classes == 10 and bare.num_classes == 0  # the data decides this one

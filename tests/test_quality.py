@@ -7,7 +7,8 @@ import torch
 from fedgan_app.config import RunConfig
 from fedgan_app.data.prepared import load_server_split
 from fedgan_app.data.spec import partition_spec
-from fedgan_app.gan.models import GANConfig, build_gan, pack_gan
+from fedgan_app.gan.models import GANConfig, build_gan
+from fedgan_app.protocol.message import pack_gan
 from fedgan_app.quality.evaluator import cache_path
 from fedgan_app.quality.judge import (
     GRID_IMAGES,

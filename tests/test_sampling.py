@@ -11,16 +11,20 @@ from flwr.app import ConfigRecord, Message
 
 from fedgan_app.config import RunConfig
 from fedgan_app.federation import client_app
-from fedgan_app.federation.fedgan import FedGAN, make_inner_strategy
+from fedgan_app.federation.rounds import RunRounds
+from fedgan_app.federation.rules import RULES
 from fedgan_app.federation.sampling import (
     EVALUATE_STREAM,
-    QUERY_RECORD_KEY,
     TRAIN_STREAM,
+    ClientSampling,
     PartitionSampler,
     SampledGrid,
     partition_order,
 )
-from fedgan_app.gan.models import GANConfig, buffer_keys, build_gan, pack_gan
+from fedgan_app.federation.strategy import build_strategy
+from fedgan_app.federation.wrapper import find_layer
+from fedgan_app.gan.models import GANConfig, build_gan
+from fedgan_app.protocol.message import QUERY_RECORD_KEY, buffer_keys, pack_gan
 from harness.inprocess import InProcessGrid
 from tests.test_strategy import CollectingSink
 
@@ -29,13 +33,13 @@ REFERENCE = pack_gan(*build_gan(GANConfig(), seed=0))
 BUFFERS = buffer_keys(*build_gan(GANConfig(), seed=0))
 
 
-def _fedgan(offset: int = 0, **overrides: Any) -> tuple[FedGAN, CollectingSink]:
-    """FedGAN around FedAvg with these settings (a short round-timeout for silent nodes)."""
+def _fedgan(offset: int = 0, **overrides: Any) -> tuple[RunRounds, CollectingSink]:
+    """The strategy stack around FedAvg with these settings (a short round-timeout)."""
     # eval-every 1: every round asks clients for D's accuracy (its sampling is tested)
     cfg = RunConfig.defaults(**{"round_timeout": 0.3, "eval_every": 1, "weight_check": "cap",
                                 **overrides})
     sink = CollectingSink(offset)
-    return FedGAN(make_inner_strategy(cfg, 8), cfg, REFERENCE, BUFFERS, sink), sink
+    return build_strategy(cfg, REFERENCE, BUFFERS, sink, 8), sink
 
 
 def _grid(num_nodes: int = 8, node_ids: list[int] | None = None, **kwargs: Any
@@ -51,7 +55,7 @@ def _partitions(grid: InProcessGrid, messages: list[Message]) -> list[int]:
                   for m in messages)
 
 
-def _rounds(strategy: FedGAN, grid: InProcessGrid, rounds: int = ROUNDS
+def _rounds(strategy: RunRounds, grid: InProcessGrid, rounds: int = ROUNDS
             ) -> list[tuple[list[int], list[int]]]:
     """(train partitions, evaluate partitions) of each round's configure calls."""
     sampled = []
@@ -116,7 +120,7 @@ def test_fraction_one_sends_no_query(fraction_evaluate: float) -> None:
     sampled = _rounds(strategy, grid, rounds=2)
 
     # Assert: no query, every node trains (and evaluates when asked to)
-    assert strategy.sampler is None and _queried(grid) == []
+    assert find_layer(strategy, ClientSampling).sampler is None and _queried(grid) == []
     assert {kind for _, kind in grid.calls} <= {"train", "evaluate"}
     every = [0, 1, 2, 3]
     assert sampled == [(every, every if fraction_evaluate else [])] * 2
@@ -264,7 +268,7 @@ def test_the_sampled_grid_shows_only_the_sampled_nodes() -> None:
 
     # Execute
     sampled = SampledGrid(grid, [103, 101])
-    messages = list(make_inner_strategy(RunConfig.defaults(), 4).configure_train(
+    messages = list(RULES["fedavg"].build(RunConfig.defaults(), 4).configure_train(
         1, REFERENCE, ConfigRecord(), sampled))
 
     # Assert: Flower's FedAvg (fraction 1.0) sends to exactly those nodes
@@ -310,8 +314,8 @@ def test_a_missing_partition_is_replaced_and_the_rest_of_the_choice_stays() -> N
 def test_the_partition_size_check_asks_each_node_once() -> None:
     # Prepare: every node trains every round, and claims are checked against partitions
     cfg = RunConfig.defaults(fraction_evaluate=0.0)
-    strategy = FedGAN(make_inner_strategy(cfg, 4), cfg, REFERENCE, BUFFERS, CollectingSink(),
-                      num_classes=10, partitions=lambda n: [[1] * 10] * n)
+    strategy = build_strategy(cfg, REFERENCE, BUFFERS, CollectingSink(), 4, num_classes=10,
+                              partitions=lambda n: [[1] * 10] * n)
     grid = _grid(num_nodes=4)
 
     # Execute
@@ -320,5 +324,26 @@ def test_the_partition_size_check_asks_each_node_once() -> None:
 
     # Assert: one query per node, in round 1; every round trains all four
     queries = [call for call in grid.calls if call[1] == "query"]
-    assert len(queries) == 4 and strategy.sampler.queried == 4
-    assert strategy.sampler.claims == {101: 0, 102: 1, 103: 2, 104: 3}
+    sampler = find_layer(strategy, ClientSampling).sampler
+    assert len(queries) == 4 and sampler.queried == 4
+    assert sampler.claims == {101: 0, 102: 1, 103: 2, 104: 3}
+
+
+def test_the_wiring_asks_the_connected_nodes_before_the_first_round() -> None:
+    # Prepare: seeded sampling of 4 of 8 nodes, the grid known when the strategy is built
+    grid = _grid(num_nodes=8)
+    cfg = RunConfig.defaults(fraction_train=0.5, fraction_evaluate=0.0, weight_check="cap",
+                             round_timeout=5.0)
+    sink = CollectingSink()
+
+    # Execute
+    strategy = build_strategy(cfg, REFERENCE, BUFFERS, sink, 8, grid=grid)
+    asked_when_built = list(grid.calls)
+    train = list(strategy.configure_train(1, REFERENCE, ConfigRecord(), grid))
+    strategy.aggregate_train(1, [])
+
+    # Assert: every node asked once, before round 1, which asks nobody and counts
+    # the wiring's seconds in its row
+    assert asked_when_built == [(node, "query") for node in range(101, 109)]
+    assert _queried(grid) == list(range(101, 109))
+    assert len(train) == 4 and sink.rows[1]["time-query-s"] > 0

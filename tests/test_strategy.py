@@ -1,7 +1,8 @@
-"""FedGAN around Flower's strategies: validation, BatchNorm buffers, robust rules, state."""
+"""The server's strategy stack around Flower's rules: checks, buffers, robust rules, state."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import pickle
 import tracemalloc
@@ -30,9 +31,15 @@ from flwr.serverapp.strategy import (
 
 from fedgan_app.config import STRATEGIES, ConfigError, RunConfig
 from fedgan_app.federation import client_app
-from fedgan_app.federation.fedgan import FedGAN, check_federation, make_inner_strategy
-from fedgan_app.gan.models import GANConfig, buffer_keys, build_gan, pack_gan
+from fedgan_app.federation.buffers import BufferSplit
+from fedgan_app.federation.rounds import RunRounds
+from fedgan_app.federation.rules import RULES, check_federation
+from fedgan_app.federation.screen import ReplyScreen
+from fedgan_app.federation.strategy import build_strategy
+from fedgan_app.federation.wrapper import find_layer
+from fedgan_app.gan.models import GANConfig, build_gan
 from fedgan_app.outputs.checkpoint import CheckpointError
+from fedgan_app.protocol.message import buffer_keys, pack_gan
 from fedgan_app.protocol.metadata import METADATA_KEY, encode_metadata
 from harness.attacks import OsSystem, honest_meta
 from harness.inprocess import InProcessGrid
@@ -108,8 +115,8 @@ def _reply(node_id: int, arrays: ArrayRecord, num_examples: int,
 
 
 def _strategy(num_nodes: int = 5, offset: int = 0, configure: bool = True,
-              **overrides: Any) -> tuple[FedGAN, CollectingSink]:
-    """FedGAN around the configured Flower strategy, after configure_train of round 1.
+              **overrides: Any) -> tuple[RunRounds, CollectingSink]:
+    """The strategy stack around the configured Flower rule, after configure_train of round 1.
 
     Claims are trusted as they are (weight-check 'cap' with both caps off) unless a
     test sets the weight settings: the weight checks have tests of their own.
@@ -118,14 +125,13 @@ def _strategy(num_nodes: int = 5, offset: int = 0, configure: bool = True,
                  **overrides}
     cfg = RunConfig.defaults(**overrides)
     sink = CollectingSink(offset)
-    strategy = FedGAN(make_inner_strategy(cfg, num_nodes), cfg, _reference(),
-                      buffer_keys(*_models()), sink)
+    strategy = build_strategy(cfg, _reference(), buffer_keys(*_models()), sink, num_nodes)
     if configure:
         _configure(strategy, _reference(), num_nodes)
     return strategy, sink
 
 
-def _configure(strategy: FedGAN, arrays: ArrayRecord, num_nodes: int = 5) -> list[Message]:
+def _configure(strategy: RunRounds, arrays: ArrayRecord, num_nodes: int = 5) -> list[Message]:
     grid = InProcessGrid(client_app.app, num_nodes=num_nodes, run_config={})
     return list(strategy.configure_train(1, arrays, ConfigRecord(), grid))
 
@@ -322,7 +328,7 @@ def test_every_strategy_setting_builds_its_flower_strategy_with_its_settings() -
            "proximal_mu": 0.5, "trim_fraction": 0.3, "num_malicious_clients": 0}
 
     # Execute
-    inner = {name: make_inner_strategy(RunConfig.defaults(strategy=name, **cfg), 5)
+    inner = {name: RULES[name].build(RunConfig.defaults(strategy=name, **cfg), 5)
              for name in STRATEGIES}
 
     # Assert
@@ -381,13 +387,17 @@ class SpyFedAdam(FedAdam):
         return super().aggregate_train(server_round, replies)
 
 
-def test_buffers_never_reach_the_server_optimizer_and_are_plainly_averaged() -> None:
-    # Prepare: FedAdam (Flower's) behind FedGAN, three clients
+def test_buffers_never_reach_the_server_optimizer_and_are_plainly_averaged(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Prepare: FedAdam (Flower's) behind the stack, three clients
     cfg = RunConfig.defaults(strategy="fedadam", weight_check="cap", weight_cap_ratio=0.0,
                              max_weight_share=1.0)
     sink = CollectingSink()
     inner = SpyFedAdam(eta=0.01, beta_1=0.9, beta_2=0.99, tau=1e-3)
-    strategy = FedGAN(inner, cfg, _reference(), buffer_keys(*_models()), sink)
+    monkeypatch.setitem(RULES, "fedadam",
+                        dataclasses.replace(RULES["fedadam"], build=lambda c, n: inner))
+    strategy = build_strategy(cfg, _reference(), buffer_keys(*_models()), sink, 5)
     _configure(strategy, _reference())
     sizes = [100, 300, 600]
     arrays = [_client_arrays(seed) for seed in (1, 2, 3)]
@@ -524,7 +534,7 @@ def test_optimizer_state_of_another_strategy_is_ignored_with_a_warning(
     with caplog.at_level(logging.WARNING):
         strategy.load_state({"strategy": "fedadam", f"m_t/{G_WEIGHT}": torch.zeros(3)},
                             "ckpt.pt")
-    assert strategy.strategy.m_t is None
+    assert find_layer(strategy, BufferSplit).strategy.m_t is None
     assert any("ignoring the server optimizer state of strategy 'fedadam'" in r.getMessage()
                for r in caplog.records)
 
@@ -649,7 +659,7 @@ def test_an_error_the_superlink_writes_for_a_vanished_node_names_that_node() -> 
     strategy, sink = _strategy()
     request = Message(content=RecordDict(), dst_node_id=30, message_type="train")
     request.metadata.__dict__["_message_id"] = "request-to-30"
-    strategy._sent_messages = [request]
+    find_layer(strategy, ReplyScreen)._sent_messages = [request]
     failed = Message(Error(code=1, reason="node unavailable"), reply_to=request)
     failed.metadata.__dict__["_src_node_id"] = SUPERLINK_NODE_ID
 
@@ -668,12 +678,12 @@ COUNTS = [[100 + 10 * p if c == p else 0 for c in range(10)] for p in range(5)]
 
 
 def _checked_strategy(partition_ids: list[int] | None = None,
-                      **overrides: Any) -> tuple[FedGAN, CollectingSink]:
-    """FedGAN with weight-check partition-size (the default), after round 1's query."""
+                      **overrides: Any) -> tuple[RunRounds, CollectingSink]:
+    """The stack with weight-check partition-size (the default), after round 1's query."""
     cfg = RunConfig.defaults(**overrides)
     sink = CollectingSink()
-    strategy = FedGAN(make_inner_strategy(cfg, 5), cfg, _reference(), buffer_keys(*_models()),
-                      sink, num_classes=10, partitions=lambda n: COUNTS[:n])
+    strategy = build_strategy(cfg, _reference(), buffer_keys(*_models()), sink, 5,
+                              num_classes=10, partitions=lambda n: COUNTS[:n])
     grid = InProcessGrid(client_app.app, num_nodes=5, run_config={},
                          partition_ids=partition_ids)
     list(strategy.configure_train(1, _reference(), ConfigRecord(), grid))

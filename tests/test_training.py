@@ -13,6 +13,8 @@ from fedgan_app.config import RunConfig
 from fedgan_app.gan.diffaugment import diff_augment, parse_policy
 from fedgan_app.gan.models import GANConfig, Generator, build_gan, gan_config
 from fedgan_app.gan.training import (
+    Agent,
+    LocalRound,
     StepRecipe,
     make_optimizers,
     proximal_term,
@@ -127,9 +129,10 @@ def fast_step_losses(cfg: GANConfig, recipe: StepRecipe, seed: int,
     if channels_last:
         to_channels_last(generator, discriminator)
     images, labels = _data()
-    stats = train_gan(generator, discriminator, opt_g, opt_d, _batches(images, labels),
-                      steps, torch.device("cpu"), torch.Generator().manual_seed(seed),
-                      recipe, channels_last=channels_last)
+    local = LocalRound(steps, torch.device("cpu"), torch.Generator().manual_seed(seed),
+                       recipe, channels_last=channels_last)
+    stats = train_gan(Agent(generator, discriminator, opt_g, opt_d),
+                      _batches(images, labels), local)
     return [list(row) for row in zip(stats.loss_d, stats.loss_g, stats.d_x, stats.d_gz,
                                      strict=True)]
 
@@ -140,7 +143,7 @@ RECIPES = {
     "dcgan": (GANConfig(), StepRecipe()),
     "hinge-spectral-diffaugment": (GANConfig(d_norm="spectral"),
                                    StepRecipe(loss="hinge", augment="translation,cutout")),
-    "acgan": (GANConfig(num_classes=10), StepRecipe(augment="translation")),
+    "acgan": (GANConfig(num_classes=10, conditioning="acgan"), StepRecipe(augment="translation")),
     "projection": (GANConfig(num_classes=10, conditioning="projection", d_norm="spectral"),
                    StepRecipe(loss="hinge")),
 }
@@ -215,9 +218,9 @@ def test_fedprox_keeps_weights_closer_to_the_start() -> None:
         opt_g, opt_d = make_optimizers(generator, discriminator, 1e-3, 1e-3, (0.5, 0.999))
 
         # Execute
-        train_gan(generator, discriminator, opt_g, opt_d, _batches(images, labels), 10,
-                  torch.device("cpu"), torch.Generator().manual_seed(0),
-                  StepRecipe(proximal_mu=mu))
+        train_gan(Agent(generator, discriminator, opt_g, opt_d), _batches(images, labels),
+                  LocalRound(10, torch.device("cpu"), torch.Generator().manual_seed(0),
+                             StepRecipe(proximal_mu=mu)))
         drift[mu] = sum((p - s).pow(2).sum().item()
                         for p, s in zip(generator.parameters(), start, strict=True))
 
@@ -230,3 +233,15 @@ def test_unknown_loss_or_policy_is_rejected() -> None:
         StepRecipe(loss="wasserstein")
     with pytest.raises(ValueError, match="policy"):
         StepRecipe(augment="translation,rotate")
+
+
+def test_step_recipe_defaults_are_the_default_run_settings_value_by_value() -> None:
+    # Prepare: the recipe the default run's clients use (no FedProx term)
+    built = StepRecipe.from_settings(RunConfig.defaults())
+
+    # Execute
+    bare = StepRecipe()
+
+    # Assert
+    for name in ("loss", "augment", "aux_weight", "proximal_mu"):
+        assert getattr(bare, name) == getattr(built, name), name

@@ -1,4 +1,9 @@
-"""ClientApp: a FedGAN agent trains G and D on its own partition each round."""
+"""ClientApp: a FedGAN agent trains G and D on its own partition each round.
+
+`train` reads as Flower's quickstart does: read the request, build the
+agent, restore what this node keeps between rounds, train K local steps,
+save, reply. Every key of the message is `fedgan_app.protocol.message`'s.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ from contextlib import nullcontext
 from logging import INFO, WARNING
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 
@@ -16,18 +21,17 @@ from fedgan_app.config import RunConfig
 from fedgan_app.data.prepared import batch_iterator, load_partition
 from fedgan_app.data.spec import ImageData, partition_spec
 from fedgan_app.federation.cores import CoreShare
-from fedgan_app.federation.sampling import query_reply
 from fedgan_app.gan.models import (
     Discriminator,
     Generator,
     batchnorm_stat_keys,
     gan_config,
-    pack_gan,
     pick_device,
-    split_state,
-    unpack_gan,
 )
 from fedgan_app.gan.training import (
+    Agent,
+    LocalRound,
+    LocalStats,
     StepRecipe,
     derive_seed,
     discriminator_accuracy,
@@ -36,6 +40,22 @@ from fedgan_app.gan.training import (
     set_torch_threads,
     to_channels_last,
     train_gan,
+)
+from fedgan_app.protocol.message import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    NUM_PARTITIONS,
+    PARTITION_ID,
+    RoundConfig,
+    TrainMetrics,
+    evaluate_reply,
+    mean,
+    pack_gan,
+    query_reply,
+    server_round_of,
+    split_state,
+    train_reply,
+    unpack_gan,
 )
 from fedgan_app.protocol.metadata import (
     EVAL_MAX_IMAGES,
@@ -53,84 +73,46 @@ BN_STATE_KEY = "batchnorm-statistics"  # this node's own BN statistics (batchnor
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the received G and D for K local steps and reply with both."""
-    # Settings: the run's config, and this round's values from the server.
+    # Read: the run's settings, this round's values from the server, the partition.
     cfg = RunConfig.from_run_config(context.run_config)
-    round_cfg = msg.content["config"]
-    server_round = int(round_cfg["server-round"])
+    round_cfg = RoundConfig.from_record(msg.content[CONFIG_KEY])
     partition_id, data = _load_local_data(cfg, context)
     device = pick_device(cfg.device)
     set_torch_threads(cfg.client_threads or None)
 
-    # Models from the global arrays; Adam state and, with batchnorm='local', the
-    # BatchNorm statistics from this node's own state.
-    generator, discriminator = _build_models(cfg, data, msg.content["arrays"], device)
-    if cfg.batchnorm == "local":
-        _restore_batchnorm(context, generator, discriminator)
-    opt_g, opt_d = make_optimizers(
-        generator, discriminator, float(round_cfg["lr-generator"]),
-        float(round_cfg["lr-discriminator"]), (cfg.adam_beta1, cfg.adam_beta2),
-    )
-    if cfg.keeps_optimizer_state:
-        _restore_optimizer(context, OPT_KEYS["g"], opt_g)
-        _restore_optimizer(context, OPT_KEYS["d"], opt_d)
-    # The server's schedule decides this round's learning rates.
-    set_lr(opt_g, float(round_cfg["lr-generator"]))
-    set_lr(opt_d, float(round_cfg["lr-discriminator"]))
+    # Build: G and D from the global arrays, Adam at the round's scheduled rates.
+    generator, discriminator = _build_models(cfg, data, msg.content[ARRAYS_KEY], device)
+    agent = Agent(generator, discriminator, *make_optimizers(
+        generator, discriminator, round_cfg.lr_generator, round_cfg.lr_discriminator,
+        (cfg.adam_beta1, cfg.adam_beta2)))
 
-    # K local steps with RNG derived from (seed, round, partition id).
-    rng = torch.Generator().manual_seed(
-        derive_seed(int(round_cfg["seed"]), server_round, partition_id)
-    )
-    batches = batch_iterator(data, int(round_cfg["batch-size"]), rng)
-    # FedProx sends its mu: the proximal term keeps local weights near the global ones.
-    recipe = StepRecipe.from_settings(cfg, float(round_cfg.get("proximal-mu", 0.0)))
-    # client-threads = 0: share the cores with the clients training beside this one.
-    adaptive = cfg.client_threads == 0 and device.type == "cpu"
-    with CoreShare(str(context.run_id)) if adaptive else nullcontext() as share:
-        stats = train_gan(generator, discriminator, opt_g, opt_d, batches,
-                          int(round_cfg["local-steps"]), device, rng, recipe,
-                          channels_last=True, threads=share.threads if share else None)
-    if cfg.keeps_optimizer_state:
-        _save_optimizer(context, OPT_KEYS["g"], opt_g)
-        _save_optimizer(context, OPT_KEYS["d"], opt_d)
-    else:  # a sampled client's state would be stale, and held for every client
-        _drop_optimizer_state(context)
-    if cfg.batchnorm == "local":
-        _save_batchnorm(context, generator, discriminator)
+    # Restore: this node's Adam state and, with batchnorm='local', its BN statistics.
+    _restore_node_state(cfg, context, agent, round_cfg)
 
-    # Reply: both nets, scalar metrics, and the pickled metadata.
-    meta = TrainMetadata(
-        partition_id=partition_id, server_round=server_round, num_examples=len(data),
-        label_histogram=data.label_histogram(), loss_d=stats.loss_d,
-        loss_g=stats.loss_g, d_x=stats.d_x, d_gz=stats.d_gz,
-        wall_time_s=float(stats.wall_time_s), steps=stats.steps,
-        converged=has_converged(stats.loss_g) and has_converged(stats.loss_d),
-        device=str(device),
-    )
-    metrics = MetricRecord({
-        "num-examples": len(data),
-        "loss-d": _mean(stats.loss_d), "loss-g": _mean(stats.loss_g),
-        "d-x": _mean(stats.d_x), "d-gz": _mean(stats.d_gz),
-        "wall-time-s": float(stats.wall_time_s),
-        "images-per-s": stats.images_seen / max(stats.wall_time_s, 1e-9),
-    })
-    log(INFO, "client %d round %d: %d steps in %.1fs, loss D %.3f G %.3f",
-        partition_id, server_round, stats.steps, stats.wall_time_s,
-        metrics["loss-d"], metrics["loss-g"])
-    content = RecordDict({"arrays": pack_gan(generator, discriminator),
-                          "metrics": metrics, "metadata": encode_metadata(meta)})
-    return Message(content=content, reply_to=msg)
+    # Train: K local steps, RNG from (seed, round, partition id).
+    stats = _train_locally(cfg, context, agent, data, round_cfg, partition_id, device)
+
+    # Save: what this node keeps until its next round.
+    _save_node_state(cfg, context, agent)
+
+    # Reply: both nets, scalar metrics and the metadata.
+    log(INFO, "client %d round %d: %d steps in %.1fs, loss D %.3f G %.3f", partition_id,
+        round_cfg.server_round, stats.steps, stats.wall_time_s, mean(stats.loss_d),
+        mean(stats.loss_g))
+    meta = _metadata(stats, data, partition_id, round_cfg.server_round, device)
+    return train_reply(msg, pack_gan(generator, discriminator), _metrics(stats, len(data)),
+                       encode_metadata(meta))
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Report how well the global D tells local real images from G's fakes."""
     cfg = RunConfig.from_run_config(context.run_config)
-    server_round = int(msg.content["config"]["server-round"])
+    server_round = server_round_of(msg.content[CONFIG_KEY])
     partition_id, data = _load_local_data(cfg, context)
     device = pick_device(cfg.device)
     set_torch_threads()
-    generator, discriminator = _build_models(cfg, data, msg.content["arrays"], device)
+    generator, discriminator = _build_models(cfg, data, msg.content[ARRAYS_KEY], device)
     if cfg.batchnorm == "local":
         _restore_batchnorm(context, generator, discriminator)
     real, labels = data.images[:EVAL_MAX_IMAGES], data.labels[:EVAL_MAX_IMAGES]
@@ -138,8 +120,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         derive_seed(cfg.seed, server_round, partition_id, 1)
     )
     accuracy = discriminator_accuracy(generator, discriminator, real, labels, device, rng)
-    metrics = MetricRecord({"num-examples": int(real.size(0)), "d-accuracy": accuracy})
-    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+    return evaluate_reply(msg, int(real.size(0)), accuracy)
 
 
 @app.query()
@@ -148,11 +129,75 @@ def query(msg: Message, context: Context) -> Message:
     return query_reply(msg, *_partition_of(context))
 
 
+def _restore_node_state(cfg: RunConfig, context: Context, agent: Agent,
+                        round_cfg: RoundConfig) -> None:
+    """Load this node's kept state into the agent; the server's rates win."""
+    if cfg.batchnorm == "local":
+        _restore_batchnorm(context, agent.generator, agent.discriminator)
+    if cfg.keeps_optimizer_state:
+        _restore_optimizer(context, OPT_KEYS["g"], agent.opt_g)
+        _restore_optimizer(context, OPT_KEYS["d"], agent.opt_d)
+    # The server's schedule decides this round's learning rates.
+    set_lr(agent.opt_g, round_cfg.lr_generator)
+    set_lr(agent.opt_d, round_cfg.lr_discriminator)
+
+
+def _train_locally(cfg: RunConfig, context: Context, agent: Agent, data: ImageData,
+                   round_cfg: RoundConfig, partition_id: int,
+                   device: torch.device) -> LocalStats:
+    """K local steps on this node's partition, seeded by (seed, round, partition id)."""
+    rng = torch.Generator().manual_seed(
+        derive_seed(round_cfg.seed, round_cfg.server_round, partition_id))
+    batches = batch_iterator(data, round_cfg.batch_size, rng)
+    # FedProx sends its mu: the proximal term keeps local weights near the global ones.
+    recipe = StepRecipe.from_settings(cfg, round_cfg.proximal_mu or 0.0)
+    # client-threads = 0: share the cores with the clients training beside this one.
+    adaptive = cfg.client_threads == 0 and device.type == "cpu"
+    with CoreShare(str(context.run_id)) if adaptive else nullcontext() as share:
+        local = LocalRound(steps=round_cfg.local_steps, device=device, rng=rng,
+                           recipe=recipe, channels_last=True,
+                           threads=share.threads if share else None)
+        return train_gan(agent, batches, local)
+
+
+def _save_node_state(cfg: RunConfig, context: Context, agent: Agent) -> None:
+    """Keep what this node needs next round in context.state (or forget its Adam state)."""
+    if cfg.keeps_optimizer_state:
+        _save_optimizer(context, OPT_KEYS["g"], agent.opt_g)
+        _save_optimizer(context, OPT_KEYS["d"], agent.opt_d)
+    else:  # a sampled client's state would be stale, and held for every client
+        _drop_optimizer_state(context)
+    if cfg.batchnorm == "local":
+        _save_batchnorm(context, agent.generator, agent.discriminator)
+
+
+def _metrics(stats: LocalStats, num_examples: int) -> TrainMetrics:
+    """The reply's scalars: per-step means, throughput and the partition's size."""
+    return TrainMetrics(
+        num_examples=num_examples, loss_d=mean(stats.loss_d), loss_g=mean(stats.loss_g),
+        d_x=mean(stats.d_x), d_gz=mean(stats.d_gz), wall_time_s=float(stats.wall_time_s),
+        images_per_s=stats.images_seen / max(stats.wall_time_s, 1e-9),
+    )
+
+
+def _metadata(stats: LocalStats, data: ImageData, partition_id: int, server_round: int,
+              device: torch.device) -> TrainMetadata:
+    """What this client reports about its round beside the scalars."""
+    return TrainMetadata(
+        partition_id=partition_id, server_round=server_round, num_examples=len(data),
+        label_histogram=data.label_histogram(), loss_d=stats.loss_d,
+        loss_g=stats.loss_g, d_x=stats.d_x, d_gz=stats.d_gz,
+        wall_time_s=float(stats.wall_time_s), steps=stats.steps,
+        converged=has_converged(stats.loss_g) and has_converged(stats.loss_d),
+        device=str(device),
+    )
+
+
 def _partition_of(context: Context) -> tuple[int, int]:
     """Partition id and number of partitions, from the node's node_config."""
     try:
-        return (int(context.node_config["partition-id"]),
-                int(context.node_config["num-partitions"]))
+        return (int(context.node_config[PARTITION_ID]),
+                int(context.node_config[NUM_PARTITIONS]))
     except KeyError as exc:
         raise ValueError(
             "node_config needs 'partition-id' and 'num-partitions' (simulation sets "
@@ -236,7 +281,3 @@ def _restore_optimizer(
         # A model shape change between rounds makes old moments meaningless.
         log(WARNING, "ignoring saved optimizer state '%s': %s", key, exc)
 
-
-def _mean(values: list[float]) -> float:
-    """Mean of a non-empty list (0.0 for an empty one)."""
-    return float(sum(values) / len(values)) if values else 0.0

@@ -7,8 +7,8 @@ are partitions, so the sampling here works on partitions:
 
 1. `PartitionSampler.learn` asks every connected node it does not know yet, in
    one batch, which partition it holds: a ``query`` message that the ClientApp
-   answers from ``context.node_config`` (two integers, no arrays). Nodes that
-   join later (Deployment Engine) are asked when they first show up.
+   answers from ``context.node_config`` (two integers, no arrays; the record
+   is `fedgan_app.protocol.message`'s).
 2. `PartitionSampler.sample` ranks the partitions that a connected node holds
    by ``derive_seed(seed, round, stream, partition)`` (a seeded shuffle of
    their own, never the global `random` state) and takes the first
@@ -16,6 +16,17 @@ are partitions, so the sampling here works on partitions:
    that order, so the others stay the ones a full federation would train.
 3. `SampledGrid` shows the inner Flower strategy only the chosen nodes; built
    with fraction 1.0, it sends to exactly those.
+
+Where it happens: sampling comes BEFORE the strategy that checks and
+aggregates. The wiring asks the nodes connected at start once, before
+`Strategy.start` (`ClientSampling.connect`, called by
+`fedgan_app.federation.strategy.build_strategy`; when training samples, it
+first waits for a node, as Flower's own sampling waits for its nodes). Then
+`ClientSampling`, the layer under the round numbering, picks each round's
+nodes and hands the layers below a `SampledGrid`; it asks only nodes that
+joined since (one batch, bounded by 'round-timeout') and never sleeps to
+wait for nodes: a round with no node to sample sends nothing and keeps the
+model. Client evaluation is asked for only in the rounds that score quality.
 
 Answers are untrusted: a node that does not answer (crashed, timed out) is
 logged and left out until it answers; an answer that is malformed, outside
@@ -33,14 +44,18 @@ from collections.abc import Iterable, Sequence
 from logging import INFO, WARNING
 from typing import Any
 
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.common.logger import log
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
 
+from fedgan_app.config import RunConfig
+from fedgan_app.federation.report import RoundReport
+from fedgan_app.federation.wrapper import Wrapper
 from fedgan_app.gan.training import derive_seed
+from fedgan_app.protocol.message import read_query_reply
 
-QUERY_RECORD_KEY = "partition"  # the ConfigRecord of a query reply
 # derive_seed(seed, round, stream) seeds a round's sampling. Negative streams can
 # never equal a partition id, whose (seed, round, partition) seeds a client's RNG.
 TRAIN_STREAM = -1
@@ -50,12 +65,22 @@ EVALUATE_STREAM = -2
 FIRST_POLL_S = 0.05
 LONGEST_POLL_S = 1.0
 LOGGED_IDS = 20  # ids named in one log line, at most
+WAIT_FOR_NODES_S = 1.0  # between looks for a first node, as Flower's sampling waits
 
 
-def query_reply(msg: Message, partition_id: int, num_partitions: int) -> Message:
-    """A node's answer to a query: the partition it holds, of how many."""
-    record = ConfigRecord({"partition-id": partition_id, "num-partitions": num_partitions})
-    return Message(content=RecordDict({QUERY_RECORD_KEY: record}), reply_to=msg)
+def sampled_per_round(cfg: RunConfig, num_nodes: int) -> int:
+    """Clients sampled each round (as Flower's FedAvg samples them)."""
+    return max(int(num_nodes * cfg.fraction_train), 1)
+
+
+def evaluated_per_round(cfg: RunConfig, num_nodes: int) -> int:
+    """Clients asked for D's accuracy each round (as Flower's FedAvg samples them)."""
+    return max(int(num_nodes * cfg.fraction_evaluate), 1)
+
+
+def samples_clients(cfg: RunConfig) -> bool:
+    """Whether some rounds take only a fraction of the clients (then seeded sampling)."""
+    return cfg.fraction_train < 1 or 0 < cfg.fraction_evaluate < 1
 
 
 def partition_order(seed: int, server_round: int, stream: int,
@@ -191,7 +216,7 @@ class PartitionSampler:
                 log(WARNING, "round %d: node %d failed the partition query (%s); it is "
                     "not sampled until it answers", server_round, node, reply.error.reason)
                 continue
-            answer, reason = _read_answer(reply)
+            answer, reason = read_query_reply(reply)
             if answer is None:
                 self.malformed[node] = reason
             else:
@@ -260,21 +285,99 @@ class PartitionSampler:
         self.claims, self.refused = claims, refused
 
 
-def _read_answer(reply: Message) -> tuple[tuple[int, int] | None, str]:
-    """(partition id, num partitions) of a query reply, or (None, why it is unusable)."""
-    record = reply.content.config_records.get(QUERY_RECORD_KEY)
-    if record is None or set(record) != {"partition-id", "num-partitions"}:
-        return None, (f"its answer is not a ConfigRecord '{QUERY_RECORD_KEY}' with "
-                      "partition-id and num-partitions")
-    values = (record["partition-id"], record["num-partitions"])
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        return None, f"partition-id and num-partitions must be integers, got {values}"
-    if values[1] < 1:
-        return None, f"num-partitions must be >= 1, got {values[1]}"
-    return values, ""
-
-
 def _some(ids: Sequence[int]) -> str:
     """At most LOGGED_IDS ids for a log line."""
     shown = ", ".join(str(i) for i in ids[:LOGGED_IDS])
     return shown + (f", ... ({len(ids)} in all)" if len(ids) > LOGGED_IDS else "")
+
+
+class ClientSampling(Wrapper):
+    """Each round's seeded sample of nodes, for the layers below; late joiners asked first.
+
+    Parameters
+    ----------
+    strategy : Strategy
+        The layers below (the reply screen and what it wraps).
+    cfg : RunConfig
+        Fractions, seed and the quality schedule.
+    sampler : PartitionSampler | None
+        Who holds which partition (None: every round takes every node and no
+        claim is checked, so nobody is asked).
+    report : RoundReport
+        Takes the seconds spent asking nodes for their partition.
+
+    """
+
+    def __init__(self, strategy: Strategy, cfg: RunConfig, sampler: PartitionSampler | None,
+                 report: RoundReport) -> None:
+        super().__init__(strategy)
+        self.cfg = cfg
+        self.sampler = sampler
+        self.report = report
+        self._query_s = 0.0  # asked since the last train round: counted in the next one
+
+    def connect(self, grid: Grid, server_round: int) -> None:
+        """Ask the nodes connected now for their partition (the wiring, before the rounds).
+
+        When training samples, first wait for a node, as Flower's own sampling
+        waits for its nodes; a round itself never waits.
+        """
+        if self.sampler is None:
+            return
+        while self.cfg.fraction_train < 1 and not list(grid.get_node_ids()):
+            log(INFO, "waiting for a node to connect before round %d", server_round)
+            time.sleep(WAIT_FOR_NODES_S)
+        self._learn(grid, server_round)
+
+    def summary(self) -> None:
+        """Log how rounds sample, then the layers below."""
+        if self.sampler is not None:
+            log(INFO, "\t├──> seeded sampling by partition: fraction-train %g, "
+                "fraction-evaluate %g (the inner strategy sends to the sampled nodes)",
+                self.cfg.fraction_train, self.cfg.fraction_evaluate)
+        self.strategy.summary()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """The round's train messages, to its seeded sample of partitions."""
+        connected = self._learn(grid, server_round)
+        self.report.time_query_s, self._query_s = self._query_s, 0.0
+        if self.cfg.fraction_train < 1:
+            grid = self._sample(grid, connected, server_round,
+                                sampled_per_round(self.cfg, len(connected)), TRAIN_STREAM)
+            if not grid.node_ids:
+                return []
+        return self.strategy.configure_train(server_round, arrays, config, grid)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Ask clients for D's accuracy, only in the rounds that score quality.
+
+        A client evaluation is a round trip to the clients: the other rounds skip it.
+        """
+        if not self.cfg.scores_round(server_round):
+            return []
+        if 0 < self.cfg.fraction_evaluate < 1:
+            connected = self._learn(grid, server_round)
+            grid = self._sample(grid, connected, server_round,
+                                evaluated_per_round(self.cfg, len(connected)), EVALUATE_STREAM)
+            if not grid.node_ids:
+                return []
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+
+    def _learn(self, grid: Grid, server_round: int) -> list[int]:
+        """The connected nodes, after asking those not known yet for their partition."""
+        connected = list(grid.get_node_ids())
+        if self.sampler is not None:
+            self._query_s += self.sampler.learn(grid, connected, server_round)
+        return connected
+
+    def _sample(self, grid: Grid, connected: list[int], server_round: int, count: int,
+                stream: int) -> SampledGrid:
+        """The grid of this round's seeded sample of partitions."""
+        assert self.sampler is not None  # built whenever a fraction is below 1
+        if not connected:
+            log(WARNING, "round %d: no node is connected: nothing is sent", server_round)
+        return SampledGrid(grid, self.sampler.sample(connected, server_round, count, stream))

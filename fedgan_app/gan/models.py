@@ -1,39 +1,23 @@
-"""DCGAN generator and discriminator (optionally class-conditional), and packing.
+"""DCGAN generator and discriminator (optionally class-conditional).
 
 The nets follow pytorch/examples' DCGAN recipe (normal(0, 0.02) init,
 BatchNorm and ReLU in G, LeakyReLU in D, tanh output) scaled for 28x28 and
 32x32 images: two stride-2 layers take a (H/4)x(H/4) map to HxW. Settings
 choose the widths, D's normalisation (BatchNorm or spectral norm) and, for a
 conditional GAN, how D sees the class (ACGAN's auxiliary classifier or a
-projection discriminator). No Flower I/O, no files, no logging here.
+projection discriminator). No Flower, no files, no logging here: packing the
+pair into a message is `fedgan_app.protocol.message`'s.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
-from flwr.app import ArrayRecord
 from torch import nn
 from torch.nn.utils import parametrizations
 
-G_PREFIX = "generator."
-D_PREFIX = "discriminator."
-D_NORMS = ("batchnorm", "spectral")
-CONDITIONINGS = ("acgan", "projection")
-
-
-class RunConfigLike(Protocol):
-    """The model settings of a `fedgan_app.config.RunConfig` (no import of config here)."""
-
-    latent_dim: int
-    g_width: int
-    d_width: int
-    d_norm: str
-    conditional: bool
-    conditioning: str
+from fedgan_app.config import CONDITIONINGS, D_NORMS, RunConfig, default
 
 
 class ModelShapeError(ValueError):
@@ -42,16 +26,20 @@ class ModelShapeError(ValueError):
 
 @dataclass(frozen=True)
 class GANConfig:
-    """Shape and architecture settings of the GAN pair (no globals read by the models)."""
+    """Shape and architecture settings of the GAN pair (no globals read by the models).
+
+    The architecture's defaults are the app's settings' (`fedgan_app.config`),
+    so a bare GANConfig is the default run's pair for 28x28 grey images.
+    """
 
     channels: int = 1
     image_size: int = 28
-    latent_dim: int = 100
-    g_width: int = 32  # ngf: G's widest layer has 4 * g_width feature maps
-    d_width: int = 64  # ndf: D's widest layer has 2 * d_width feature maps
-    d_norm: str = "batchnorm"  # or "spectral": spectral norm on every D layer, no BN
+    latent_dim: int = default("latent-dim")
+    g_width: int = default("g-width")  # ngf: G's widest layer has 4 * g_width maps
+    d_width: int = default("d-width")  # ndf: D's widest layer has 2 * d_width maps
+    d_norm: str = default("d-norm")  # or "spectral": spectral norm on every D layer, no BN
     num_classes: int = 0  # > 0: class-conditional G and D
-    conditioning: str = "acgan"  # how a conditional D uses the label
+    conditioning: str = default("conditioning")  # how a conditional D uses the label
 
     def __post_init__(self) -> None:
         """Reject shapes the two stride-2 stages cannot produce, and unknown options."""
@@ -144,9 +132,8 @@ class Generator(nn.Module):
         """The first layer, (N, in) -> (N, w*4, s, s), as one matrix product.
 
         A transposed convolution of a 1x1 input is exactly code @ W viewed as
-        (in, w*4*s*s). Measured on one CPU thread (batch 32): torch's transposed
-        convolution took 0.73 ms, 2.9 ms with NHWC weights, against 0.26-0.29 ms
-        for the matrix product; with its backward it was a sixth of the step.
+        (in, w*4*s*s), and torch's CPU kernel for it is far slower than the
+        matrix product (benchmarks/results/throughput.md, "The local step").
         The weight stays the ConvTranspose2d's: checkpoints and aggregation are
         unchanged.
         """
@@ -203,9 +190,8 @@ class Discriminator(nn.Module):
 
         Unfold the 4x4 patches, then multiply by the weight: the same sums as
         the convolution. With C = 1 or 3 input channels oneDNN's convolution
-        is far from its best; measured on one CPU thread (batch 32, 28x28):
-        forward and backward 1.33 ms against 0.65 ms, 3.3 ms against 1.0 ms
-        when the input's gradient is needed too (G's step).
+        is far from its best, above all when the input's gradient is needed
+        too (G's step) (benchmarks/results/throughput.md, "The local step").
         """
         conv = self.net[0]
         weight = conv.weight  # (w, C, 4, 4); through spectral norm when there is one
@@ -228,8 +214,8 @@ class Discriminator(nn.Module):
                 raise ValueError("a projection discriminator needs labels")
             # <embed(y), h> over (C, s, s), in h's own memory layout: flattening an
             # NHWC h copies it to NCHW, so its gradient meets the head's NHWC one in
-            # D's backward, and elementwise ops on mixed layouts ran ~15x slower
-            # (measured: 7% of the step).
+            # D's backward, and elementwise ops on mixed layouts are slow on CPUs
+            # (benchmarks/results/throughput.md, "The local step").
             embedding = self.embed(labels).view_as(h)
             if _stored_nhwc(h):
                 embedding = embedding.contiguous(memory_format=torch.channels_last)
@@ -295,52 +281,6 @@ def build_gan(cfg: GANConfig, seed: int) -> tuple[Generator, Discriminator]:
     return generator, discriminator
 
 
-def pack_gan(generator: nn.Module, discriminator: nn.Module) -> ArrayRecord:
-    """Put both full state_dicts (BatchNorm buffers too) into one ArrayRecord."""
-    state: OrderedDict[str, torch.Tensor] = OrderedDict()
-    for prefix, net in ((G_PREFIX, generator), (D_PREFIX, discriminator)):
-        for key, tensor in net.state_dict().items():
-            # contiguous: a channels_last copy serialises in the standard layout
-            state[prefix + key] = tensor.detach().cpu().contiguous()
-    return ArrayRecord(state)
-
-
-def split_state(
-    state: dict[str, torch.Tensor],
-) -> tuple[OrderedDict[str, torch.Tensor], OrderedDict[str, torch.Tensor]]:
-    """Split a packed state_dict into the generator's and the discriminator's."""
-    g_state: OrderedDict[str, torch.Tensor] = OrderedDict()
-    d_state: OrderedDict[str, torch.Tensor] = OrderedDict()
-    for key, tensor in state.items():
-        if key.startswith(G_PREFIX):
-            g_state[key[len(G_PREFIX):]] = tensor
-        elif key.startswith(D_PREFIX):
-            d_state[key[len(D_PREFIX):]] = tensor
-        else:
-            raise KeyError(f"array key {key!r} has neither prefix {G_PREFIX!r} nor "
-                           f"{D_PREFIX!r}")
-    return g_state, d_state
-
-
-def unpack_gan(
-    arrays: ArrayRecord, generator: nn.Module, discriminator: nn.Module
-) -> None:
-    """Load a packed ArrayRecord into G and D in place (strict: keys must match)."""
-    g_state, d_state = split_state(arrays.to_torch_state_dict())
-    # load_state_dict casts averaged float64 num_batches_tracked back to int64.
-    generator.load_state_dict(g_state, strict=True)
-    discriminator.load_state_dict(d_state, strict=True)
-
-
-def buffer_keys(generator: nn.Module, discriminator: nn.Module) -> frozenset[str]:
-    """Packed keys of buffers (BatchNorm statistics, spectral-norm vectors): not gradients."""
-    return frozenset(
-        prefix + name
-        for prefix, net in ((G_PREFIX, generator), (D_PREFIX, discriminator))
-        for name, _ in net.named_buffers()
-    )
-
-
 def batchnorm_stat_keys(state_keys: list[str] | frozenset[str]) -> frozenset[str]:
     """Keys of BatchNorm running statistics among packed/state_dict keys."""
     suffixes = (".running_mean", ".running_var", ".num_batches_tracked")
@@ -398,7 +338,7 @@ def pick_device(name: str) -> torch.device:
 
 
 def gan_config(
-    settings: RunConfigLike, image_shape: tuple[int, int, int], num_classes: int
+    settings: RunConfig, image_shape: tuple[int, int, int], num_classes: int
 ) -> GANConfig:
     """The GANConfig a run's settings ask for, sized for its images and classes."""
     return GANConfig.for_images(

@@ -1,7 +1,9 @@
 """Local adversarial training of one FedGAN agent: pure torch, no Flower, no I/O.
 
-`train_gan` runs K local steps of the recipe described by a `StepRecipe`
-(loss, DiffAugment policy, ACGAN weight, FedProx term). How fast a step runs
+`train_gan(agent, batches, local)` trains an `Agent` (G, D and their Adam
+optimizers) on a stream of batches for the `LocalRound` it is given: K steps
+of the math a `StepRecipe` describes (loss, DiffAugment policy, ACGAN weight,
+FedProx term), on a device, from one seeded RNG. How fast a step runs
 (channels_last memory, one fused D pass, host syncs) never changes its math:
 `tests/test_training.py` checks the fast step against a plain reference step.
 """
@@ -12,22 +14,20 @@ import hashlib
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from fedgan_app.config import GAN_LOSSES, RunConfig, default
 from fedgan_app.gan.diffaugment import diff_augment, parse_policy
 from fedgan_app.gan.models import Discriminator, Generator
-
-LOSSES = ("bce", "hinge")
 
 
 @dataclass(frozen=True)
 class StepRecipe:
-    """The math of one local step.
+    """The math of one local step; the defaults are the app's settings' (`fedgan_app.config`).
 
     Attributes
     ----------
@@ -35,32 +35,74 @@ class StepRecipe:
         "bce": the non-saturating GAN loss with BCE on logits (DCGAN);
         "hinge": the hinge loss of SNGAN/BigGAN.
     augment : str
-        DiffAugment policy applied to every D input ('' for none), e.g.
-        "translation,cutout".
+        DiffAugment policy applied to every D input ('' or 'none' for none),
+        e.g. "translation,cutout".
     aux_weight : float
         Weight of ACGAN's auxiliary classification loss (conditional
         ACGAN discriminators only).
     proximal_mu : float
-        FedProx's mu: each loss gets mu/2 * ||w - w_global||^2 (0: off).
+        FedProx's mu: each loss gets mu/2 * ||w - w_global||^2 (0: off; the
+        server sends it only under strategy 'fedprox').
 
     """
 
-    loss: str = "bce"
-    augment: str = ""
-    aux_weight: float = 1.0
+    loss: str = default("gan-loss")
+    augment: str = default("diffaugment")
+    aux_weight: float = default("aux-weight")
     proximal_mu: float = 0.0
 
     def __post_init__(self) -> None:
         """Reject unknown losses and augmentation policies."""
-        if self.loss not in LOSSES:
-            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.loss not in GAN_LOSSES:
+            raise ValueError(f"loss must be one of {GAN_LOSSES}, got {self.loss!r}")
         parse_policy(self.augment)
 
     @classmethod
-    def from_settings(cls, settings: Any, proximal_mu: float = 0.0) -> StepRecipe:
+    def from_settings(cls, settings: RunConfig, proximal_mu: float = 0.0) -> StepRecipe:
         """The recipe of a RunConfig (gan-loss, diffaugment, aux-weight)."""
         return cls(loss=settings.gan_loss, augment=settings.diffaugment,
                    aux_weight=settings.aux_weight, proximal_mu=proximal_mu)
+
+
+@dataclass(frozen=True)
+class Agent:
+    """One FedGAN agent's nets and their optimizers, trained in place by `train_gan`."""
+
+    generator: Generator
+    discriminator: Discriminator
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+
+
+@dataclass(frozen=True)
+class LocalRound:
+    """How one call of `train_gan` runs.
+
+    Attributes
+    ----------
+    steps : int
+        Local steps K.
+    device : torch.device
+        Where the nets are.
+    rng : torch.Generator
+        CPU generator for noise, fake labels and augmentation, so a client's
+        round is reproducible from (seed, round, partition id).
+    recipe : StepRecipe
+        The step's math.
+    channels_last : bool
+        Feed images in NHWC memory (call `to_channels_last` on the nets too).
+    threads : Callable[[], int] | None
+        Asked before every step for the torch thread count to use (e.g.
+        `fedgan_app.federation.cores.CoreShare.threads`); None leaves it as it is.
+
+    """
+
+    steps: int
+    device: torch.device
+    rng: torch.Generator
+    recipe: StepRecipe = field(default_factory=StepRecipe)
+    channels_last: bool = False
+    threads: Callable[[], int] | None = None
 
 
 @dataclass(frozen=True)
@@ -123,42 +165,20 @@ def to_channels_last(*modules: nn.Module) -> None:
 
 
 def train_gan(
-    generator: Generator,
-    discriminator: Discriminator,
-    opt_g: torch.optim.Optimizer,
-    opt_d: torch.optim.Optimizer,
+    agent: Agent,
     batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
-    steps: int,
-    device: torch.device,
-    rng: torch.Generator,
-    recipe: StepRecipe | None = None,
-    channels_last: bool = False,
-    threads: Callable[[], int] | None = None,
+    local: LocalRound,
 ) -> LocalStats:
-    """Run `steps` adversarial steps: D on a real and a fake batch, then G.
+    """Run `local.steps` adversarial steps: D on a real and a fake batch, then G.
 
     Parameters
     ----------
-    generator, discriminator : Generator, Discriminator
-        The nets, already on `device`; trained in place.
-    opt_g, opt_d : torch.optim.Optimizer
-        Their optimizers.
+    agent : Agent
+        G and D, already on `local.device`, and their optimizers; trained in place.
     batches : Iterator[tuple[torch.Tensor, torch.Tensor]]
         Yields (images (B, C, H, W) in [-1, 1], labels (B,)).
-    steps : int
-        Local steps K.
-    device : torch.device
-        Where the nets are.
-    rng : torch.Generator
-        CPU generator for noise, fake labels and augmentation, so a client's
-        round is reproducible from (seed, round, partition id).
-    recipe : StepRecipe | None
-        The step's math; the default recipe when None.
-    channels_last : bool
-        Feed images in NHWC memory (call `to_channels_last` on the nets too).
-    threads : Callable[[], int] | None
-        Asked before every step for the torch thread count to use (e.g.
-        `fedgan_app.federation.cores.CoreShare.threads`); None leaves it as it is.
+    local : LocalRound
+        Steps, device, RNG, recipe and memory layout of this call.
 
     Returns
     -------
@@ -166,7 +186,7 @@ def train_gan(
         Per-step losses and D outputs, read from the device once at the end.
 
     """
-    recipe = recipe or StepRecipe()
+    generator, discriminator, recipe = agent.generator, agent.discriminator, local.recipe
     policy = parse_policy(recipe.augment)
     generator.train()
     discriminator.train()
@@ -179,50 +199,25 @@ def train_gan(
     history: list[torch.Tensor] = []
     images_seen = 0
     start = time.perf_counter()
-    for _ in range(steps):
-        if threads is not None:
-            set_torch_threads(threads())
+    for _ in range(local.steps):
+        if local.threads is not None:
+            set_torch_threads(local.threads())
         real, labels = next(batches)
-        real = real.to(device, non_blocking=True)
-        if channels_last:
+        real = real.to(local.device, non_blocking=True)
+        if local.channels_last:
             real = real.contiguous(memory_format=torch.channels_last)
-        labels = labels.to(device, non_blocking=True)
-        z = torch.randn(real.size(0), generator.latent_dim, generator=rng).to(device)
-        fake = generator(z, labels if generator.num_classes else None)
+        labels = labels.to(local.device, non_blocking=True)
+        z = torch.randn(real.size(0), generator.latent_dim, generator=local.rng)
+        fake = generator(z.to(local.device), labels if generator.num_classes else None)
 
         # D step on real and (detached) fake images.
-        h_real, h_fake = _d_features(discriminator, real, fake.detach(), policy, rng, fused)
-        logits_real = discriminator.logits(h_real, labels)
-        logits_fake = discriminator.logits(h_fake, labels)
-        loss_d = _d_loss(recipe.loss, logits_real, logits_fake)
-        if discriminator.conditioning == "acgan":
-            loss_d = loss_d + recipe.aux_weight * (
-                F.cross_entropy(discriminator.class_logits(h_real), labels)
-                + F.cross_entropy(discriminator.class_logits(h_fake), labels)
-            )
-        if anchors is not None:
-            loss_d = loss_d + proximal_term(discriminator, anchors[1], recipe.proximal_mu)
-        opt_d.zero_grad(set_to_none=True)
-        loss_d.backward()
-        opt_d.step()
+        loss_d, logits_real, logits_fake = _d_step(
+            agent, real, fake.detach(), labels, policy, local.rng, recipe, fused,
+            anchors[1] if anchors is not None else None)
 
-        # G step: make the updated D call its fakes real. D's weights get no
-        # gradient here (the next D step would discard it): its backward computes
-        # only the gradient that flows on to G, the same math for less work.
-        discriminator.requires_grad_(False)
-        try:
-            h_gen = discriminator.features(_augment(fake, policy, rng))
-            loss_g = _g_loss(recipe.loss, discriminator.logits(h_gen, labels))
-            if discriminator.conditioning == "acgan":
-                loss_g = loss_g + recipe.aux_weight * F.cross_entropy(
-                    discriminator.class_logits(h_gen), labels)
-            if anchors is not None:
-                loss_g = loss_g + proximal_term(generator, anchors[0], recipe.proximal_mu)
-            opt_g.zero_grad(set_to_none=True)
-            loss_g.backward()
-        finally:
-            discriminator.requires_grad_(True)
-        opt_g.step()
+        # G step: make the updated D call its fakes real.
+        loss_g = _g_step(agent, fake, labels, policy, local.rng, recipe,
+                         anchors[0] if anchors is not None else None)
 
         # Kept on the device: one host sync per call, not four per step.
         history.append(torch.stack([
@@ -234,8 +229,59 @@ def train_gan(
     columns = torch.stack(history).T.tolist() if history else [[], [], [], []]
     return LocalStats(
         loss_d=columns[0], loss_g=columns[1], d_x=columns[2], d_gz=columns[3],
-        wall_time_s=time.perf_counter() - start, steps=steps, images_seen=images_seen,
+        wall_time_s=time.perf_counter() - start, steps=local.steps,
+        images_seen=images_seen,
     )
+
+
+def _d_step(agent: Agent, real: torch.Tensor, fake: torch.Tensor, labels: torch.Tensor,
+            policy: tuple[str, ...], rng: torch.Generator, recipe: StepRecipe, fused: bool,
+            anchor: list[torch.Tensor] | None
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """D's step on a real and a (detached) fake batch; returns its loss and both logits."""
+    discriminator = agent.discriminator
+    h_real, h_fake = _d_features(discriminator, real, fake, policy, rng, fused)
+    logits_real = discriminator.logits(h_real, labels)
+    logits_fake = discriminator.logits(h_fake, labels)
+    loss_d = _d_loss(recipe.loss, logits_real, logits_fake)
+    if discriminator.conditioning == "acgan":
+        loss_d = loss_d + recipe.aux_weight * (
+            F.cross_entropy(discriminator.class_logits(h_real), labels)
+            + F.cross_entropy(discriminator.class_logits(h_fake), labels)
+        )
+    if anchor is not None:
+        loss_d = loss_d + proximal_term(discriminator, anchor, recipe.proximal_mu)
+    agent.opt_d.zero_grad(set_to_none=True)
+    loss_d.backward()
+    agent.opt_d.step()
+    return loss_d, logits_real, logits_fake
+
+
+def _g_step(agent: Agent, fake: torch.Tensor, labels: torch.Tensor,
+            policy: tuple[str, ...], rng: torch.Generator, recipe: StepRecipe,
+            anchor: list[torch.Tensor] | None) -> torch.Tensor:
+    """G's step on its fakes; returns G's loss.
+
+    D's weights get no gradient here (the next D step would discard it): its
+    backward computes only the gradient that flows on to G, the same math for
+    less work.
+    """
+    discriminator = agent.discriminator
+    discriminator.requires_grad_(False)
+    try:
+        h_gen = discriminator.features(_augment(fake, policy, rng))
+        loss_g = _g_loss(recipe.loss, discriminator.logits(h_gen, labels))
+        if discriminator.conditioning == "acgan":
+            loss_g = loss_g + recipe.aux_weight * F.cross_entropy(
+                discriminator.class_logits(h_gen), labels)
+        if anchor is not None:
+            loss_g = loss_g + proximal_term(agent.generator, anchor, recipe.proximal_mu)
+        agent.opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+    finally:
+        discriminator.requires_grad_(True)
+    agent.opt_g.step()
+    return loss_g
 
 
 def _augment(x: torch.Tensor, policy: tuple[str, ...], rng: torch.Generator) -> torch.Tensor:

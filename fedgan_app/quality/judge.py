@@ -29,9 +29,10 @@ from flwr.common.logger import log
 
 from fedgan_app.data.prepared import cache_root, load_train_pool
 from fedgan_app.data.spec import ImageData, PartitionSpec
-from fedgan_app.gan.models import G_PREFIX, GANConfig, Generator, recalibrate_batchnorm
+from fedgan_app.gan.models import GANConfig, Generator, recalibrate_batchnorm
 from fedgan_app.gan.training import derive_seed, sample_images
 from fedgan_app.outputs.tracking import make_grid
+from fedgan_app.protocol.message import G_PREFIX
 from fedgan_app.quality.evaluator import load_or_train_evaluator
 from fedgan_app.quality.metrics import (
     QUALITY_KEYS,

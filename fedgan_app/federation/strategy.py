@@ -1,0 +1,87 @@
+"""The server's strategy: one factory stacks the layers, each with one concern.
+
+From the outside in, as Flower's differential-privacy wrappers wrap a
+strategy (each layer holds the next as ``self.strategy``)::
+
+    RunRounds        the run's round numbers (once), the round's config, the
+                     round's report to the Recorder      (federation/rounds.py)
+    ClientSampling   the round's seeded sample of nodes  (federation/sampling.py)
+    ReplyScreen      every reply checked once, rows      (federation/screen.py)
+    WeightCap        weight-check 'cap' only             (federation/weights.py)
+    Quorum           too few valid replies: keep the model (federation/rules.py)
+    BufferSplit      buffers out, merged back, checked   (federation/buffers.py)
+    Flower's rule    FedAvg, FedAdam, Krum, ...          (federation/rules.py)
+
+The layers share one `RoundReport`, which each fills in with its own facts.
+"""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedgan_app.config import RunConfig
+from fedgan_app.federation.buffers import BufferSplit
+from fedgan_app.federation.checks import Partitions
+from fedgan_app.federation.report import RoundReport, RoundSink
+from fedgan_app.federation.rounds import RunRounds
+from fedgan_app.federation.rules import Quorum, rule_of
+from fedgan_app.federation.sampling import ClientSampling, PartitionSampler, samples_clients
+from fedgan_app.federation.screen import ReplyScreen
+from fedgan_app.federation.weights import WeightCap
+
+
+def build_strategy(cfg: RunConfig, reference: ArrayRecord, buffers: frozenset[str],
+                   sink: RoundSink, num_nodes: int = 1, *, num_classes: int | None = None,
+                   partitions: Partitions | None = None,
+                   grid: Grid | None = None) -> RunRounds:
+    """Stack the server's strategy for a run's settings.
+
+    Parameters
+    ----------
+    cfg : RunConfig
+        The run's settings: the rule, the checks, the sampling, the schedule.
+    reference : ArrayRecord
+        The packed global model as built: the keys, shapes and dtypes every
+        reply must have, and the record aggregates are cast back to.
+    buffers : frozenset[str]
+        Packed keys of the models' buffers (`protocol.message.buffer_keys`):
+        never given to the rule.
+    sink : RoundSink
+        Numbers the rounds and takes each round's report (the Recorder).
+    num_nodes : int
+        Nodes in the federation (multikrum's default selection counts on it).
+    num_classes : int | None
+        Classes of the run's dataset: every label histogram's length.
+    partitions : Partitions | None
+        Each partition's label counts when the data is split n ways; needed,
+        and used, with 'weight-check' = partition-size.
+    grid : Grid | None
+        When given, the nodes connected now are asked for their partition
+        before the first round (see `fedgan_app.federation.sampling`).
+
+    Returns
+    -------
+    RunRounds
+        The outermost layer: hand it to nothing but `Strategy.start`'s caller.
+
+    """
+    checks_claims = cfg.weight_check == "partition-size"
+    if checks_claims and partitions is None:
+        raise ValueError("weight-check 'partition-size' needs the partitions' label "
+                         "counts (partitions=...)")
+    sampler = (PartitionSampler(cfg.seed, cfg.round_timeout)
+               if samples_clients(cfg) or checks_claims else None)
+    report = RoundReport()
+    rule = rule_of(cfg)
+    strategy: Strategy = Quorum(BufferSplit(rule.build(cfg, num_nodes), rule, reference,
+                                            buffers), cfg)
+    if not checks_claims:
+        strategy = WeightCap(strategy, cfg, report)
+    claims = (sampler, partitions) if checks_claims and sampler and partitions else None
+    strategy = ReplyScreen(strategy, cfg, reference, report, num_classes, claims)
+    sampling = ClientSampling(strategy, cfg, sampler, report)
+    if grid is not None:
+        sampling.connect(grid, sink.absolute(1))
+    return RunRounds(sampling, cfg, sink, report)
