@@ -59,7 +59,8 @@ import torch  # noqa: E402
 from benchmarks.common import Machines, results_file, run_jobs, spread  # noqa: E402
 from benchmarks.robustness import AttackGrid, make_tamper  # noqa: E402
 from fedgan_app.config import SETTINGS_BY_KEY, STRATEGIES, RunConfig  # noqa: E402
-from fedgan_app.data.prepared import load_server_split, partition_spec  # noqa: E402
+from fedgan_app.data.prepared import load_server_split  # noqa: E402
+from fedgan_app.data.spec import partition_spec  # noqa: E402
 from fedgan_app.federation import client_app  # noqa: E402
 from fedgan_app.gan.models import GANConfig, build_gan  # noqa: E402
 from fedgan_app.outputs.runfolder import RunFolder  # noqa: E402
