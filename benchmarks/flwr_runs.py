@@ -16,6 +16,7 @@ from typing import Any
 
 from benchmarks.common import read_rows
 from deploy.processes import descendants, process_table
+from fedgan_app.outputs.runfolder import RunFolder
 from harness.local_superlink import LocalFlower
 
 # The default federation: what `./fedgan.sh run` starts.
@@ -109,11 +110,11 @@ def run_federation(name: str, out: Path, run_config: dict[str, Any], nodes: int,
     finally:
         flower.stop()
     run_dir = out / name
-    summary = (json.loads((run_dir / "summary.json").read_text())
-               if (run_dir / "summary.json").is_file() else {})
+    summary = (json.loads(RunFolder(run_dir).summary_json.read_text())
+               if RunFolder(run_dir).summary_json.is_file() else {})
     return {"name": name, "status": status, "started": started, "wall_s": ended - started,
-            "rows": read_rows(run_dir / "metrics.csv"),
-            "clients": read_rows(run_dir / "clients.csv"), "summary": summary,
+            "rows": read_rows(RunFolder(run_dir).metrics_csv),
+            "clients": read_rows(RunFolder(run_dir).clients_csv), "summary": summary,
             "peak_rss_mb": memory.peak[0], "peak_pss_mb": memory.peak[1],
             "memory": memory.samples, "config": config, "nodes": nodes,
             "output_tail": output[-2000:] if status != "finished:completed" else ""}

@@ -53,6 +53,7 @@ import torch  # noqa: E402
 from flwr.app import ArrayRecord, Message  # noqa: E402
 
 from fedgan_app.federation import client_app  # noqa: E402
+from fedgan_app.outputs.runfolder import RunFolder  # noqa: E402
 from fedgan_app.server_app import main  # noqa: E402
 from harness.inprocess import InProcessGrid, server_context  # noqa: E402
 
@@ -141,7 +142,7 @@ def run_one(out_dir: Path, name: str, attack: str | None, aggregation: str,
     start = time.perf_counter()
     main(grid, server_context(run_config))
     wall = time.perf_counter() - start
-    with open(out_dir / name / "metrics.csv", newline="") as handle:
+    with open(RunFolder(out_dir / name).metrics_csv, newline="") as handle:
         rows = list(csv.DictReader(handle))
     last = rows[-1]
     dropped = sum(float(r.get("replies-dropped") or 0) for r in rows)

@@ -40,13 +40,14 @@ from fedgan_app.gan.models import (
 )
 from fedgan_app.gan.training import derive_seed, sample_images
 from fedgan_app.outputs.checkpoint import Checkpoint, CheckpointError, load_checkpoint
-from fedgan_app.outputs.tracking import make_grid
+from fedgan_app.outputs.runfolder import CHECKPOINTS_DIR, LATEST_CHECKPOINT
 from fedgan_app.protocol.message import G_PREFIX
 from fedgan_app.quality.judge import (
     GRID_COLUMNS,
     GRID_NOISE_STREAM,
     balanced_labels,
     generator_from,
+    make_grid,
 )
 
 # The image sizes the DCGAN can be built for (models.GANConfig): the candidates
@@ -231,7 +232,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Draw images from a fedgan checkpoint's generator, without Flower.",
     )
     parser.add_argument("checkpoint", type=Path,
-                        help="a checkpoint, e.g. outputs/<run>/checkpoints/latest.pt")
+                        help=f"a checkpoint, e.g. outputs/<run>/{CHECKPOINTS_DIR}/"
+                        f"{LATEST_CHECKPOINT}")
     parser.add_argument("--num", type=int, default=64, help="images to draw (default 64)")
     parser.add_argument("--class", dest="class_id", type=int, default=None,
                         help="draw every image of this class (conditional runs only)")

@@ -1,9 +1,14 @@
-"""Run folders written in the shared clients.csv contract, for the animation and dashboard tests.
+"""Run folders and settings shared by the tests.
 
-The contract: one clients.csv row per reply per round, accepted, dropped and
-failed alike, with `status`, `reason`, `weight` (p_j = n_j / sum n over the
-accepted replies, 0 otherwise) and `label-histogram` (class counts joined by
-`;`); a failed reply has only its node id.
+`write_contract_run` writes a run folder in the shared clients.csv contract,
+for the animation and dashboard tests: one clients.csv row per reply per
+round, accepted, dropped and failed alike, with `status`, `reason`, `weight`
+(p_j = n_j / sum n over the accepted replies, 0 otherwise) and
+`label-histogram` (class counts joined by `;`); a failed reply has only its
+node id. Its run_config.json holds today's settings (`run_settings`).
+
+Run folders are named and read through `fedgan_app.outputs.runfolder`
+(`RunFolder`, `read_rows`), never by typing the file names again.
 
 Also `RunFolderHolder`: another process that opens a run folder as a run does
 and keeps it, for the tests of the run folder's lock.
@@ -21,7 +26,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedgan_app.outputs.tracking import make_grid
+from fedgan_app.config import RunConfig
+from fedgan_app.outputs.runfolder import RunFolder
+from fedgan_app.quality.judge import make_grid
 
 CLIENT_COLUMNS = [
     "round", "node-id", "partition-id", "num-examples", "steps", "loss-d", "loss-g",
@@ -39,6 +46,14 @@ HISTOGRAMS = {
     2: [0, 0, 0, 10, 120, 100, 0, 0, 0, 0],
 }
 NORM_REASON = "norm: update norm 12.3 > 10 x median 1.1"
+
+
+def run_settings(**overrides: Any) -> dict[str, Any]:
+    """Today's full settings (kebab-case, as run_config.json holds them), with overrides.
+
+    Overrides use the settings' Python names (``num_server_rounds=3``).
+    """
+    return RunConfig.defaults(**overrides).to_dict()
 
 
 def sample_grid(server_round: int) -> np.ndarray:
@@ -60,9 +75,9 @@ def write_contract_run(
     client (client p trains 2 + 3p seconds).
     """
     dropped, failed = dropped or {}, failed or {}
+    folder = RunFolder(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "run_config.json").write_text(json.dumps(
-        {"num-server-rounds": rounds, "aggregation": "fedavg"}))
+    folder.run_config_json.write_text(json.dumps(run_settings(num_server_rounds=rounds)))
     client_rows: list[dict[str, Any]] = []
     metric_rows: list[dict[str, Any]] = []
     for r in range(1, rounds + 1):
@@ -97,14 +112,14 @@ def write_contract_run(
             "replies-failed": sum(1 for s in statuses.values() if s == "failed"),
             "round-time-s": 9.5, "fid": 200.0 - r if r == rounds else "",
         })
-    _write_csv(run_dir / "clients.csv", CLIENT_COLUMNS, client_rows)
-    _write_csv(run_dir / "metrics.csv", METRIC_COLUMNS, metric_rows)
+    _write_csv(folder.clients_csv, CLIENT_COLUMNS, client_rows)
+    _write_csv(folder.metrics_csv, METRIC_COLUMNS, metric_rows)
     if grids:
         import imageio.v3 as iio
 
-        (run_dir / "samples").mkdir(exist_ok=True)
+        folder.samples_dir.mkdir(exist_ok=True)
         for r in range(rounds + 1):
-            iio.imwrite(run_dir / "samples" / f"round_{r:04d}.png", sample_grid(r))
+            iio.imwrite(folder.sample(r), sample_grid(r))
     return run_dir
 
 

@@ -13,16 +13,17 @@ import pytest
 from fedgan_app import server_app as server_module
 from fedgan_app.federation import client_app as client_module
 from fedgan_app.outputs import animation as animate
-from fedgan_app.outputs import dashboard as dashboard_module
-from fedgan_app.outputs.animation import (
+from fedgan_app.outputs import runview, views
+from fedgan_app.outputs.animation import render_federation_gif
+from fedgan_app.outputs.animation_figure import RoundFigure
+from fedgan_app.outputs.animation_layout import (
     DIAGRAM_BOX,
     DROP_COLOR,
     FRAMES_PER_ROUND,
     PHASES,
-    RoundFigure,
-    load_run,
-    render_federation_gif,
 )
+from fedgan_app.outputs.runfolder import RunFolder
+from fedgan_app.outputs.runview import load_run
 from fedgan_app.outputs.tracking import LocalFiles
 from harness.inprocess import InProcessGrid, server_context
 from tests.run_folder import HISTOGRAMS, NORM_REASON, sample_grid, write_contract_run
@@ -69,11 +70,11 @@ def test_frame_count_follows_rounds_times_phases(tmp_path: Path) -> None:
     gif_three = render_federation_gif(three, out=tmp_path / "elsewhere" / "three.gif")
 
     # Assert
-    assert gif_one == one / "federation.gif"
+    assert gif_one == RunFolder(one).federation_gif
     assert len(_frames(gif_one)) == 1 * FRAMES_PER_ROUND
     assert gif_three == tmp_path / "elsewhere" / "three.gif"
     assert len(_frames(gif_three)) == 3 * FRAMES_PER_ROUND
-    assert not (three / "federation.gif").exists()
+    assert not RunFolder(three).federation_gif.exists()
     assert not list(tmp_path.rglob(".*.gif"))  # no temp file left behind
 
 
@@ -161,7 +162,7 @@ def test_old_clients_csv_without_contract_columns_still_animates(tmp_path: Path)
     # Prepare: today's columns only (no status, weight, label-histogram)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    with (run_dir / "clients.csv").open("w", newline="") as handle:
+    with RunFolder(run_dir).clients_csv.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["round", "node-id", "partition-id", "num-examples", "wall-time-s"])
         writer.writerows([[1, 7, 0, 300, 1.5], [1, 8, 1, 100, 3.0]])
@@ -194,8 +195,8 @@ def test_cached_refresh_redraws_only_changed_rounds(tmp_path: Path,
     # Execute: unchanged, then round 3's metrics row changes
     render_federation_gif(run_dir)
     after_nothing = list(drawn)
-    text = (run_dir / "metrics.csv").read_text()
-    (run_dir / "metrics.csv").write_text(text.replace(",197.0", ",150.0"))
+    text = RunFolder(run_dir).metrics_csv.read_text()
+    RunFolder(run_dir).metrics_csv.write_text(text.replace(",197.0", ",150.0"))
     second = _frames(render_federation_gif(run_dir))
     animate.clear_cache()
     fresh = _frames(render_federation_gif(run_dir))
@@ -224,7 +225,7 @@ def test_resumed_run_folder_animates_every_round(tmp_path: Path) -> None:
 
     # Assert: rounds 1-4 once each, drawn from the rows of both processes
     assert [v.server_round for v in load_run(run_dir).rounds] == [1, 2, 3, 4]
-    assert len(_frames(run_dir / "federation.gif")) == 4 * FRAMES_PER_ROUND
+    assert len(_frames(RunFolder(run_dir).federation_gif)) == 4 * FRAMES_PER_ROUND
 
 
 def test_cli_writes_the_gif_and_names_a_bad_folder(tmp_path: Path,
@@ -255,15 +256,15 @@ def test_real_run_refreshes_the_animation_every_round(tiny_run_config: dict,
     run_dir = Path(tiny_run_config["output-dir"]) / "test-run"
     tiny_run_config["animation-share"] = 1.0  # redrawn after every round, not on a budget
     counts: list[int] = []
-    real_refresh = dashboard_module.refresh_run
+    real_refresh = views.refresh_run
 
     def counting_refresh(folder: Path, animations: bool = True) -> float:
         seconds = real_refresh(folder, animations)
-        gif = folder / "federation.gif"
+        gif = RunFolder(folder).federation_gif
         counts.append(len(_frames(gif)) if gif.exists() else 0)
         return seconds
 
-    monkeypatch.setattr(dashboard_module, "refresh_run", counting_refresh)
+    monkeypatch.setattr(views, "refresh_run", counting_refresh)
 
     def fail(node_id: int, msg: Any) -> bool:
         return (node_id == 102 and msg.metadata.message_type == "train"
@@ -277,10 +278,10 @@ def test_real_run_refreshes_the_animation_every_round(tiny_run_config: dict,
     # Assert: none before round 1, one round more after each round, and the finish's
     # refresh draws the same two rounds
     assert counts == [0, FRAMES_PER_ROUND, 2 * FRAMES_PER_ROUND, 2 * FRAMES_PER_ROUND]
-    assert len(_frames(run_dir / "federation.gif")) == 2 * FRAMES_PER_ROUND
+    assert len(_frames(RunFolder(run_dir).federation_gif)) == 2 * FRAMES_PER_ROUND
     run = load_run(run_dir)
     assert [v.server_round for v in run.rounds] == [1, 2]
-    assert run.rounds[1].grid_after == run_dir / "samples" / "round_0002.png"
+    assert run.rounds[1].grid_after == RunFolder(run_dir).sample(2)
     figure = RoundFigure(run, run.rounds[0])
     figure.show("aggregate")
     assert "1 accepted, 0 dropped, 1 failed" in " ".join(figure.visible_texts())
@@ -302,9 +303,9 @@ def test_large_federation_draws_each_rounds_own_clients_and_redraws_only_new_rou
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Prepare: more clients than the fixed layout holds (a cap of 2 for 3 clients);
     # rounds 1-2 drawn, then round 3 arrives with a client never seen before
-    monkeypatch.setattr(animate, "MAX_FIXED_CLIENTS", 2)
+    monkeypatch.setattr(runview, "MAX_FIXED_CLIENTS", 2)
     run_dir = write_contract_run(tmp_path / "run", rounds=3)
-    clients_csv, metrics_csv = run_dir / "clients.csv", run_dir / "metrics.csv"
+    clients_csv, metrics_csv = RunFolder(run_dir).clients_csv, RunFolder(run_dir).metrics_csv
     full_clients, full_metrics = clients_csv.read_text(), metrics_csv.read_text()
     clients_csv.write_text("".join(line for line in full_clients.splitlines(keepends=True)
                                    if not line.startswith("3,")))

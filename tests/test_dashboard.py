@@ -25,17 +25,16 @@ import numpy as np
 import pytest
 
 from fedgan_app.federation import client_app as client_module
-from fedgan_app.outputs.animation import FRAMES_PER_ROUND
-from fedgan_app.outputs.dashboard import (
-    GRID_SCALE,
-    PAGE,
-    STATE,
-    AnimationBudget,
-    newest_run,
-    refresh_run,
-    serve,
-    write_page,
+from fedgan_app.outputs.animation_layout import FRAMES_PER_ROUND
+from fedgan_app.outputs.dashboard import newest_run, serve
+from fedgan_app.outputs.page import GRID_SCALE, write_page
+from fedgan_app.outputs.runfolder import (
+    DASHBOARD_PAGE,
+    DASHBOARD_STATE,
+    LOSSES_PLOT,
+    RunFolder,
 )
+from fedgan_app.outputs.views import AnimationBudget, refresh_run
 from fedgan_app.server_app import main as server_main
 from harness.inprocess import InProcessGrid, server_context
 from tests.run_folder import NORM_REASON, sample_grid, write_contract_run
@@ -52,7 +51,7 @@ CHROMIUM_FLAGS = [
 
 def _page(run_dir: Path) -> str:
     """The page's HTML."""
-    return (run_dir / PAGE).read_text(encoding="utf-8")
+    return RunFolder(run_dir).dashboard_html.read_text(encoding="utf-8")
 
 
 def _img_sources(page: str) -> list[str]:
@@ -74,7 +73,7 @@ def test_page_shows_newest_grids_curves_animation_and_clients(tmp_path: Path) ->
     # Prepare: 3 rounds, client 1 dropped in round 2, client 2 failed in round 3,
     # and a per-class grid as a conditional run writes one
     run_dir = write_contract_run(tmp_path / "run", rounds=3, dropped={2: 1}, failed={3: 2})
-    iio.imwrite(run_dir / "samples" / "classes_round_0003.png", sample_grid(99))
+    iio.imwrite(RunFolder(run_dir).sample(3, per_class=True), sample_grid(99))
 
     # Execute
     refresh_run(run_dir)
@@ -95,7 +94,7 @@ def test_page_shows_newest_grids_curves_animation_and_clients(tmp_path: Path) ->
     assert rows["client 2"][10:13] == ["2", "0", "1"]
     assert rows["client 2"][4] == "failed"
     assert rows["client 0"][5] == "2"  # wall time of its last reply, s
-    state = json.loads((run_dir / STATE).read_text())
+    state = json.loads(RunFolder(run_dir).dashboard_json.read_text())
     assert state["round"] == 3
     assert f'<meta name="fedgan-version" content="{state["version"]}">' in page
 
@@ -121,9 +120,9 @@ def test_animation_budget_waits_so_redraws_take_at_most_their_share() -> None:
 def test_page_before_the_first_round_shows_the_initial_grid(tmp_path: Path) -> None:
     # Prepare: what the server has written when round 1 starts
     run_dir = tmp_path / "run"
-    (run_dir / "samples").mkdir(parents=True)
-    (run_dir / "run_config.json").write_text(json.dumps({"num-server-rounds": 5}))
-    iio.imwrite(run_dir / "samples" / "round_0000.png", sample_grid(0))
+    RunFolder(run_dir).samples_dir.mkdir(parents=True)
+    RunFolder(run_dir).run_config_json.write_text(json.dumps({"num-server-rounds": 5}))
+    iio.imwrite(RunFolder(run_dir).sample(0), sample_grid(0))
 
     # Execute
     refresh_run(run_dir)
@@ -133,7 +132,7 @@ def test_page_before_the_first_round_shows_the_initial_grid(tmp_path: Path) -> N
     assert "waiting for round 1" in page and "round 0 of 5" in page
     assert _img_sources(page) == ["samples/round_0000.png", "progress.gif"]
     assert "no client rows yet" in page
-    assert not (run_dir / "federation.gif").exists()
+    assert not RunFolder(run_dir).federation_gif.exists()
 
 
 def test_a_broken_grid_is_skipped_with_a_warning_and_every_view_written(
@@ -141,7 +140,7 @@ def test_a_broken_grid_is_skipped_with_a_warning_and_every_view_written(
 ) -> None:
     # Prepare: round 2's grid is not an image
     run_dir = write_contract_run(tmp_path / "run", rounds=2)
-    broken = run_dir / "samples" / "round_0002.png"
+    broken = RunFolder(run_dir).sample(2)
     broken.write_bytes(b"not a png")
     caplog.set_level(logging.WARNING, logger="flwr")
 
@@ -152,9 +151,9 @@ def test_a_broken_grid_is_skipped_with_a_warning_and_every_view_written(
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any(str(broken) in m for m in warnings)
     assert not any("refresh of" in m for m in warnings)  # no view failed as a whole
-    assert len(iio.imread(run_dir / "progress.gif", index=None)) == 2  # rounds 0 and 1
-    assert len(iio.imread(run_dir / "federation.gif", index=None)) == 2 * FRAMES_PER_ROUND
-    assert (run_dir / "plots" / "losses.png").is_file()
+    assert len(iio.imread(RunFolder(run_dir).progress_gif, index=None)) == 2  # rounds 0 and 1
+    assert len(iio.imread(RunFolder(run_dir).federation_gif, index=None)) == 2 * FRAMES_PER_ROUND
+    assert RunFolder(run_dir).plot(LOSSES_PLOT).is_file()
     assert "samples/round_0002.png" in _img_sources(_page(run_dir))
 
 
@@ -166,7 +165,7 @@ def test_newest_run_is_the_one_written_last(tmp_path: Path) -> None:
     for run_dir, stamp in ((old, 2_000_000), (new, 1_000_000)):
         for name in ("metrics.csv", "run_config.json"):
             os.utime(run_dir / name, (stamp, stamp))
-    os.utime(old / "metrics.csv", (3_000_000, 3_000_000))
+    os.utime(RunFolder(old).metrics_csv, (3_000_000, 3_000_000))
 
     # Execute
     newest = newest_run(tmp_path / "outputs")
@@ -200,10 +199,10 @@ def test_server_redirects_to_the_page_and_forbids_caching(tmp_path: Path) -> Non
         server.server_close()
 
     # Assert
-    assert page_url == f"{base}/{PAGE}"
-    assert page == (run_dir / PAGE).read_bytes()
+    assert page_url == f"{base}/{DASHBOARD_PAGE}"
+    assert page == RunFolder(run_dir).dashboard_html.read_bytes()
     assert page_cache == "no-store"
-    assert png == (run_dir / "samples" / "round_0001.png").read_bytes()
+    assert png == RunFolder(run_dir).sample(1).read_bytes()
     assert outside.value.code == 404
 
 
@@ -218,17 +217,17 @@ def served(tmp_path: Path) -> Any:
     """
     run_dir = write_contract_run(tmp_path / "run", rounds=2)
     refresh_run(run_dir)
-    (run_dir / "checkpoints").mkdir()
-    (run_dir / "checkpoints" / "latest.pt").write_bytes(b"weights")
-    (run_dir / "wandb").mkdir()
-    (run_dir / "wandb" / "debug.log").write_text("W&B")
+    RunFolder(run_dir).checkpoints_dir.mkdir()
+    RunFolder(run_dir).latest_pt.write_bytes(b"weights")
+    RunFolder(run_dir).wandb_dir.mkdir()
+    (RunFolder(run_dir).wandb_dir / "debug.log").write_text("W&B")
     (run_dir / ".fedgan-run.lock").write_text("pid 1")
-    (run_dir / "samples" / "folder.png").mkdir()
+    (RunFolder(run_dir).samples_dir / "folder.png").mkdir()
     os.mkfifo(run_dir / "plots" / "fifo.png")
     secret = tmp_path / "secret.png"
     secret.write_bytes(b"outside the run folder")
-    (run_dir / "samples" / "round_0009.png").symlink_to(secret)
-    (run_dir / "plots" / "alias.png").symlink_to(run_dir / "samples" / "round_0001.png")
+    RunFolder(run_dir).sample(9).symlink_to(secret)
+    RunFolder(run_dir).plot("alias.png").symlink_to(RunFolder(run_dir).sample(1))
     server = serve(run_dir, port=0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
@@ -261,7 +260,7 @@ def test_server_serves_every_file_the_page_loads_and_nothing_else(served: Any) -
     # Prepare
     run_dir, port = served
     page = _page(run_dir)
-    loaded = [PAGE, STATE, *_img_sources(page)]
+    loaded = [DASHBOARD_PAGE, DASHBOARD_STATE, *_img_sources(page)]
 
     # Execute
     got = {path: _request(port, "/" + path) for path in loaded}
@@ -280,7 +279,7 @@ def test_server_serves_every_file_the_page_loads_and_nothing_else(served: Any) -
         assert status == 200, path
         assert body == (run_dir / path).read_bytes(), path
     assert _request(port, "/plots/alias.png")[1] == (
-        run_dir / "samples" / "round_0001.png").read_bytes()
+        RunFolder(run_dir).sample(1)).read_bytes()
     assert refused == dict.fromkeys(refused, 404)
 
 
@@ -289,12 +288,12 @@ def test_server_answers_only_a_host_header_naming_its_own_address(served: Any) -
     run_dir, port = served
 
     # Execute
-    answers = {host: _request(port, "/" + PAGE, host=host)[0] for host in (
+    answers = {host: _request(port, "/" + DASHBOARD_PAGE, host=host)[0] for host in (
         f"127.0.0.1:{port}", f"localhost:{port}", f"LocalHost:{port}", f"[::1]:{port}",
         f"evil.example:{port}", "evil.example", f"127.0.0.1:{port + 1}", "127.0.0.1",
         f"localhost.evil.example:{port}", " ",
     )}
-    answers["(none)"] = _request(port, "/" + PAGE, host=None)[0]
+    answers["(none)"] = _request(port, "/" + DASHBOARD_PAGE, host=None)[0]
 
     # Assert: this machine's names for the address and port served, and nothing else
     assert answers == {f"127.0.0.1:{port}": 200, f"localhost:{port}": 200,
@@ -309,8 +308,8 @@ def test_server_answers_get_and_head_only(served: Any) -> None:
     run_dir, port = served
 
     # Execute
-    head_status, head_body = _request(port, "/" + STATE, method="HEAD")
-    others = {m: _request(port, "/" + PAGE, method=m)[0]
+    head_status, head_body = _request(port, "/" + DASHBOARD_STATE, method="HEAD")
+    others = {m: _request(port, "/" + DASHBOARD_PAGE, method=m)[0]
               for m in ("POST", "PUT", "DELETE", "OPTIONS", "PATCH")}
 
     # Assert
@@ -330,8 +329,8 @@ def test_cli_serves_a_run_prints_the_url_and_stops_on_ctrl_c(tmp_path: Path) -> 
     # Assert
     assert returncode == 0, output
     assert "fedgan dashboard: stopped" in output
-    assert page == (run_dir / PAGE).read_bytes()
-    assert (run_dir / "federation.gif").is_file()
+    assert page == RunFolder(run_dir).dashboard_html.read_bytes()
+    assert RunFolder(run_dir).federation_gif.is_file()
 
 
 def test_fedgan_sh_dashboard_serves_the_newest_run_and_stops_on_ctrl_c(tmp_path: Path) -> None:
@@ -357,13 +356,14 @@ def test_fedgan_sh_dashboard_serves_the_newest_run_and_stops_on_ctrl_c(tmp_path:
     # Assert
     assert returncode == 0, output
     assert "outputs/newer at http://127.0.0.1:" in output
-    assert page == (newest / PAGE).read_bytes()
-    assert not (checkout / "outputs" / "older" / PAGE).exists()
+    assert page == RunFolder(newest).dashboard_html.read_bytes()
+    assert not (checkout / "outputs" / "older" / DASHBOARD_PAGE).exists()
 
 
 # --- a real browser -----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_browser_shows_each_round_as_it_finishes(tiny_run_config: dict, tmp_path: Path) -> None:
     # Prepare: the real ServerApp and ClientApp run in a thread and wait before round 2
     # until the browser has seen round 1; the page is served as the command serves it
@@ -399,7 +399,7 @@ def test_browser_shows_each_round_as_it_finishes(tiny_run_config: dict, tmp_path
         files_2 = _snapshot(run_dir, "samples/round_0002.png", "plots/losses.png",
                             "plots/quality.png")
         # A conditional run's per-class grid appears beside the samples when written.
-        iio.imwrite(run_dir / "samples" / "classes_round_0002.png", sample_grid(77))
+        iio.imwrite(RunFolder(run_dir).sample(2, per_class=True), sample_grid(77))
         write_page(run_dir)
         _wait_for_page(driver, lambda d: d.find_elements("id", "class-grid"))
         shot_3 = _screenshot_at_round(driver, 2)
@@ -508,7 +508,7 @@ def _wait_for(condition: Any, errors: list[BaseException], what: str,
 def _state_round(run_dir: Path) -> int | None:
     """The round dashboard.json says the page shows, None before it exists."""
     try:
-        return json.loads((run_dir / STATE).read_text())["round"]
+        return json.loads(RunFolder(run_dir).dashboard_json.read_text())["round"]
     except (OSError, ValueError):
         return None
 

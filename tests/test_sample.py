@@ -15,7 +15,8 @@ from PIL import Image
 
 from fedgan_app.federation import client_app as client_module
 from fedgan_app.outputs.checkpoint import load_checkpoint
-from fedgan_app.outputs.tracking import make_grid
+from fedgan_app.outputs.runfolder import RunFolder
+from fedgan_app.quality.judge import make_grid
 from fedgan_app.sample import main, sample_checkpoint
 from fedgan_app.server_app import main as server_main
 from harness.inprocess import InProcessGrid, server_context
@@ -64,7 +65,7 @@ def _png(path: Path) -> np.ndarray:
 
 def _latest(run_dir: Path) -> Path:
     """The run's latest checkpoint."""
-    return run_dir / "checkpoints" / "latest.pt"
+    return RunFolder(run_dir).latest_pt
 
 
 @pytest.mark.parametrize(("run", "grid"), [("ema_run", "round_0002.png"),
@@ -82,7 +83,7 @@ def test_default_sample_is_the_grid_the_run_drew(
 
     # Assert
     assert code == 0
-    assert np.array_equal(_png(out), _png(run_dir / "samples" / grid))
+    assert np.array_equal(_png(out), _png(RunFolder(run_dir).samples_dir / grid))
 
 
 def test_num_and_seed_choose_the_images(ema_run: Path, tmp_path: Path,
@@ -101,7 +102,7 @@ def test_num_and_seed_choose_the_images(ema_run: Path, tmp_path: Path,
     assert "10 images from the ema generator of round 2" in capsys.readouterr().out
     assert np.array_equal(_png(out), make_grid(drawn.images))  # 8 columns, 2 rows
     assert drawn.images.shape == (10, 1, 28, 28) and drawn.labels is None
-    run_grid = _png(ema_run / "samples" / "round_0002.png")
+    run_grid = _png(RunFolder(ema_run).sample(2))
     assert not np.array_equal(_png(out)[:30], run_grid[:30])  # other noise, other digits
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import os
@@ -17,8 +16,16 @@ import numpy as np
 import pytest
 import torch
 
-from fedgan_app.outputs.dashboard import refresh_run
-from fedgan_app.outputs.tracking import LocalFiles, Output, WandbRun, make_grid
+from fedgan_app.outputs.runfolder import (
+    LOSSES_PLOT,
+    QUALITY_PLOT,
+    RunFolder,
+    read_rows,
+    read_table,
+)
+from fedgan_app.outputs.tracking import LocalFiles, Output, WandbRun
+from fedgan_app.outputs.views import refresh_run
+from fedgan_app.quality.judge import make_grid
 from tests.test_faults import _wandb_history, _wandb_records
 
 # Keep W&B's banner out of the test output.
@@ -64,39 +71,14 @@ def _finish(outputs: list[Output]) -> None:
         output.finish()
 
 
-def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
-    """Return (header, rows) of a CSV file."""
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        return list(reader.fieldnames or []), list(reader)
-
-
 def _offline_runs(run_dir: Path) -> list[Path]:
     """Return the offline W&B run folders that hold a .wandb file."""
-    return [d for d in (run_dir / "wandb").glob("offline-run-*") if list(d.glob("*.wandb"))]
+    return [d for d in RunFolder(run_dir).wandb_dir.glob("offline-run-*")
+            if list(d.glob("*.wandb"))]
 
 
 def _gif_frames(run_dir: Path) -> int:
-    return iio.imread(run_dir / "progress.gif", index=None).shape[0]
-
-
-def test_make_grid_shape_dtype_and_range() -> None:
-    """16 gray 28x28, nrow 4, padding 2 -> (122, 122, 3) uint8; -1 -> 0, 1 -> 255."""
-    # Prepare
-    images = torch.zeros((16, 1, 28, 28))
-    images[0] = -1.0
-    images[1] = 1.0
-
-    # Execute
-    grid = make_grid(images, nrow=4, padding=2)
-
-    # Assert
-    assert grid.shape == (4 * 30 + 2, 4 * 30 + 2, 3)
-    assert grid.dtype == np.uint8
-    assert (grid[2:30, 2:30] == 0).all()  # first tile: -1 -> 0
-    assert (grid[2:30, 32:60] == 255).all()  # second tile: 1 -> 255
-    assert (grid[2:30, 62:90] == 128).all()  # third tile: 0 -> mid gray
-    assert (grid[0:2] == 0).all()  # padding is black
+    return iio.imread(RunFolder(run_dir).progress_gif, index=None).shape[0]
 
 
 def test_full_run_writes_all_outputs(tmp_path: Path) -> None:
@@ -114,22 +96,22 @@ def test_full_run_writes_all_outputs(tmp_path: Path) -> None:
     _finish([local, wandb_run])  # a second call is a no-op
 
     # Assert
-    assert json.loads((run_dir / "run_config.json").read_text()) == CONFIG
-    header, rows = _read_csv(run_dir / "metrics.csv")
+    assert json.loads(RunFolder(run_dir).run_config_json.read_text()) == CONFIG
+    header, rows = read_table(RunFolder(run_dir).metrics_csv)
     assert header == ["round", "loss-d", "loss-g", "d-x", "d-gz", "fid"]
     assert [row["round"] for row in rows] == ["1", "2", "3"]
     assert [row["fid"] for row in rows] == ["", "123.5", ""]
     assert float(rows[2]["loss-d"]) == 1.0 / 3  # repr round-trips floats exactly
-    header, rows = _read_csv(run_dir / "clients.csv")
+    header, rows = read_table(RunFolder(run_dir).clients_csv)
     assert header[0] == "round"
     assert len(rows) == 6
     assert [row["converged"] for row in rows[:2]] == ["0", "1"]
-    sample = iio.imread(run_dir / "samples" / "round_0001.png")
+    sample = iio.imread(RunFolder(run_dir).sample(1))
     assert sample.shape == (122, 122, 3)
     assert _gif_frames(run_dir) == 3
-    assert (run_dir / "plots" / "losses.png").stat().st_size > 0
-    assert (run_dir / "plots" / "quality.png").stat().st_size > 0
-    assert json.loads((run_dir / "summary.json").read_text()) == {"best-fid": 123.5}
+    assert RunFolder(run_dir).plot(LOSSES_PLOT).stat().st_size > 0
+    assert RunFolder(run_dir).plot(QUALITY_PLOT).stat().st_size > 0
+    assert json.loads(RunFolder(run_dir).summary_json.read_text()) == {"best-fid": 123.5}
     assert wandb_run.run_id is not None
     assert len(_offline_runs(run_dir)) == 1
     assert not list(run_dir.rglob(".*.tmp*"))  # no temp files left behind
@@ -147,7 +129,7 @@ def test_refresh_rebuilds_gif_and_plots_every_round_and_skips_unchanged_plots(
     for r in range(1, 5):
         _log_rounds([local], range(r, r + 1))
         frames.append(_gif_frames(run_dir))
-        quality = run_dir / "plots" / "quality.png"
+        quality = RunFolder(run_dir).plot(QUALITY_PLOT)
         quality_bytes.append(quality.read_bytes() if quality.exists() else None)
 
     # Assert: the GIF grows by a frame a round; quality.png appears with the first
@@ -155,7 +137,7 @@ def test_refresh_rebuilds_gif_and_plots_every_round_and_skips_unchanged_plots(
     assert frames == [1, 2, 3, 4]
     assert quality_bytes[0] is None and quality_bytes[1] is not None
     assert quality_bytes[1] == quality_bytes[2] == quality_bytes[3]
-    losses = run_dir / "plots" / "losses.png"
+    losses = RunFolder(run_dir).plot(LOSSES_PLOT)
     before = losses.read_bytes()
     refresh_run(run_dir)
     assert losses.read_bytes() == before  # same data, same file
@@ -173,7 +155,7 @@ def test_animations_are_redrawn_on_their_time_budget_and_always_at_the_finish(
     for r in range(1, 4):
         _log_rounds([local], range(r, r + 1))
         frames.append(_gif_frames(run_dir))
-        pages.append(f'data-round="{r}"' in (run_dir / "dashboard.html").read_text())
+        pages.append(f'data-round="{r}"' in RunFolder(run_dir).dashboard_html.read_text())
     local.finish()
 
     # Assert: the first refresh draws the animations, the next two are not due; the
@@ -190,12 +172,12 @@ def test_disabled_mode_writes_local_outputs_without_wandb(tmp_path: Path) -> Non
     script = f"""
 import sys
 from pathlib import Path
-import torch
-from fedgan_app.outputs.tracking import LocalFiles, make_grid
+import numpy as np
+from fedgan_app.outputs.tracking import LocalFiles
 local = LocalFiles(Path({str(run_dir)!r}), {{"a": 1}})
 local.log_round(1, {{"loss-d": 0.5, "loss-g": 1.0}})
 local.log_clients(1, [{{"partition-id": 0, "loss-d": 0.5}}])
-local.log_samples(1, make_grid(torch.zeros((4, 3, 8, 8)), nrow=2))
+local.log_samples(1, np.zeros((22, 42, 3), dtype=np.uint8))
 local.log_summary({{"x": 1}})
 local.finish()
 sys.exit(3 if "wandb" in sys.modules else 0)
@@ -212,17 +194,12 @@ sys.exit(3 if "wandb" in sys.modules else 0)
 
     # Assert
     assert result.returncode == 0, result.stderr[-2000:]
-    for name in (
-        "run_config.json",
-        "metrics.csv",
-        "clients.csv",
-        "summary.json",
-        "progress.gif",
-    ):
-        assert (run_dir / name).exists(), name
-    assert (run_dir / "samples" / "round_0001.png").exists()
-    assert (run_dir / "plots" / "losses.png").exists()
-    assert not (run_dir / "wandb").exists()
+    folder = RunFolder(run_dir)
+    for path in (folder.run_config_json, folder.metrics_csv, folder.clients_csv,
+                 folder.summary_json, folder.progress_gif, folder.sample(1),
+                 folder.plot(LOSSES_PLOT)):
+        assert path.exists(), path
+    assert not folder.wandb_dir.exists()
 
 
 def test_resume_drops_later_rows_and_reuses_wandb_run(tmp_path: Path) -> None:
@@ -237,18 +214,18 @@ def test_resume_drops_later_rows_and_reuses_wandb_run(tmp_path: Path) -> None:
     # Execute
     second = [LocalFiles(run_dir, CONFIG, resume_after_round=2),
               WandbRun(run_dir, CONFIG, run_id=run_id)]
-    _, rows_at_resume = _read_csv(run_dir / "metrics.csv")
-    pngs_at_resume = sorted(p.name for p in (run_dir / "samples").glob("*.png"))
+    rows_at_resume = read_rows(RunFolder(run_dir).metrics_csv)
+    pngs_at_resume = sorted(p.name for p in RunFolder(run_dir).samples_dir.glob("*.png"))
     _log_rounds(second, range(3, 5))
     _finish(second)
 
     # Assert
     assert [row["round"] for row in rows_at_resume] == ["1", "2"]
     assert pngs_at_resume == ["round_0001.png", "round_0002.png"]
-    header, rows = _read_csv(run_dir / "metrics.csv")
+    header, rows = read_table(RunFolder(run_dir).metrics_csv)
     assert [row["round"] for row in rows] == ["1", "2", "3", "4"]
     assert "fid" in header
-    _, client_rows = _read_csv(run_dir / "clients.csv")
+    client_rows = read_rows(RunFolder(run_dir).clients_csv)
     assert [row["round"] for row in client_rows] == ["1", "1", "2", "2", "3", "3", "4", "4"]
     assert _gif_frames(run_dir) == 4
     assert second[1].run_id == run_id
@@ -276,10 +253,10 @@ def test_wandb_init_failure_warns_once_and_keeps_local_outputs(
     assert len(warnings) == 1
     assert "W&B init failed" in warnings[0].getMessage()
     assert outputs[1].run_id is None
-    assert len(_read_csv(run_dir / "metrics.csv")[1]) == 3
-    assert len(_read_csv(run_dir / "clients.csv")[1]) == 6
+    assert len(read_rows(RunFolder(run_dir).metrics_csv)) == 3
+    assert len(read_rows(RunFolder(run_dir).clients_csv)) == 6
     assert _gif_frames(run_dir) == 3
-    assert (run_dir / "plots" / "losses.png").exists()
+    assert RunFolder(run_dir).plot(LOSSES_PLOT).exists()
 
 
 def test_wandb_online_without_server_warns_once(
@@ -301,7 +278,7 @@ def test_wandb_online_without_server_warns_once(
     warnings = _wandb_warnings(caplog)
     assert len(warnings) == 1
     assert outputs[1].run_id is None
-    assert len(_read_csv(run_dir / "metrics.csv")[1]) == 1
+    assert len(read_rows(RunFolder(run_dir).metrics_csv)) == 1
 
 
 def test_wandb_failure_mid_run_warns_once_and_keeps_local_outputs(
@@ -327,7 +304,7 @@ def test_wandb_failure_mid_run_warns_once_and_keeps_local_outputs(
     assert len(warnings) == 1
     assert "W&B log" in warnings[0].getMessage()
     assert outputs[1].run_id is not None  # the run exists and can still be resumed
-    assert len(_read_csv(run_dir / "metrics.csv")[1]) == 3
+    assert len(read_rows(RunFolder(run_dir).metrics_csv)) == 3
     assert _gif_frames(run_dir) == 3
 
 
@@ -378,9 +355,9 @@ def test_wandb_offline_run_holds_the_animation_and_the_clients_table(tmp_path: P
     (run,) = _offline_runs(run_dir)
     media = run / "files" / "media"
     (federation,) = media.glob("videos/federation_*.gif")
-    assert federation.read_bytes() == (run_dir / "federation.gif").read_bytes()
+    assert federation.read_bytes() == RunFolder(run_dir).federation_gif.read_bytes()
     (progress,) = media.glob("videos/samples/progress_*.gif")
-    assert progress.read_bytes() == (run_dir / "progress.gif").read_bytes()
+    assert progress.read_bytes() == RunFolder(run_dir).progress_gif.read_bytes()
     # ... and referenced by the run's own log, beside the config
     records = _closed_run_records(run_dir)
     rows = _wandb_history(run_dir)
@@ -397,7 +374,7 @@ def test_wandb_offline_run_holds_the_animation_and_the_clients_table(tmp_path: P
     assert summary["best/fid"] == 42.5
     (table_file,) = media.glob("table/clients_*.table.json")
     table = json.loads(table_file.read_text())
-    _, csv_rows = _read_csv(run_dir / "clients.csv")
+    csv_rows = read_rows(RunFolder(run_dir).clients_csv)
     assert table["columns"] == list(csv_rows[0])
     assert len(table["data"]) == 4
     status, why = table["columns"].index("status"), table["columns"].index("reason")
@@ -422,9 +399,9 @@ def test_class_grids_are_written_logged_and_dropped_on_resume(tmp_path: Path) ->
     second.finish()
 
     # Assert
-    names = sorted(p.name for p in (run_dir / "samples").glob("classes_round_*.png"))
+    names = sorted(p.name for p in RunFolder(run_dir).samples_dir.glob("classes_round_*.png"))
     assert names == ["classes_round_0001.png", "classes_round_0002.png"]
-    assert np.array_equal(iio.imread(run_dir / "samples" / "classes_round_0002.png"), _grid(12))
+    assert np.array_equal(iio.imread(RunFolder(run_dir).sample(2, per_class=True)), _grid(12))
     logged = list(_offline_runs(run_dir)[0].glob("files/media/images/samples/classes_*.png"))
     assert len(logged) == 3
     with pytest.raises(ValueError, match="grid must be uint8"):

@@ -26,6 +26,7 @@ from typing import IO, Any
 import torch
 
 from fedgan_app.files import atomic_torch_save
+from fedgan_app.outputs.runfolder import CHECKPOINTS_DIR, LATEST_CHECKPOINT, RunFolder
 
 FORMAT = "fedgan-checkpoint"
 VERSION = 2
@@ -136,6 +137,27 @@ def load_checkpoint(path: Path | str, max_bytes: int = MAX_CHECKPOINT_BYTES) -> 
             f"checkpoint {path} has version {version!r}; this fedgan reads versions "
             f"{', '.join(map(str, READABLE_VERSIONS))}"
         )
+    state, ema_state, strategy_state = _checked_states(raw, path)
+    server_round = raw.get("server_round")
+    if not isinstance(server_round, int) or isinstance(server_round, bool) or server_round < 0:
+        raise CheckpointError(f"checkpoint {path} has an invalid round {server_round!r}")
+    fields = _checked_fields(raw, path)
+    best_metric = fields["best_metric"]
+    return Checkpoint(
+        state=state,
+        server_round=server_round,
+        config=dict(fields["config"]),
+        best_metric=None if best_metric is None else float(best_metric),
+        best_round=fields["best_round"],
+        wandb_run_id=fields["wandb_run_id"],
+        strategy_state=dict(strategy_state),
+        ema_state=None if ema_state is None else dict(ema_state),
+        extra=dict(fields["extra"]),
+    )
+
+
+def _checked_states(raw: dict[str, Any], path: Path) -> tuple[Any, Any, Any]:
+    """(state, ema_state, strategy_state) of a loaded checkpoint, each type-checked."""
     state = raw.get("state")
     if not _is_tensor_dict(state):
         raise CheckpointError(f"checkpoint {path} has no valid model state")
@@ -151,9 +173,11 @@ def load_checkpoint(path: Path | str, max_bytes: int = MAX_CHECKPOINT_BYTES) -> 
             f"checkpoint {path} has an invalid strategy_state (expected str -> tensor "
             "or plain value)"
         )
-    server_round = raw.get("server_round")
-    if not isinstance(server_round, int) or isinstance(server_round, bool) or server_round < 0:
-        raise CheckpointError(f"checkpoint {path} has an invalid round {server_round!r}")
+    return state, ema_state, strategy_state
+
+
+def _checked_fields(raw: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The plain fields of a loaded checkpoint (config, best, W&B id, extra), type-checked."""
     # weights_only loading allows any dict/list/str/number: check each field's type,
     # so a crafted file fails here and not rounds later inside training.
     fields = {
@@ -176,18 +200,7 @@ def load_checkpoint(path: Path | str, max_bytes: int = MAX_CHECKPOINT_BYTES) -> 
                 f"checkpoint {path} has an invalid {name} (expected str -> number, short "
                 "string, bool or None)"
             )
-    best_metric = fields["best_metric"][0]
-    return Checkpoint(
-        state=state,
-        server_round=server_round,
-        config=dict(fields["config"][0]),
-        best_metric=None if best_metric is None else float(best_metric),
-        best_round=fields["best_round"][0],
-        wandb_run_id=fields["wandb_run_id"][0],
-        strategy_state=dict(strategy_state),
-        ema_state=None if ema_state is None else dict(ema_state),
-        extra=dict(fields["extra"][0]),
-    )
+    return {name: value for name, (value, _) in fields.items()}
 
 
 def _check_archive(handle: IO[bytes], path: Path, max_bytes: int) -> None:
@@ -360,10 +373,10 @@ def resolve_resume_path(resume_from: str) -> Path:
     """Map the 'resume-from' setting (a file or a run folder) to a checkpoint file."""
     path = Path(resume_from).expanduser().resolve()
     if path.is_dir():
-        path = path / "checkpoints" / "latest.pt"
+        path = RunFolder(path).latest_pt
     if not path.is_file():
         raise CheckpointError(
             f"setting 'resume-from': no checkpoint at {path} (give a .pt file or a "
-            "run folder holding checkpoints/latest.pt)"
+            f"run folder holding {CHECKPOINTS_DIR}/{LATEST_CHECKPOINT})"
         )
     return path

@@ -1,10 +1,11 @@
-"""One owner for the end of a round: round numbers, the row, checkpoints, resume.
+"""What a run persists: round numbers, the rows, checkpoints, resume.
 
 The strategy pushes what it learns in a round (counts, client metrics, one row
-per reply, the server optimizer's state) and the evaluate callback pushes the
-sample grid and quality metrics; `Recorder.commit` then ends the round in one
-order: the metrics and clients rows, latest.pt (the commit point), best.pt,
-and the per-round refresh of the outputs (plots, progress.gif, federation.gif,
+per reply, the server optimizer's state) and the end of the round
+(fedgan_app.round_end) pushes the sample grids, quality metrics and the EMA
+generator; `Recorder.commit` then persists the round in one order: the
+metrics and clients rows, latest.pt (the commit point), best.pt, and the
+per-round refresh of the outputs (plots, progress.gif, federation.gif,
 dashboard page). Round numbers are the run's own: a resumed run's
 `Strategy.start` counts from 1 again, and `Recorder.absolute` is the one place
 that adds the checkpoint's round.
@@ -12,8 +13,8 @@ that adds the checkpoint's round.
 Resume lives here too: `load_resume` reads and checks the checkpoint named by
 'resume-from', `run_folder` picks the folder to continue in, and `Recorder.open`
 refuses a run folder whose metrics.csv lost rounds its checkpoint holds. One
-run writes a run folder at a time: `Recorder.open` locks it (RUN_LOCK) until
-`Recorder.finish` or the end of the process.
+run writes a run folder at a time: `Recorder.open` locks it (.fedgan-run.lock)
+until `Recorder.finish` or the end of the process.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ import torch
 from flwr.app import ArrayRecord
 from flwr.common.logger import log
 
+from fedgan_app.config import ConfigError, RunConfig
+from fedgan_app.files import LockHeld, RunLock
 from fedgan_app.outputs.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -39,17 +42,17 @@ from fedgan_app.outputs.checkpoint import (
     resolve_resume_path,
     save_checkpoint,
 )
-from fedgan_app.config import ConfigError, RunConfig
-from fedgan_app.files import LockHeld, RunLock
-from fedgan_app.quality.judge import format_quality
-from fedgan_app.outputs.tracking import CLIENTS_CSV, METRICS_CSV, LocalFiles, Output, WandbRun, csv_rounds
+from fedgan_app.outputs.runfolder import (
+    CHECKPOINTS_DIR,
+    LATEST_CHECKPOINT,
+    RunFolder,
+    csv_rounds,
+)
+from fedgan_app.outputs.tracking import LocalFiles, Output, WandbRun
+from fedgan_app.quality.metrics import format_quality
 
 # W&B online without network would otherwise block for its default 90 s.
 WANDB_INIT_TIMEOUT_S = 30.0
-LATEST = "latest.pt"
-BEST = "best.pt"
-# Held by the run writing the folder; names its PID and host for a second writer.
-RUN_LOCK = ".fedgan-run.lock"
 # Parts of the run's time measured before the commit: part -> metrics.csv column.
 ROW_TIMES = {"query": "time-query-s", "clients": "time-clients-s",
              "aggregate": "time-aggregate-s", "sample": "time-sample-s",
@@ -75,7 +78,7 @@ class _Pending:
 
 
 class Recorder:
-    """Owns the end of every round of one run.
+    """Persists every round of one run; numbers the rounds.
 
     Parameters
     ----------
@@ -92,6 +95,7 @@ class Recorder:
 
     def __init__(self, cfg: RunConfig, run_dir: Path, resume: Checkpoint | None = None,
                  resume_path: Path | None = None) -> None:
+        """Take the run's settings and folder; nothing is written before `open`."""
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.resume = resume
@@ -99,17 +103,9 @@ class Recorder:
         self.offset = resume.server_round if resume else 0
         self.best_metric = resume.best_metric if resume else None
         self.best_round = resume.best_round if resume else None
-        # The server-side EMA generator's packed state (None: the run keeps none).
-        self.ema_state = resume.ema_state if resume else None
-        if self.ema_state is not None and cfg.generator_ema <= 0:
-            # An EMA nobody updates would be sampled, scored and kept as best.pt
-            # for the rest of the run: the resumed run uses the raw generator.
-            log(WARNING, "Resume: %s holds an EMA generator but generator-ema is 0: "
-                "it is dropped and the raw generator is sampled from here on",
-                resume_path)
-            self.ema_state = None
+        self.folder = RunFolder(self.run_dir)
         self.outputs: list[Output] = []
-        self._lock = RunLock(self.run_dir / RUN_LOCK)
+        self._lock = RunLock(self.folder.run_lock)
         self._wandb: WandbRun | None = None
         self._strategy_state: dict[str, Any] = dict(resume.strategy_state) if resume else {}
         self._pending: dict[int, _Pending] = {}
@@ -127,13 +123,22 @@ class Recorder:
     @property
     def checkpoint_dir(self) -> Path:
         """Where latest.pt and best.pt live."""
-        return self.run_dir / "checkpoints"
+        return self.folder.checkpoints_dir
 
     @property
     def wandb_run_id(self) -> str | None:
         """The W&B run's id; a resumed run keeps its id even when W&B failed to start."""
         live = self._wandb.run_id if self._wandb is not None else None
         return live or (self.resume.wandb_run_id if self.resume else None)
+
+    def check(self) -> None:
+        """Refuse (ConfigError) a resumed folder whose CSVs lost rounds; reads only.
+
+        The run calls it before anything is sent to a node; `open` checks again
+        under the folder's lock.
+        """
+        if self.resume is not None and self.resume_path is not None:
+            _check_history(self.run_dir, self.resume_path, self.resume.server_round)
 
     def open(self) -> None:
         """Lock the run folder, check a resumed one, start the local files and W&B.
@@ -144,8 +149,7 @@ class Recorder:
         """
         _lock_run_folder(self._lock, self.run_dir, self.resumed)
         try:
-            if self.resume is not None and self.resume_path is not None:
-                _check_history(self.run_dir, self.resume_path, self.resume.server_round)
+            self.check()
             config = self.cfg.to_dict()
             self.outputs = [LocalFiles(self.run_dir, config,
                                        resume_after_round=self.offset if self.resumed
@@ -204,13 +208,14 @@ class Recorder:
         for output in self.outputs:
             output.log_summary({f"reference/{k}": v for k, v in reference.items()})
 
-    def set_ema_state(self, state: dict[str, torch.Tensor] | None) -> None:
-        """Keep the EMA generator's packed state for the next checkpoints."""
-        self.ema_state = state
+    def commit(self, server_round: int, arrays: ArrayRecord, quality: Mapping[str, float],
+               ema_state: Mapping[str, torch.Tensor] | None = None) -> dict[str, float]:
+        """Persist a round: row, latest.pt, best.pt, refresh; returns the round's row.
 
-    def commit(self, server_round: int, arrays: ArrayRecord,
-               quality: Mapping[str, float]) -> dict[str, float]:
-        """End a round: row, latest.pt, best.pt, refresh; returns the round's row."""
+        `quality` holds the row's columns measured at the end of the round;
+        `ema_state` is the EMA generator's packed state after it (None: the run
+        keeps none), saved in the checkpoints.
+        """
         pending = self._pending.pop(server_round, _Pending())
         started = time.perf_counter()
         row = {**pending.row, **quality, "round-time-s": started - self._clock,
@@ -226,10 +231,10 @@ class Recorder:
             if pending.clients:
                 output.log_clients(server_round, pending.clients)
         written = time.perf_counter()
-        checkpoint = self._checkpoint(server_round, arrays)
-        save_checkpoint(checkpoint, self.checkpoint_dir / LATEST)
+        checkpoint = self._checkpoint(server_round, arrays, ema_state)
+        save_checkpoint(checkpoint, self.folder.latest_pt)
         if improved:
-            save_checkpoint(checkpoint, self.checkpoint_dir / BEST)
+            save_checkpoint(checkpoint, self.folder.best_pt)
         saved = time.perf_counter()
         _log_round_line(server_round, self.cfg.num_server_rounds, row)
         if server_round == self.cfg.num_server_rounds:
@@ -263,13 +268,15 @@ class Recorder:
         """Add seconds to a part of the run's time."""
         self.timings[part] = self.timings.get(part, 0.0) + float(seconds)
 
-    def _checkpoint(self, server_round: int, arrays: ArrayRecord) -> Checkpoint:
+    def _checkpoint(self, server_round: int, arrays: ArrayRecord,
+                    ema_state: Mapping[str, torch.Tensor] | None) -> Checkpoint:
         """Everything needed to resume after this round."""
         return Checkpoint(
             state=arrays.to_torch_state_dict(), server_round=server_round,
             config=self.cfg.to_dict(), best_metric=self.best_metric,
             best_round=self.best_round, wandb_run_id=self.wandb_run_id,
-            strategy_state=dict(self._strategy_state), ema_state=self.ema_state,
+            strategy_state=dict(self._strategy_state),
+            ema_state=None if ema_state is None else dict(ema_state),
         )
 
     def _update_best(self, server_round: int, row: Mapping[str, float]) -> bool:
@@ -289,7 +296,7 @@ class Recorder:
             return
         if resume.best_round != resume.server_round:
             return
-        best = self.checkpoint_dir / BEST
+        best = self.folder.best_pt
         try:
             best_round = load_checkpoint(best).server_round
         except CheckpointError:
@@ -307,8 +314,8 @@ class Recorder:
             output.log_summary(summary)
         if self.best_round is not None:
             log(INFO, "best round %d: fid %.3f (checkpoint %s)", self.best_round,
-                self.best_metric, self.checkpoint_dir / BEST)
-        log(INFO, "final samples: %s", self.run_dir / "samples")
+                self.best_metric, self.folder.best_pt)
+        log(INFO, "final samples: %s", self.folder.samples_dir)
 
 
 def _log_round_line(server_round: int, num_rounds: int, row: Mapping[str, float]) -> None:
@@ -342,8 +349,8 @@ def load_resume(cfg: RunConfig) -> tuple[Path | None, Checkpoint | None]:
         # drop rounds 6..10 from its CSVs, samples and latest.pt.
         raise ConfigError(
             f"setting 'resume-from': {path} holds round {checkpoint.server_round} but its "
-            f"run folder is already at round {newest} ({path.parent / LATEST}); resuming "
-            "there would overwrite the later rounds. Resume from the run folder, or copy "
+            f"run folder is already at round {newest} ({path.parent / LATEST_CHECKPOINT}); "
+            "resuming there would overwrite the later rounds. Resume from the run folder, or copy "
             "the checkpoint out of it to continue in a new run folder"
         )
     if checkpoint.server_round >= cfg.num_server_rounds:
@@ -369,14 +376,13 @@ def resume_arrays(checkpoint: Checkpoint, path: Path, reference: ArrayRecord) ->
 
 def _newest_round_beside(path: Path) -> int | None:
     """Round of the latest.pt beside a checkpoint in a run folder, if another one."""
-    latest = path.parent / LATEST
-    if path.parent.name != "checkpoints" or latest == path or not latest.is_file():
+    latest = path.parent / LATEST_CHECKPOINT
+    if path.parent.name != CHECKPOINTS_DIR or latest == path or not latest.is_file():
         return None
     try:
         return load_checkpoint(latest).server_round
     except CheckpointError:
         return None  # a broken latest.pt: resuming from another file is the way out
-
 
 def run_folder(cfg: RunConfig, resume_path: Path | None) -> Path:
     """The run's output folder, created and checked to be writable and free.
@@ -387,7 +393,7 @@ def run_folder(cfg: RunConfig, resume_path: Path | None) -> Path:
     is refused here already (RunFolderInUse), before the data is loaded;
     `Recorder.open` takes the lock for the run.
     """
-    if resume_path is not None and resume_path.parent.name == "checkpoints":
+    if resume_path is not None and resume_path.parent.name == CHECKPOINTS_DIR:
         run_dir = resume_path.parent.parent
     else:
         base = Path(cfg.output_dir).expanduser().resolve()
@@ -401,7 +407,7 @@ def run_folder(cfg: RunConfig, resume_path: Path | None) -> Path:
         raise ConfigError(
             f"setting 'output-dir': cannot write to {run_dir} ({exc.strerror})"
         ) from exc
-    probe_lock = RunLock(run_dir / RUN_LOCK)
+    probe_lock = RunLock(RunFolder(run_dir).run_lock)
     _lock_run_folder(probe_lock, run_dir, resume_path is not None)
     probe_lock.release()
     return run_dir
@@ -433,9 +439,10 @@ def _check_history(run_dir: Path, resume_path: Path, server_round: int) -> None:
     header-only file, or one that ends early, is damage (a power loss during
     a write, a hand edit): resuming would rewrite it without those rounds.
     """
-    if resume_path.parent != run_dir / "checkpoints" or server_round < 1:
+    folder = RunFolder(run_dir)
+    if resume_path.parent != folder.checkpoints_dir or server_round < 1:
         return  # a checkpoint from elsewhere starts this folder's history anew
-    metrics, clients = run_dir / METRICS_CSV, run_dir / CLIENTS_CSV
+    metrics, clients = folder.metrics_csv, folder.clients_csv
     for path in (clients, metrics):  # clients.csv: only readable (a round may have no row)
         try:
             rounds = csv_rounds(path)

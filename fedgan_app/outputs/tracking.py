@@ -1,6 +1,7 @@
 """Run tracking through two small outputs: local files and W&B.
 
-`LocalFiles` writes every file under ``outputs/<run>/`` except checkpoints::
+`LocalFiles` writes every file under ``outputs/<run>/`` except checkpoints
+(the names: fedgan_app.outputs.runfolder)::
 
     run_config.json          the full config of the run
     metrics.csv              one row per server round ("round" first)
@@ -11,7 +12,7 @@
 
 The views of those files (plots/, progress.gif, federation.gif,
 dashboard.html) are rebuilt after every round by
-``fedgan_app.outputs.dashboard.refresh_run``, which `LocalFiles.refresh` calls (the
+``fedgan_app.outputs.views.refresh_run``, which `LocalFiles.refresh` calls (the
 two animations on a time budget, 'animation-share', and after the last round).
 `WandbRun` mirrors the same calls to a W&B run (``wandb/``, offline unless
 chosen otherwise), and at the end logs the animations and the clients table.
@@ -28,54 +29,19 @@ from __future__ import annotations
 
 import csv
 import io
-import math
-import re
 from collections.abc import Callable, Iterable, Mapping
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-import torch
 from flwr.common.logger import log
 
 from fedgan_app.files import atomic_write, write_json, write_text
+from fedgan_app.outputs import views
+from fedgan_app.outputs.runfolder import RunFolder, read_table, round_of, sample_paths
 
 WANDB_MODES = ("offline", "online", "disabled")
-METRICS_CSV = "metrics.csv"
-CLIENTS_CSV = "clients.csv"
-SAMPLES_DIR = "samples"
-PLOTS_DIR = "plots"
-_SAMPLE_RE = re.compile(r"^(classes_)?round_(\d+)\.png$")
-
-
-def make_grid(images: torch.Tensor, nrow: int = 8, padding: int = 2) -> np.ndarray:
-    """Tile (N, C, H, W) images in [-1, 1] into one uint8 RGB image (H', W', 3).
-
-    Same geometry as ``torchvision.utils.make_grid`` (which does not import here):
-    ``min(nrow, N)`` columns, ``padding`` black pixels around and between tiles.
-    """
-    if images.ndim != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(f"images must be (N, 1|3, H, W), got {tuple(images.shape)}")
-    if nrow < 1 or padding < 0:
-        raise ValueError(f"need nrow >= 1 and padding >= 0, got {nrow=}, {padding=}")
-    imgs = images.detach().to("cpu", torch.float32)
-    if imgs.shape[1] == 1:
-        imgs = imgs.expand(-1, 3, -1, -1)  # grayscale -> RGB so every grid is (H, W, 3)
-    # [-1, 1] (tanh output) -> [0, 255]; clamp so overshoot cannot wrap around in uint8
-    pixels = ((imgs.clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
-    n, _, h, w = pixels.shape
-    ncols = min(nrow, n)
-    nrows = math.ceil(n / ncols)
-    grid = torch.zeros(
-        (nrows * (h + padding) + padding, ncols * (w + padding) + padding, 3),
-        dtype=torch.uint8,
-    )
-    for i in range(n):
-        top = (i // ncols) * (h + padding) + padding
-        left = (i % ncols) * (w + padding) + padding
-        grid[top : top + h, left : left + w] = pixels[i].permute(1, 2, 0)  # CHW -> HWC
-    return grid.numpy()
 
 
 def _json_default(value: Any) -> Any:
@@ -137,13 +103,10 @@ class _CsvTable:
         """Load ``path``, keeping rounds <= ``keep_up_to_round`` (None: all); # dropped."""
         if not self.path.exists():
             return 0
-        with self.path.open(newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            columns = list(reader.fieldnames or [])
-            read = list(reader)
+        columns, read = read_table(self.path)
         kept = [
-            row for row in read if _round_of(row) is not None
-            and (keep_up_to_round is None or _round_of(row) <= keep_up_to_round)
+            row for row in read if round_of(row) is not None
+            and (keep_up_to_round is None or round_of(row) <= keep_up_to_round)
         ]
         self.columns = ["round", *[c for c in columns if c != "round"]]
         self.rows = [{c: row.get(c) or "" for c in self.columns} for row in kept]
@@ -181,34 +144,6 @@ class _CsvTable:
         return rounds, values
 
 
-def csv_rounds(path: Path) -> list[int] | None:
-    """The round of each row of a CSV this module wrote, in file order; None: no file.
-
-    Raises ValueError saying what is wrong when the file is empty (the run
-    always writes a header) or cannot be parsed as CSV text.
-    """
-    try:
-        if path.stat().st_size == 0:
-            raise ValueError("is empty")
-        with path.open(newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            if not reader.fieldnames or "round" not in reader.fieldnames:
-                raise ValueError("has no header with a 'round' column")
-            return [r for row in reader if (r := _round_of(row)) is not None]
-    except FileNotFoundError:
-        return None
-    except (csv.Error, UnicodeDecodeError) as exc:
-        raise ValueError(f"cannot be read ({str(exc)[:100]})") from exc
-
-
-def _round_of(row: Mapping[str, str | None]) -> int | None:
-    """Return the integer round of a CSV row, None when the cell is malformed."""
-    try:
-        return int(row.get("round") or "")
-    except ValueError:
-        return None
-
-
 class Output(Protocol):
     """Where the recorder writes a run: local files, W&B."""
 
@@ -234,16 +169,6 @@ class Output(Protocol):
         """Write what is left and close; later calls do nothing."""
 
 
-def sample_paths(run_dir: Path, per_class: bool = False) -> dict[int, Path]:
-    """Round -> samples/round_NNNN.png (or classes_round_NNNN.png) of a run folder."""
-    found = {}
-    for path in (Path(run_dir) / SAMPLES_DIR).glob("*round_*.png"):
-        match = _SAMPLE_RE.match(path.name)
-        if match is not None and bool(match.group(1)) == per_class:
-            found[int(match.group(2))] = path
-    return dict(sorted(found.items()))
-
-
 class LocalFiles:
     """Writes the files of one run under ``run_dir`` (all but the checkpoints).
 
@@ -260,7 +185,7 @@ class LocalFiles:
         duplicates.
     animation_share : float
         Most of the run's time the per-round redraws of progress.gif and
-        federation.gif may take (`fedgan_app.outputs.dashboard.AnimationBudget`; 1:
+        federation.gif may take (`fedgan_app.outputs.views.AnimationBudget`; 1:
         every round). The finish always redraws them.
 
     """
@@ -269,17 +194,15 @@ class LocalFiles:
                  resume_after_round: int | None = None,
                  animation_share: float = 1.0) -> None:
         """Create the folders, write run_config.json, reload a resumed run."""
-        from fedgan_app.outputs.dashboard import AnimationBudget
-
-        self._animations = AnimationBudget(animation_share)
+        self._animations = views.AnimationBudget(animation_share)
         self.run_dir = Path(run_dir)
-        self._samples_dir = self.run_dir / SAMPLES_DIR
-        for folder in (self.run_dir, self._samples_dir, self.run_dir / PLOTS_DIR):
+        self._folder = RunFolder(self.run_dir)
+        for folder in (self.run_dir, self._folder.samples_dir, self._folder.plots_dir):
             folder.mkdir(parents=True, exist_ok=True)
-        write_json(self.run_dir / "run_config.json", config, indent=2, sort_keys=True,
+        write_json(self._folder.run_config_json, config, indent=2, sort_keys=True,
                    default=_json_default)
-        self._metrics = _CsvTable(self.run_dir / METRICS_CSV)
-        self._clients = _CsvTable(self.run_dir / CLIENTS_CSV)
+        self._metrics = _CsvTable(self._folder.metrics_csv)
+        self._clients = _CsvTable(self._folder.clients_csv)
         self._summary: dict[str, Any] = {}
         self._finished = False
         if resume_after_round is not None:
@@ -300,7 +223,7 @@ class LocalFiles:
         _check_grid(grid)
         from PIL import Image
 
-        path = self._samples_dir / f"round_{server_round:04d}.png"
+        path = self._folder.sample(server_round)
         atomic_write(path, lambda tmp: Image.fromarray(grid).save(tmp, format="PNG"))
 
     def log_class_samples(self, server_round: int, grid: np.ndarray) -> None:
@@ -308,21 +231,19 @@ class LocalFiles:
         _check_grid(grid)
         from PIL import Image
 
-        path = self._samples_dir / f"classes_round_{server_round:04d}.png"
+        path = self._folder.sample(server_round, per_class=True)
         atomic_write(path, lambda tmp: Image.fromarray(grid).save(tmp, format="PNG"))
 
     def log_summary(self, summary: Mapping[str, Any]) -> None:
         """Merge ``summary`` into summary.json."""
         self._summary.update(summary)
-        write_json(self.run_dir / "summary.json", self._summary, indent=2, sort_keys=True,
+        write_json(self._folder.summary_json, self._summary, indent=2, sort_keys=True,
                    default=_json_default)
 
     def refresh(self, final: bool = False) -> None:
         """Rebuild the views: plots and page; the animations when due (always if final)."""
-        from fedgan_app.outputs.dashboard import refresh_run  # the views read this module's files
-
         animations = final or self._animations.due()
-        seconds = refresh_run(self.run_dir, animations=animations)
+        seconds = views.refresh_run(self.run_dir, animations=animations)
         if animations:
             self._animations.spent(seconds)
 
@@ -488,7 +409,7 @@ class WandbRun:
 
     def _log_clients_table(self) -> None:
         """Log the run folder's clients.csv (resumed rounds too) as one W&B table."""
-        clients = _CsvTable(self.run_dir / CLIENTS_CSV)
+        clients = _CsvTable(RunFolder(self.run_dir).clients_csv)
         clients.load(keep_up_to_round=None)
         if not clients.rows:
             return
@@ -496,16 +417,16 @@ class WandbRun:
                 for row in clients.rows]
         self._run.log({"clients": self._wandb.Table(columns=clients.columns, data=data)})
 
-
     def _log_animations(self) -> None:
         """Log federation.gif and progress.gif as W&B videos (a GIF file needs no codec)."""
+        folder = RunFolder(self.run_dir)
         media = {
             key: self._wandb.Video(str(path), caption=caption)
-            for key, name, caption in (
-                ("federation", "federation.gif", "the federation, round by round"),
-                ("samples/progress", "progress.gif", "sample grids, round by round"),
+            for key, path, caption in (
+                ("federation", folder.federation_gif, "the federation, round by round"),
+                ("samples/progress", folder.progress_gif, "sample grids, round by round"),
             )
-            if (path := self.run_dir / name).is_file()
+            if path.is_file()
         }
         if media:
             self._run.log(media)

@@ -5,7 +5,8 @@ images from a fixed noise stream (and, for a conditional G, balanced labels
 0, 1, ..., C-1, 0, ...) against the server's held-out split, in the cached
 evaluator classifier (fedgan_app.quality.evaluator). The noise streams, the
 grid size and the evaluator's cache key live here, so a benchmark that
-imports them scores exactly as the app does. The metrics themselves are the
+imports them scores exactly as the app does; so does `make_grid`, which tiles
+images into the grids a run writes (samples/round_NNNN.png). The metrics themselves are the
 pure functions of fedgan_app.quality.metrics.
 
 Every generator the server samples is built by `generator_from`, which
@@ -17,6 +18,7 @@ batchnorm='local' the clients keep theirs.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping
 from logging import INFO
@@ -31,14 +33,13 @@ from fedgan_app.data.prepared import cache_root, load_train_pool
 from fedgan_app.data.spec import ImageData, PartitionSpec
 from fedgan_app.gan.models import GANConfig, Generator, recalibrate_batchnorm
 from fedgan_app.gan.training import derive_seed, sample_images
-from fedgan_app.outputs.tracking import make_grid
 from fedgan_app.protocol.message import G_PREFIX
 from fedgan_app.quality.evaluator import load_or_train_evaluator
 from fedgan_app.quality.metrics import (
-    QUALITY_KEYS,
     Evaluator,
     compute_quality,
     conditional_quality,
+    format_quality,
 )
 
 GRID_IMAGES = 64  # the fixed-noise sample grid: 8 x 8
@@ -61,6 +62,35 @@ def balanced_labels(n: int, num_classes: int, start: int = 0) -> torch.Tensor | 
     if num_classes == 0:
         return None
     return torch.arange(start, start + n) % num_classes
+
+
+def make_grid(images: torch.Tensor, nrow: int = 8, padding: int = 2) -> np.ndarray:
+    """Tile (N, C, H, W) images in [-1, 1] into one uint8 RGB image (H', W', 3).
+
+    Same geometry as ``torchvision.utils.make_grid`` (which does not import here):
+    ``min(nrow, N)`` columns, ``padding`` black pixels around and between tiles.
+    """
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"images must be (N, 1|3, H, W), got {tuple(images.shape)}")
+    if nrow < 1 or padding < 0:
+        raise ValueError(f"need nrow >= 1 and padding >= 0, got {nrow=}, {padding=}")
+    imgs = images.detach().to("cpu", torch.float32)
+    if imgs.shape[1] == 1:
+        imgs = imgs.expand(-1, 3, -1, -1)  # grayscale -> RGB so every grid is (H, W, 3)
+    # [-1, 1] (tanh output) -> [0, 255]; clamp so overshoot cannot wrap around in uint8
+    pixels = ((imgs.clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
+    n, _, h, w = pixels.shape
+    ncols = min(nrow, n)
+    nrows = math.ceil(n / ncols)
+    grid = torch.zeros(
+        (nrows * (h + padding) + padding, ncols * (w + padding) + padding, 3),
+        dtype=torch.uint8,
+    )
+    for i in range(n):
+        top = (i // ncols) * (h + padding) + padding
+        left = (i % ncols) * (w + padding) + padding
+        grid[top : top + h, left : left + w] = pixels[i].permute(1, 2, 0)  # CHW -> HWC
+    return grid.numpy()
 
 
 def sample_grid(generator: Generator, noise: torch.Tensor,
@@ -150,11 +180,6 @@ def evaluator_cache_dir() -> Path:
     return cache_root() / "evaluator"
 
 
-def format_quality(row: Mapping[str, float]) -> str:
-    """Quality metrics as 'fid 12.3 classifier-score 8.1 ...'."""
-    return " ".join(f"{k} {row[k]:.3g}" for k in QUALITY_KEYS if k in row)
-
-
 class QualityJudge:
     """Scores generators against the server's held-out split, as the ServerApp does.
 
@@ -180,6 +205,7 @@ class QualityJudge:
     def __init__(self, dataset: str, seed: int, eval_samples: int, server_data: ImageData,
                  spec: PartitionSpec,
                  on_reference: Callable[[dict[str, float]], None] | None = None) -> None:
+        """Keep the data and settings; the evaluator is loaded when first needed."""
         self.dataset = dataset
         self.seed = seed
         self.eval_samples = eval_samples

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -399,3 +399,8 @@ def conditional_quality(
         if mine.sum() >= 2 and real_c.size(0) >= 2:
             row[f"fid/{c}"] = fid(evaluator, real_c, fake[mine])
     return row
+
+
+def format_quality(row: Mapping[str, float]) -> str:
+    """Quality metrics as 'fid 12.3 classifier-score 8.1 ...'."""
+    return " ".join(f"{k} {row[k]:.3g}" for k in QUALITY_KEYS if k in row)
