@@ -11,7 +11,6 @@ can be.
 
 from __future__ import annotations
 
-import csv
 import ipaddress
 import json
 import os
@@ -45,15 +44,11 @@ from deploy.deployment import (
 from deploy.gateway import FLEET_PATHS
 from deploy.launch import WORKDIR_STAMP, claim_workdir
 from deploy.processes import alive, descendants, free_port, process_table
+from fedgan_app.outputs.runfolder import read_rows
 
 # Two local steps on 16 images, a 100-image quality check, no client evaluation.
 TINY = ("local-steps=2 batch-size=16 eval-samples=100 fraction-evaluate=0.0 "
         "wandb-mode='disabled'")
-
-
-def _read_csv(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
 
 
 def _run_config(out: Path, rounds: int, **extra: str) -> list[str]:
@@ -500,7 +495,7 @@ def test_two_authenticated_supernodes_complete_a_run_over_tls(federation: Federa
     # completed, with both registered nodes training in both rounds
     assert result.completed, result.output[-3000:]
     run_dir = federation.outputs / "run"
-    rows = _read_csv(run_dir / "metrics.csv")
+    rows = read_rows(run_dir / "metrics.csv")
     assert [r["round"] for r in rows] == ["1", "2"]
     for row in rows:
         assert float(row["replies-accepted"]) == 2, row
@@ -555,7 +550,7 @@ def test_killed_supernode_is_counted_failed_and_run_finishes(federation: Federat
     # Assert: the kill happened mid-run, the run completed, the failure is counted
     assert killed.is_set() and node.process.wait(timeout=30) == -signal.SIGKILL
     assert result.completed, result.output[-3000:]
-    (row,) = _read_csv(outputs / "run" / "metrics.csv")
+    (row,) = read_rows(outputs / "run" / "metrics.csv")
     assert float(row["replies-accepted"]) == 1, row
     assert float(row["replies-failed"]) == 1, row
     assert float(row["replies-missing"]) == 0, row
@@ -587,7 +582,7 @@ def test_supernode_with_trusted_entities_refuses_an_unsigned_app(federation: Fed
     # Assert: the wary node refused the unsigned app (an error reply, counted as
     # failed); node 0 trained and the run completed
     assert result.completed, result.output[-3000:]
-    (row,) = _read_csv(outputs / "run" / "metrics.csv")
+    (row,) = read_rows(outputs / "run" / "metrics.csv")
     assert float(row["replies-accepted"]) == 1, row
     assert float(row["replies-failed"]) == 1, row
     log = wary.log.read_text(errors="replace")

@@ -9,7 +9,6 @@ finish the rounds in the same run folder, each round exactly once.
 
 from __future__ import annotations
 
-import csv
 import os
 import signal
 import time
@@ -21,6 +20,7 @@ import pytest
 
 from deploy.processes import alive, descendants, process_table
 from fedgan_app.outputs.checkpoint import CheckpointError, load_checkpoint
+from fedgan_app.outputs.runfolder import read_rows
 from harness.local_superlink import LocalFlower
 
 pytestmark = pytest.mark.e2e
@@ -81,11 +81,6 @@ def _wait_for_round(latest: Path, flower: LocalFlower, run_id: int,
     raise TimeoutError(f"{latest} did not reach round {server_round} in {timeout}s")
 
 
-def _read_csv(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
 def test_sigkilled_server_resumes_in_a_new_run(flower: LocalFlower, tmp_path: Path) -> None:
     # Prepare: a run that cannot finish before the kill (1,000 rounds; on an idle
     # machine 4 tiny rounds end before the poll sees round 2), killed once round 2
@@ -115,10 +110,10 @@ def test_sigkilled_server_resumes_in_a_new_run(flower: LocalFlower, tmp_path: Pa
     assert flower.status(second_id) == "finished:completed", output[-3000:]
     assert second_id != first_id
     assert f"after round {at_kill.server_round}" in output
-    rounds = [int(r["round"]) for r in _read_csv(run_dir / "metrics.csv")]
+    rounds = [int(r["round"]) for r in read_rows(run_dir / "metrics.csv")]
     assert rounds == list(range(1, rounds_total + 1))
     clients = sorted((int(r["round"]), r["partition-id"])
-                     for r in _read_csv(run_dir / "clients.csv"))
+                     for r in read_rows(run_dir / "clients.csv"))
     assert clients == [(r, p) for r in range(1, rounds_total + 1) for p in ("0", "1")]
     final = load_checkpoint(run_dir / "checkpoints" / "latest.pt")
     assert final.server_round == rounds_total

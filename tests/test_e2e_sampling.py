@@ -7,7 +7,6 @@ Both runs go to one private SuperLink side by side, so their start-up overlaps.
 
 from __future__ import annotations
 
-import csv
 import json
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from fedgan_app.federation.sampling import TRAIN_STREAM, partition_order
+from fedgan_app.outputs.runfolder import read_rows
 from harness.local_superlink import LocalFlower
 
 pytestmark = pytest.mark.e2e
@@ -52,15 +52,10 @@ def run_folders(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
     assert flower.superlink_pids() == [], "SuperLink left running"
 
 
-def _read_csv(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
 def _trained(run_dir: Path) -> dict[int, list[int]]:
     """Round -> the partitions whose replies were accepted, from clients.csv."""
     trained: dict[int, list[int]] = {}
-    for row in _read_csv(run_dir / "clients.csv"):
+    for row in read_rows(run_dir / "clients.csv"):
         assert row["status"] == "accepted", row
         trained.setdefault(int(row["round"]), []).append(int(row["partition-id"]))
     return {r: sorted(p) for r, p in trained.items()}
@@ -80,5 +75,5 @@ def test_two_runs_with_one_seed_train_the_same_partitions_every_round(
     assert _trained(first) == _trained(second) == expected
     # Round 1 paid for the query, round 2 asked nobody
     for run_dir in (first, second):
-        rows = _read_csv(run_dir / "metrics.csv")
+        rows = read_rows(run_dir / "metrics.csv")
         assert float(rows[0]["time-query-s"]) > 0 and float(rows[1]["time-query-s"]) == 0

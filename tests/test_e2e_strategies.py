@@ -14,7 +14,6 @@ import) per node and round. Each run is its own `flwr run --stream`; one
 
 from __future__ import annotations
 
-import csv
 import json
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +23,7 @@ import pytest
 
 from fedgan_app.config import STRATEGIES
 from fedgan_app.outputs.checkpoint import load_checkpoint
+from fedgan_app.outputs.runfolder import read_rows
 from harness.local_superlink import LocalFlower
 
 pytestmark = pytest.mark.e2e
@@ -80,11 +80,11 @@ def test_strategy_runs_through_flwr_run_and_validates_each_reply_once(
     # Assert: completed; each reply validated once, accepted, weighted; the
     # rule's state checkpointed
     assert status == "finished:completed", output[-3000:]
-    (row,) = _read_csv(run_dir / "metrics.csv")
+    (row,) = read_rows(run_dir / "metrics.csv")
     assert float(row["replies-validated"]) == NODES
     assert float(row["replies-accepted"]) == NODES
     assert float(row["model-updated"]) == 1
-    clients = _read_csv(run_dir / "clients.csv")
+    clients = read_rows(run_dir / "clients.csv")
     assert sorted(r["partition-id"] for r in clients) == [str(i) for i in range(NODES)]
     assert {r["status"] for r in clients} == {"accepted"}
     assert sum(float(r["weight"]) for r in clients) == pytest.approx(1.0)
@@ -92,8 +92,3 @@ def test_strategy_runs_through_flwr_run_and_validates_each_reply_once(
     assert checkpoint.server_round == 1 and checkpoint.config["strategy"] == name
     slots = {key.split("/")[0] for key in checkpoint.strategy_state} - {"strategy"}
     assert slots == STATE_SLOTS.get(name, set())
-
-
-def _read_csv(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))

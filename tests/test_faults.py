@@ -9,7 +9,6 @@ the test that covers it.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import pickle
@@ -31,6 +30,7 @@ from fedgan_app.data.spec import DataError
 from fedgan_app.federation import client_app
 from fedgan_app.gan.models import ModelShapeError
 from fedgan_app.outputs.checkpoint import load_checkpoint
+from fedgan_app.outputs.runfolder import read_rows
 from fedgan_app.protocol.metadata import METADATA_KEY, decode_metadata, encode_metadata
 from fedgan_app.server_app import main
 from harness.attacks import ATTACKS, OsSystem, getattr_chain
@@ -51,11 +51,6 @@ def _config(tiny_run_config: dict, **changes: Any) -> dict[str, Any]:
 
 def _run_dir(run_config: dict) -> Path:
     return Path(run_config["output-dir"]) / RUN_NAME
-
-
-def _read_csv(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
 
 
 def _num(row: dict[str, str], key: str) -> float:
@@ -147,12 +142,12 @@ def test_hostile_metadata_in_a_whole_run_never_runs_and_is_counted(
     # Assert: nothing ran, the run finished, every drop is counted on disk and in W&B
     assert not marker.exists()
     run_dir = _run_dir(run_config)
-    rows = _read_csv(run_dir / "metrics.csv")
+    rows = read_rows(run_dir / "metrics.csv")
     assert [r["round"] for r in rows] == ["1", "2"]
     for row in rows:
         assert _num(row, "replies-dropped") == 1 and _num(row, "dropped-metadata") == 1
         assert _num(row, "replies-accepted") == 1
-    clients = _read_csv(run_dir / "clients.csv")
+    clients = read_rows(run_dir / "clients.csv")
     accepted = [r for r in clients if r["status"] == "accepted"]
     dropped = [r for r in clients if r["status"] == "dropped"]
     assert {r["partition-id"] for r in accepted} == {"0"}
@@ -206,7 +201,7 @@ def test_every_hostile_shape_from_a_client_of_a_whole_run_is_dropped_and_counted
     # short reason of its own kind; the honest rows are whole; nothing ran
     assert not marker.exists()
     run_dir = _run_dir(run_config)
-    rows = _read_csv(run_dir / "metrics.csv")
+    rows = read_rows(run_dir / "metrics.csv")
     assert [r["round"] for r in rows] == ["1", "2"]
     hostile = len(shapes) + 2
     for row in rows:
@@ -214,7 +209,7 @@ def test_every_hostile_shape_from_a_client_of_a_whole_run_is_dropped_and_counted
         assert _num(row, "replies-dropped") == hostile
         assert _num(row, "dropped-metadata") == len(shapes)
         assert _num(row, "dropped-weight") == 1 and _num(row, "dropped-data") == 1
-    clients = _read_csv(run_dir / "clients.csv")
+    clients = read_rows(run_dir / "clients.csv")
     assert len(clients) == 2 * (hostile + 2)
     for row in clients:
         node = int(row["node-id"])
@@ -304,7 +299,7 @@ def test_tampered_update_is_dropped_and_the_global_model_stays_finite(
     _, column = TAMPERED_UPDATES[name]
 
     # Assert: that round dropped the one reply for its reason and kept the others
-    row = _read_csv(run_dir / "metrics.csv")[server_round - 1]
+    row = read_rows(run_dir / "metrics.csv")[server_round - 1]
     assert row["round"] == str(server_round)
     assert _num(row, "replies-dropped") == 1 and _num(row, column) == 1, row
     assert _num(row, "replies-accepted") == 2
@@ -350,7 +345,7 @@ def test_too_few_replies_keep_the_model_and_the_checkpoint_still_advances(
     main(grid, server_context(run_config))
 
     # Assert: round 1 updated the model, round 2 kept it, latest.pt says round 2
-    rows = _read_csv(_run_dir(run_config) / "metrics.csv")
+    rows = read_rows(_run_dir(run_config) / "metrics.csv")
     assert (_num(rows[0], "replies-accepted"), _num(rows[0], "replies-failed")) == (2, 0)
     assert (_num(rows[1], "replies-accepted"), _num(rows[1], "replies-failed")) == (1, 1)
     assert float(rows[1]["fid"]) > 0  # the last round is still evaluated
@@ -369,7 +364,7 @@ def test_every_client_failing_in_a_round_keeps_the_model(tiny_run_config: dict) 
     main(grid, server_context(run_config))
 
     # Assert: round 2 starts from the initial model and then trains normally
-    rows = _read_csv(_run_dir(run_config) / "metrics.csv")
+    rows = read_rows(_run_dir(run_config) / "metrics.csv")
     assert (_num(rows[0], "replies-accepted"), _num(rows[0], "replies-failed")) == (0, 2)
     assert (_num(rows[1], "replies-accepted"), _num(rows[1], "replies-failed")) == (2, 0)
     assert _same_state(hook.sent[1], hook.sent[2])
@@ -431,7 +426,7 @@ def test_a_reply_later_than_round_timeout_is_left_out(tiny_run_config: dict) -> 
     # Assert: the server waits round-timeout; round 1 goes on with node 101 alone
     assert grid.timeouts and set(grid.timeouts) == {120.0}
     assert grid.late == [(102, 1)]
-    rows = _read_csv(_run_dir(run_config) / "metrics.csv")
+    rows = read_rows(_run_dir(run_config) / "metrics.csv")
     # A late reply never reaches the strategy: it is counted as missing.
     assert [_num(rows[0], k) for k in ("replies-accepted", "replies-dropped",
                                        "replies-failed", "replies-missing")] == [1, 0, 0, 1]
@@ -573,7 +568,7 @@ def test_wandb_failure_warns_once_and_the_run_completes(
     assert len(warnings) == 1, warnings
     assert f"W&B init failed ({exception}" in warnings[0]
     run_dir = _run_dir(run_config)
-    rows = _read_csv(run_dir / "metrics.csv")
+    rows = read_rows(run_dir / "metrics.csv")
     assert [r["round"] for r in rows] == ["1"] and float(rows[0]["fid"]) > 0
     assert load_checkpoint(run_dir / "checkpoints" / "latest.pt").wandb_run_id is None
     assert (run_dir / "summary.json").is_file() and (run_dir / "progress.gif").is_file()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import pytest
@@ -14,13 +13,9 @@ from fedgan_app.data.spec import partition_spec
 from fedgan_app.federation import client_app as client_module
 from fedgan_app.federation.client_app import OPT_KEYS
 from fedgan_app.outputs.checkpoint import load_checkpoint
+from fedgan_app.outputs.runfolder import read_rows
 from fedgan_app.server_app import main
 from harness.inprocess import InProcessGrid, server_context
-
-
-def _read_csv(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
 
 
 def test_two_clients_two_rounds_keep_adam_state(tiny_run_config: dict) -> None:
@@ -51,11 +46,11 @@ def test_two_clients_two_rounds_keep_adam_state(tiny_run_config: dict) -> None:
         assert all(torch.isfinite(v).all() for v in moments.values())
 
     run_dir = Path(tiny_run_config["output-dir"]) / "test-run"
-    rows = _read_csv(run_dir / "metrics.csv")
+    rows = read_rows(run_dir / "metrics.csv")
     assert [r["round"] for r in rows] == ["1", "2"]
     assert rows[1]["replies-accepted"] == "2.0" or float(rows[1]["replies-accepted"]) == 2
     assert float(rows[1]["fid"]) > 0  # eval-every 2: quality on the last round
-    clients = _read_csv(run_dir / "clients.csv")
+    clients = read_rows(run_dir / "clients.csv")
     assert sorted((r["round"], r["partition-id"]) for r in clients) == [
         ("1", "0"), ("1", "1"), ("2", "0"), ("2", "1")]
     ckpt = load_checkpoint(run_dir / "checkpoints" / "latest.pt")
@@ -78,7 +73,7 @@ def test_a_client_failing_in_round_one_does_not_stop_the_run(tiny_run_config: di
     main(grid, server_context(tiny_run_config))
 
     # Assert
-    rows = _read_csv(Path(tiny_run_config["output-dir"]) / "test-run" / "metrics.csv")
+    rows = read_rows(Path(tiny_run_config["output-dir"]) / "test-run" / "metrics.csv")
     assert float(rows[0]["replies-failed"]) == 1 and float(rows[0]["replies-accepted"]) == 1
     assert float(rows[1]["replies-failed"]) == 0 and float(rows[1]["replies-accepted"]) == 2
 
@@ -99,8 +94,8 @@ def test_one_node_can_hold_one_partition_of_a_larger_split(tiny_run_config: dict
     # Assert: the local node trained on partition 3's two classes; the pooled node on
     # the whole training pool (5 partitions' worth)
     out = Path(tiny_run_config["output-dir"])
-    (local_row,) = _read_csv(out / tiny_run_config["run-name"] / "clients.csv")
-    (pooled_row,) = _read_csv(out / "pooled" / "clients.csv")
+    (local_row,) = read_rows(out / tiny_run_config["run-name"] / "clients.csv")
+    (pooled_row,) = read_rows(out / "pooled" / "clients.csv")
     assert local_row["partition-id"] == "3"
     assert int(local_row["classes"]) == 2
     five_clients = partition_spec(RunConfig.defaults(seed=tiny_run_config.get("seed", 0)), 5)
@@ -127,7 +122,7 @@ def test_reset_optimizer_state_keeps_nothing_in_the_nodes(tiny_run_config: dict)
     main(grid, server_context(config))
 
     # Assert: both nodes trained, and no Adam state stayed in their state
-    clients = _read_csv(Path(config["output-dir"]) / config["run-name"] / "clients.csv")
+    clients = read_rows(Path(config["output-dir"]) / config["run-name"] / "clients.csv")
     assert len(clients) == 2 * config["num-server-rounds"]
     for context in grid.contexts.values():
         assert not set(OPT_KEYS.values()) & set(context.state.array_records)
