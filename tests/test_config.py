@@ -7,9 +7,10 @@ import tomllib
 import pytest
 
 from fedgan_app.config import (
-    README_BEGIN,
-    README_END,
     SETTINGS,
+    SETTINGS_DOC,
+    TABLE_BEGIN,
+    TABLE_END,
     ConfigError,
     RunConfig,
     markdown_table,
@@ -62,10 +63,10 @@ def test_every_pyproject_comment_is_the_settings_help_and_allowed_values() -> No
         "pyproject.toml is out of date: run `python -m fedgan_app.config --update .`")
 
 
-def _readme_rows() -> dict[str, tuple[str, str, str]]:
-    """README settings table rows: key -> (default, allowed, meaning)."""
-    readme = (REPO_ROOT / "README.md").read_text()
-    table = readme.split(README_BEGIN, 1)[1].split(README_END, 1)[0]
+def _settings_doc_rows() -> dict[str, tuple[str, str, str]]:
+    """docs/settings.md's table rows: key -> (default, allowed, meaning)."""
+    page = (REPO_ROOT / SETTINGS_DOC).read_text()
+    table = page.split(TABLE_BEGIN, 1)[1].split(TABLE_END, 1)[0]
     rows = {}
     for line in table.strip().splitlines()[2:]:
         key, default, allowed, meaning = (c.strip() for c in line.strip("|").split(" | "))
@@ -73,18 +74,18 @@ def _readme_rows() -> dict[str, tuple[str, str, str]]:
     return rows
 
 
-def test_readme_settings_table_matches_the_settings_value_by_value() -> None:
+def test_the_settings_page_table_matches_the_settings_value_by_value() -> None:
     # Prepare / Execute
-    rows = _readme_rows()
+    rows = _settings_doc_rows()
 
     # Assert: every key, default, allowed value and meaning; then the exact text
     assert list(rows) == [s.key for s in SETTINGS]
     for setting in SETTINGS:
         assert rows[setting.key] == (repr(setting.default), setting.allowed(),
                                      setting.help), setting.key
-    readme = (REPO_ROOT / "README.md").read_text()
-    assert f"{README_BEGIN}\n{markdown_table()}{README_END}" in readme, (
-        "README.md is out of date: run `python -m fedgan_app.config --update .`")
+    page = (REPO_ROOT / SETTINGS_DOC).read_text()
+    assert f"{TABLE_BEGIN}\n{markdown_table()}{TABLE_END}" in page, (
+        f"{SETTINGS_DOC} is out of date: run `python -m fedgan_app.config --update .`")
 
 
 def test_the_removed_aggregation_setting_names_its_replacement() -> None:
