@@ -221,6 +221,7 @@ def test_without_proc_every_core_counts_as_free(tmp_path: Path) -> None:
 
 @needs_two_cores
 @pytest.mark.skipif(not Path("/proc/stat").is_file(), reason="needs Linux's /proc")
+@pytest.mark.slow
 def test_a_real_process_burning_a_core_takes_a_thread_away(tmp_path: Path) -> None:
     # Prepare: wait for a 0.5 s interval in which other work left every core free
     # (other tests may run beside this one; without a free core nothing can be seen)

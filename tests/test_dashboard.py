@@ -317,6 +317,7 @@ def test_server_answers_get_and_head_only(served: Any) -> None:
     assert all(status == 501 for status in others.values()), others
 
 
+@pytest.mark.slow
 def test_cli_serves_a_run_prints_the_url_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     # Prepare: a finished run without a page yet (the command writes it)
     run_dir = write_contract_run(tmp_path / "run", rounds=2)
@@ -333,6 +334,7 @@ def test_cli_serves_a_run_prints_the_url_and_stops_on_ctrl_c(tmp_path: Path) -> 
     assert RunFolder(run_dir).federation_gif.is_file()
 
 
+@pytest.mark.slow
 def test_fedgan_sh_dashboard_serves_the_newest_run_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     # Prepare: a checkout of the scripts with an outputs/ folder of two runs, and a
     # venv that fedgan.sh's setup accepts as installed (it sees this interpreter's

@@ -206,6 +206,7 @@ print(json.dumps({"marker": dep.marker, "started": started, "left": dep.processe
 """
 
 
+@pytest.mark.slow
 def test_stop_spares_the_parent_shell_that_carries_the_marker(tmp_path: Path) -> None:
     # Prepare: a shell with the deployment's marker in its environment runs the
     # deployment, as `FEDGAN_DEPLOYMENT_ID=x ./fedgan.sh deploy` does
@@ -297,6 +298,7 @@ def test_ctrl_c_stops_every_process(tmp_path: Path) -> None:
 # last, so it is stopped right after them and idles beside no other test.
 
 
+@pytest.mark.slow
 def test_superlink_listens_on_loopback_only(federation: Federation) -> None:
     # Prepare
     dep = federation.deployment
@@ -315,6 +317,7 @@ def test_superlink_listens_on_loopback_only(federation: Federation) -> None:
             pid, addresses)
 
 
+@pytest.mark.slow
 def test_gateway_refuses_everything_but_fleet_calls(federation: Federation,
                                                     credentials: Credentials) -> None:
     # Prepare: what a participant could send to the one port it reaches
@@ -357,6 +360,7 @@ def test_gateway_refuses_everything_but_fleet_calls(federation: Federation,
     assert "refused 'PROPFIND' '/v1/control/list-runs'" in log
 
 
+@pytest.mark.slow
 def test_gateway_bounds_one_peers_connections_and_stalls(federation: Federation,
                                                         credentials: Credentials,
                                                         tmp_path: Path) -> None:
@@ -448,6 +452,7 @@ def _foreign_app(folder: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_a_run_submitted_through_the_gateway_is_refused(federation: Federation,
                                                         credentials: Credentials,
                                                         tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import pytest
 from fedgan_app.outputs.checkpoint import load_checkpoint
 from harness.local_superlink import LocalFlower
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

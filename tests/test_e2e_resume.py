@@ -23,7 +23,7 @@ from fedgan_app.outputs.checkpoint import CheckpointError, load_checkpoint
 from fedgan_app.outputs.runfolder import read_rows
 from harness.local_superlink import LocalFlower
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 KILL_AFTER_ROUND = 2
 APP_PROCESSES = ("flwr-simulation", "flwr-serverapp")

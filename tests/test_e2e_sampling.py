@@ -18,7 +18,7 @@ from fedgan_app.federation.sampling import TRAIN_STREAM, partition_order
 from fedgan_app.outputs.runfolder import read_rows
 from harness.local_superlink import LocalFlower
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 NODES, ROUNDS, SEED = 4, 2, 5
 CONFIG = ("fraction-train=0.5 fraction-evaluate=0.0 num-server-rounds=2 local-steps=1 "

@@ -26,7 +26,7 @@ from fedgan_app.outputs.checkpoint import load_checkpoint
 from fedgan_app.outputs.runfolder import read_rows
 from harness.local_superlink import LocalFlower
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 NODES = 3  # krum, multikrum (2f+3) and bulyan (4f+3) with f = 0
 # Runs at once: their process start-ups overlap (more only queue for the same

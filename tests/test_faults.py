@@ -163,6 +163,7 @@ def test_hostile_metadata_in_a_whole_run_never_runs_and_is_counted(
             for r in logged] == [(1, 1.0, 1.0), (2, 1.0, 1.0)]
 
 
+@pytest.mark.slow
 def test_every_hostile_shape_from_a_client_of_a_whole_run_is_dropped_and_counted(
     tiny_run_config: dict, tmp_path: Path
 ) -> None:
@@ -546,6 +547,7 @@ def fresh_wandb() -> Iterator[None]:
 
 
 @pytest.mark.parametrize("name", list(WANDB_FAILURES))
+@pytest.mark.slow
 def test_wandb_failure_warns_once_and_the_run_completes(
     name: str, tiny_run_config: dict, monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture, fresh_wandb: None,

@@ -24,6 +24,7 @@ def _start_superlink(flower: LocalFlower) -> list[int]:
     return flower.superlink_pids()
 
 
+@pytest.mark.slow
 def test_stop_ends_only_the_superlink_on_its_control_port(tmp_path: Path) -> None:
     # Prepare: two private SuperLinks; fedgan.sh's environment names the first
     ours, other = LocalFlower(tmp_path / "ours"), LocalFlower(tmp_path / "other")

@@ -221,6 +221,7 @@ def test_a_checkpoint_from_elsewhere_starts_a_new_folders_history(tmp_path: Path
 # --- one writer per run folder ------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_second_run_cannot_write_a_folder_another_process_writes(tmp_path: Path) -> None:
     # Prepare: another process runs in outputs/run (same output-dir and run-name)
     cfg = _cfg(tmp_path)

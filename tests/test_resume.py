@@ -415,6 +415,7 @@ def test_a_failed_checkpoint_write_keeps_the_previous_file(
     assert sorted(p.name for p in latest.parent.iterdir()) == ["latest.pt"]
 
 
+@pytest.mark.slow
 def test_a_resume_refuses_a_metrics_csv_emptied_by_a_power_loss(
     memoryless_runs: dict[str, tuple[Path, Path]], tmp_path: Path
 ) -> None:

@@ -224,6 +224,7 @@ def test_a_bad_file_is_named_without_a_traceback(
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_the_module_runs_as_a_command(conditional_run: Path, tmp_path: Path) -> None:
     """`python -m fedgan_app.sample` on a truncated file: exit 2, the file named, no traceback."""
     # Prepare
@@ -243,6 +244,7 @@ def test_the_module_runs_as_a_command(conditional_run: Path, tmp_path: Path) -> 
 
 
 @pytest.mark.parametrize("make", ["bomb", "reduce"])
+@pytest.mark.slow
 def test_the_command_refuses_a_zip_bomb_and_a_code_payload_in_its_own_words(
     tmp_path: Path, make: str
 ) -> None:

@@ -616,6 +616,7 @@ class RecordingGrid(InProcessGrid):
 
 
 @pytest.mark.parametrize("name", ["fedadam", "fedyogi"])
+@pytest.mark.slow
 def test_server_optimizers_keep_the_model_finite_and_buffers_plainly_averaged(
     name: str, tiny_run_config: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
