@@ -35,7 +35,9 @@ GENERATED = ("<!-- settings table: generated", "<!-- end of settings table -->")
 
 # Phrases with a figure's shape that measure nothing: versions, settings, constants.
 NOT_MEASURED = re.compile("|".join((
-    r"(?:Flower|flwr|in) 1\.41", r"Python 3\.11", r"torch 2\.13\.0",
+    r"(?:Flower|flwr|in|and) 1\.4[12]", r"Python 3\.11", r"torch 2\.13\.0",
+    r"4\.52 and 4\.53",  # selenium versions
+    r"at most 1 MB a file and 10 MB in all",  # Flower Hub's bundle limits
     r"[Dd]irichlet[ (]0\.3\)?",  # a partitioner's setting
     r">= 0\.9",  # the bar a class must reach to count as drawn
     r"one 5 MB chunk",  # Flower's chunk size for arrays on the wire
