@@ -14,7 +14,8 @@ round trained in its last wave. The row is stored under `--label` in
 benchmarks/results/data/under-load.json (a rerun of a label replaces it), and
 the "Under load" section of benchmarks/results/throughput.md is redrawn from
 every stored row. For a before/after pair, run the script once with the code
-before (`--label before`) and once after. `--quick` writes both files under
+before (`--label before`) and once after; `--rounds N` runs N rounds of the
+default recipe instead of 20. `--quick` writes both files under
 benchmarks/runs/under-load/ instead.
 """
 
@@ -168,12 +169,16 @@ def main() -> None:
     parser.add_argument("--label", required=True, help="the row's name, e.g. before, after")
     parser.add_argument("--hog-cpu", type=int, default=min(os.sched_getaffinity(0)))
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="rounds of the default recipe (default: the app's 20)")
     args = parser.parse_args()
     quiet_environment()
     os.environ.pop("OMP_NUM_THREADS", None)  # the federation picks threads
     data, report = ((OUT / "under-load.json", OUT / "throughput.md") if args.quick else
                     (DATA_DIR / "under-load.json", RESULTS_DIR / "throughput.md"))
     config = {"num-server-rounds": 2, "local-steps": 50} if args.quick else {}
+    if args.rounds:
+        config["num-server-rounds"] = args.rounds
     row = measure(args.label, args.hog_cpu, config)
     rows = json.loads(data.read_text()) if data.is_file() else {}
     rows[args.label] = row
