@@ -96,6 +96,8 @@ run() {
   local had_superlink
   had_superlink="$(superlink_pid)"
   [[ -n "$had_superlink" ]] || trap stop_superlink EXIT
+  # Flower's CLI would give the SuperLink it starts 15 s, too little on a busy machine.
+  "$VENV/bin/python" -m deploy.processes start-local
   local federation=(--federation-config "$(federation_config)")
   local log
   log="$(mktemp)"

@@ -1,4 +1,4 @@
-"""Old and new dependency pins side by side: the default run and the local step.
+r"""Old and new dependency pins side by side: the default run and the local step.
 
 Run by hand from the repository root, alone on the machine, with one Python
 per set of pins (each a venv holding the app's dependencies at those pins):

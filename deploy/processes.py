@@ -5,6 +5,8 @@ The one owner of three things:
 * free TCP ports on loopback (`free_port`);
 * the environment every Flower process gets (`FLOWER_SETTINGS`, `flower_env`,
   `local_superlink_env`): quiet, offline, no runtime dependency installs;
+* starting the `flwr` CLI's local SuperLink with time to spare
+  (`start_local_superlink`);
 * stopping what we started by PID: the process tree (`process_table`,
   `descendants`), processes remembered by PID and start time so that a reused
   PID is never signalled (`ProcessGroup`), and `stop_tree`.
@@ -12,7 +14,8 @@ The one owner of three things:
 ``python -m deploy.processes env --home H --http-port P --control-port P``
 prints the settings as shell ``export`` lines, which fedgan.sh evaluates: the
 shell never types a second copy of them. Standard library only, so any
-``python3`` can run it before the project's venv exists.
+``python3`` can run it before the project's venv exists
+(``start-local`` needs the venv's Python, which has Flower).
 """
 
 from __future__ import annotations
@@ -50,6 +53,10 @@ INTERNAL_GRPC_PREFIX = "FLWR_INTERNAL_GRPC_"
 HOME_KEY = "FLWR_HOME"
 HTTP_PORT_KEY = "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"
 CONTROL_PORT_KEY = "FLWR_LOCAL_CONTROL_API_PORT"
+# The `flwr` CLI gives the local SuperLink it starts 15 s to answer; on a loaded
+# 2-core machine importing Flower alone can take longer, and the CLI then kills
+# it and fails. `start_local_superlink` gives it this long instead.
+LOCAL_SUPERLINK_START_S = 120.0
 _PR_SET_PDEATHSIG = 1
 _LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
 
@@ -96,6 +103,46 @@ def local_superlink_env(home: Path, http_port: int, control_port: int) -> dict[s
     """The Flower home and ports of the local SuperLink the `flwr` CLI starts."""
     return {HOME_KEY: str(home), HTTP_PORT_KEY: str(http_port),
             CONTROL_PORT_KEY: str(control_port)}
+
+
+def start_local_superlink(env: Mapping[str, str], timeout: float = LOCAL_SUPERLINK_START_S,
+                          cwd: Path | None = None) -> None:
+    """Start the `flwr` CLI's local SuperLink (when none answers) and wait until it does.
+
+    Flower's own launcher starts it (in this Python, which must have Flower),
+    so its command line, database and log are the ones `flwr run` and `flwr
+    ls` would give it, and they find it by its health endpoint afterwards; only
+    the deadline differs. It runs detached, like the one the CLI starts: stop
+    it by its control port.
+
+    Parameters
+    ----------
+    env : Mapping[str, str]
+        The environment of the `flwr` commands that will use it (the Flower
+        home and ports of `local_superlink_env`, `flower-superlink` on PATH).
+    timeout : float
+        Seconds to wait for it to answer.
+    cwd : Path | None
+        Its working directory (where relative output folders land); default:
+        this process's.
+
+    Raises
+    ------
+    RuntimeError
+        When it exits or does not answer in time (Flower's message, which
+        names its log file).
+
+    """
+    code = ("import flwr.cli.local_superlink as local\n"
+            f"local.LOCAL_SUPERLINK_STARTUP_TIMEOUT = {float(timeout)!r}\n"
+            "if not local._is_local_superlink_started():\n"
+            "    local._start_local_superlink()\n")
+    proc = subprocess.run([sys.executable, "-c", code], env=dict(env), cwd=cwd,
+                          capture_output=True,
+                          text=True, timeout=timeout + 60)
+    if proc.returncode != 0:
+        raise RuntimeError("the local SuperLink did not start: "
+                           + (proc.stderr.strip().splitlines() or ["no message"])[-1])
 
 
 def use_flower_settings() -> None:
@@ -291,7 +338,7 @@ class ProcessGroup:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`env`: print the Flower settings as `export` lines for a shell to evaluate."""
+    """`env`: print the Flower settings as `export` lines; `start-local`: start the SuperLink."""
     parser = argparse.ArgumentParser(prog="python -m deploy.processes",
                                      description="Flower's environment for fedgan.sh.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -301,7 +348,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     env.add_argument("--home", type=Path, required=True)
     env.add_argument("--http-port", type=int, required=True)
     env.add_argument("--control-port", type=int, required=True)
+    start = commands.add_parser("start-local", help="start the local SuperLink of the "
+                                                    "Flower home and ports in the environment "
+                                                    "(when none answers), waiting up to "
+                                                    "--timeout seconds")
+    start.add_argument("--timeout", type=float, default=LOCAL_SUPERLINK_START_S)
     args = parser.parse_args(argv)
+    if args.command == "start-local":
+        try:
+            start_local_superlink(os.environ, args.timeout)
+        except (RuntimeError, subprocess.TimeoutExpired) as exc:
+            print(f"fedgan: {exc}", file=sys.stderr)
+            return 1
+        return 0
     sys.stdout.write(shell_exports(args.home, args.http_port, args.control_port))
     return 0
 

@@ -16,7 +16,13 @@ import sys
 import time
 from pathlib import Path
 
-from deploy.processes import flower_env, free_port, local_superlink_env, stop_tree
+from deploy.processes import (
+    flower_env,
+    free_port,
+    local_superlink_env,
+    start_local_superlink,
+    stop_tree,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FLWR = str(Path(sys.executable).parent / "flwr")
@@ -31,9 +37,17 @@ class LocalFlower:
         # Quiet, offline, the venv's `flwr` first on PATH (PATH may lack it).
         self.env = flower_env(Path(FLWR).parent)
         self.env.update(local_superlink_env(home, free_port(), self.control_port))
+        self.started = False
 
     def flwr(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-        """Run a `flwr` command from the repo root (the SuperLink's working dir)."""
+        """Run a `flwr` command from the repo root (the SuperLink's working dir).
+
+        The first call starts the SuperLink itself, with time to spare: the CLI
+        would give it 15 s, which a loaded machine can exceed.
+        """
+        if not self.started:
+            start_local_superlink(self.env, cwd=REPO_ROOT)
+            self.started = True
         return subprocess.run([FLWR, *args], cwd=REPO_ROOT, env=self.env, text=True,
                               capture_output=True, timeout=timeout)
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from deploy.processes import FLOWER_SETTINGS, alive, free_port
+from deploy.processes import FLOWER_SETTINGS, alive, free_port, start_local_superlink
 from harness.local_superlink import REPO_ROOT, LocalFlower
 
 pytestmark = pytest.mark.e2e
@@ -48,6 +49,43 @@ def test_stop_ends_only_the_superlink_on_its_control_port(tmp_path: Path) -> Non
     finally:
         ours.stop()
         other.stop()
+
+
+@pytest.mark.slow
+def test_start_local_gives_a_slow_superlink_its_own_deadline_and_starts_one(
+        tmp_path: Path) -> None:
+    # Prepare: a flower-superlink that answers only after 3 s (a loaded machine)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    slow = bin_dir / "flower-superlink"
+    real = Path(sys.executable).parent / "flower-superlink"
+    slow.write_text(f'#!/bin/sh\nsleep 3\nexec "{real}" "$@"\n')
+    slow.chmod(0o755)
+    flower = LocalFlower(tmp_path / "home")
+    flower.env["PATH"] = f"{bin_dir}{os.pathsep}{flower.env['PATH']}"
+    try:
+        # Execute: a 1 s deadline fails; the command fedgan.sh runs (default
+        # deadline) starts it; a second start finds it answering
+        with pytest.raises(RuntimeError, match=r"did not start: .*within 1s"):
+            start_local_superlink(flower.env, timeout=1)
+        after_failure = flower.superlink_pids()
+        start = subprocess.run([sys.executable, "-m", "deploy.processes", "start-local"],
+                               env=flower.env, cwd=REPO_ROOT, capture_output=True,
+                               text=True, timeout=300)
+        started = flower.superlink_pids()
+        start_local_superlink(flower.env)
+        listed = flower.flwr("ls", "--format", "json", timeout=60)
+
+        # Assert: one SuperLink, the one the CLI then uses (it starts none of its own)
+        assert after_failure == []
+        assert start.returncode == 0, start.stderr
+        assert len(started) == 1
+        assert flower.superlink_pids() == started
+        assert listed.returncode == 0, listed.stdout + listed.stderr
+        assert "Starting local SuperLink" not in listed.stdout
+    finally:
+        flower.stop()
+    assert flower.superlink_pids() == []
 
 
 def test_flower_settings_come_from_deploy_processes(tmp_path: Path) -> None:
