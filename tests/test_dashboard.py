@@ -37,6 +37,7 @@ from fedgan_app.outputs.runfolder import (
 from fedgan_app.outputs.views import AnimationBudget, refresh_run
 from fedgan_app.server_app import main as server_main
 from harness.inprocess import InProcessGrid, server_context
+from harness.signals import ctrl_c_as_typed
 from tests.run_folder import NORM_REASON, sample_grid, write_contract_run
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -550,7 +551,7 @@ def _serve_then_interrupt(command: list[str], cwd: Path,
     Returns (the page's bytes, the exit status, everything it printed).
     """
     proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, preexec_fn=ctrl_c_as_typed)
     try:
         line = _read_line(proc, timeout=120)
         url = re.search(r"http://127\.0\.0\.1:\d+/\S+", line)

@@ -45,6 +45,7 @@ from deploy.gateway import FLEET_PATHS
 from deploy.launch import WORKDIR_STAMP, claim_workdir
 from deploy.processes import alive, descendants, free_port, process_table
 from fedgan_app.outputs.runfolder import read_rows
+from harness.signals import ctrl_c_as_typed
 
 # Two local steps on 16 images, a 100-image quality check, no client evaluation.
 TINY = ("local-steps=2 batch-size=16 eval-samples=100 fraction-evaluate=0.0 "
@@ -269,7 +270,8 @@ def test_ctrl_c_stops_every_process(tmp_path: Path) -> None:
     command = [sys.executable, "-m", "deploy.launch", "2", "--workdir", str(tmp_path / "wd"),
                "--run-config", _run_config(tmp_path / "outputs", 5)[0]]
     launcher = subprocess.Popen(command, cwd=REPO_ROOT, env=env, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                preexec_fn=ctrl_c_as_typed)
     seen = []
     try:
         for line in launcher.stdout:
