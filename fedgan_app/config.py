@@ -162,6 +162,9 @@ SETTINGS: tuple[Setting, ...] = (
             "the last).", low=1),
     Setting("eval-samples", int, 1000, "Generated images per quality evaluation.",
             low=10, high=100_000),
+    Setting("audit-samples", int, 1000,
+            "Generated images the leakage audit searches after the last round "
+            "(docs/privacy.md); 0: no audit.", low=0, high=100_000),
     Setting("animation-share", float, 0.02,
             "Most of the run's wall time that redrawing progress.gif and "
             "federation.gif after a round may take: each redraw encodes every round "
@@ -321,6 +324,7 @@ class RunConfig:
     sample_every: int
     eval_every: int
     eval_samples: int
+    audit_samples: int
     animation_share: float
     output_dir: str
     run_name: str

@@ -116,9 +116,9 @@ def sample_checkpoint(
     if not 1 <= num <= MAX_IMAGES:
         raise SampleError(f"--num must be between 1 and {MAX_IMAGES}, got {num}")
     checkpoint = load_checkpoint(path)
-    cfg = _run_config(checkpoint, path)
+    cfg = checkpoint_run_config(checkpoint, path)
     which, state = _pick_generator(checkpoint, path, ema)
-    gan_cfg = _gan_config_for(state, cfg, path)
+    gan_cfg = checkpoint_gan_config(state, cfg, path)
     labels = _labels(num, class_id, gan_cfg, cfg, path)
     torch_device = _device(device)
     # The run's seed for the BatchNorm statistics: the very G the server sampled.
@@ -144,7 +144,7 @@ def write_grid(images: torch.Tensor, out: Path, columns: int = GRID_COLUMNS) -> 
     return grid
 
 
-def _run_config(checkpoint: Checkpoint, path: Path) -> RunConfig:
+def checkpoint_run_config(checkpoint: Checkpoint, path: Path) -> RunConfig:
     """The run's settings stored in the checkpoint (keys this fedgan does not know dropped)."""
     known = {k: v for k, v in checkpoint.config.items() if k in SETTINGS_BY_KEY}
     try:
@@ -167,7 +167,7 @@ def _pick_generator(checkpoint: Checkpoint, path: Path,
     return "ema", checkpoint.ema_state
 
 
-def _gan_config_for(state: Mapping[str, torch.Tensor], cfg: RunConfig,
+def checkpoint_gan_config(state: Mapping[str, torch.Tensor], cfg: RunConfig,
                     path: Path) -> GANConfig:
     """The GANConfig whose generator has exactly the checkpoint's G shapes.
 

@@ -14,6 +14,7 @@ from fedgan_app.federation.rules import check_federation
 from fedgan_app.federation.strategy import build_strategy
 from fedgan_app.gan.models import build_gan, gan_config
 from fedgan_app.outputs.recorder import Recorder, load_resume, resume_arrays, run_folder
+from fedgan_app.privacy.audit import audit_at_end
 from fedgan_app.protocol.message import buffer_keys, pack_gan
 from fedgan_app.quality.judge import QualityJudge
 from fedgan_app.round_end import RoundEnd
@@ -53,10 +54,16 @@ def main(grid: Grid, context: Context) -> None:
     round_end = RoundEnd(cfg, gan_cfg, recorder, judge, resume, resume_path)
     recorder.open()
     try:
-        strategy.start(grid=grid, initial_arrays=initial,
-                       num_rounds=cfg.num_server_rounds - recorder.offset,
-                       timeout=cfg.round_timeout,
-                       evaluate_fn=round_end)
+        result = strategy.start(grid=grid, initial_arrays=initial,
+                                num_rounds=cfg.num_server_rounds - recorder.offset,
+                                timeout=cfg.round_timeout,
+                                evaluate_fn=round_end)
+        # What the final models reveal about the clients' images (docs/privacy.md).
+        if cfg.audit_samples > 0:
+            audit = audit_at_end(cfg, gan_cfg, result.arrays.to_torch_state_dict(),
+                                 round_end.ema_state, num_nodes, round_end.device)
+            if audit is not None:
+                recorder.record_summary(audit)
     finally:
         # Plots, GIF and the W&B run are written even when a round raised.
         recorder.finish()

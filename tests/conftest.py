@@ -36,6 +36,8 @@ def tiny_settings(output_dir: Path) -> dict[str, Any]:
         "batch-size": 16,
         "eval-every": 2,
         "eval-samples": 100,
+        # The leakage audit (seconds) only where a test asks for it (tests/test_privacy.py).
+        "audit-samples": 0,
         # No client evaluation: the evaluate handler is covered by the `flwr run`
         # test (tests/test_e2e.py) and its sampling by tests/test_sampling.py.
         "fraction-evaluate": 0.0,

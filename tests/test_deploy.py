@@ -48,7 +48,7 @@ from fedgan_app.outputs.runfolder import read_rows
 from harness.signals import ctrl_c_as_typed
 
 # Two local steps on 16 images, a 100-image quality check, no client evaluation.
-TINY = ("local-steps=2 batch-size=16 eval-samples=100 fraction-evaluate=0.0 "
+TINY = ("local-steps=2 batch-size=16 eval-samples=100 audit-samples=0 fraction-evaluate=0.0 "
         "wandb-mode='disabled'")
 
 

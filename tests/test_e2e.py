@@ -31,7 +31,7 @@ def test_flwr_run_writes_every_output(flower: LocalFlower, tmp_path: Path) -> No
     # Prepare: 2 nodes, 2 rounds, 3 local steps, W&B offline
     out = tmp_path / "outputs"
     run_config = (f"num-server-rounds=2 local-steps=3 batch-size=32 eval-every=2 "
-                  f"eval-samples=200 fraction-evaluate=1.0 output-dir='{out}' "
+                  f"eval-samples=200 audit-samples=200 fraction-evaluate=1.0 output-dir='{out}' "
                   f"run-name='e2e' wandb-mode='offline'")
 
     # Execute (cpus_per_client=2: one Ray actor trains both nodes, one torch import)
@@ -57,6 +57,11 @@ def test_flwr_run_writes_every_output(flower: LocalFlower, tmp_path: Path) -> No
     offline_runs = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(offline_runs) == 1
     assert "round 2/2" in output  # the per-round summary line reaches the user
+    # The leakage audit ran after the last round, on both partitions
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["audit/num-partitions"] == 2 and summary["audit/memorization/samples"] == 200
+    assert 0 <= summary["audit/membership/auc"] <= 1
+    assert "leakage audit: preference for training data" in output
 
 
 def test_bad_setting_fails_the_run_before_training(flower: LocalFlower,

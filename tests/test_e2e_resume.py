@@ -88,7 +88,7 @@ def test_sigkilled_server_resumes_in_a_new_run(flower: LocalFlower, tmp_path: Pa
     out = tmp_path / "outputs"
     run_dir = out / "e2e-resume"
     config = (f"local-steps=1 batch-size=16 eval-every=2 "
-              f"eval-samples=10 output-dir='{out}' run-name='e2e-resume' "
+              f"eval-samples=10 audit-samples=0 output-dir='{out}' run-name='e2e-resume' "
               "wandb-mode='offline'")
     # cpus_per_client=2: one Ray actor trains both nodes (one torch import, not two)
     first_id, _ = flower.run_app(f"num-server-rounds=1000 {config}", nodes=2, stream=False,

@@ -22,7 +22,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 NODES, ROUNDS, SEED = 4, 2, 5
 CONFIG = ("fraction-train=0.5 fraction-evaluate=0.0 num-server-rounds=2 local-steps=1 "
-          f"batch-size=8 eval-samples=10 client-threads=1 seed={SEED} wandb-mode='disabled'")
+          f"batch-size=8 eval-samples=10 audit-samples=0 client-threads=1 seed={SEED} "
+          "wandb-mode='disabled'")
 
 
 @pytest.fixture(scope="module")

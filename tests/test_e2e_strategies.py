@@ -41,7 +41,7 @@ def _run_config(name: str, out: Path) -> str:
     """The tiny run of one strategy, as a --run-config value."""
     # One torch thread per client: the runs side by side already fill the cores.
     return (f"strategy='{name}' num-malicious-clients=0 num-server-rounds=1 local-steps=1 "
-            f"batch-size=8 eval-samples=10 fraction-evaluate=0.0 client-threads=1 "
+            f"batch-size=8 eval-samples=10 audit-samples=0 fraction-evaluate=0.0 client-threads=1 "
             f"wandb-mode='disabled' output-dir='{out}' run-name='{name}'")
 
 

@@ -33,6 +33,7 @@ def _run(root: Path, **settings: Any) -> Path:
         "batch-size": 16,
         "fraction-evaluate": 0.0,
         "eval-samples": 100,
+        "audit-samples": 0,
         "output-dir": str(root / "outputs"),
         "run-name": "run",
         "wandb-mode": "disabled",

@@ -98,6 +98,7 @@ def _page_html(folder: RunFolder) -> str:
         curves="\n".join(curves),
         metrics=_metrics_table(last),
         clients=_clients_table(run) if run is not None else "<p>no client rows yet</p>",
+        audit=_audit_table(folder.summary()),
         progress_gif=_image_panel(run_dir, _file(folder.progress_gif),
                                   "sample grids, round by round", "progress", GRID_SCALE),
         poll_ms=POLL_MS,
@@ -129,6 +130,29 @@ def _metrics_table(row: dict[str, Any] | None) -> str:
         for k, v in row.items() if k not in (ROUND_KEY,) and v not in ("", None)
     )
     return f'<table class="metrics">{cells}</table>'
+
+
+# The leakage audit's headline values (summary.json "audit/..."), as the page shows them.
+_AUDIT_ROWS = (
+    ("memorization/closer-to-train-excess",
+     "preference for training data (0: none, 1: copies)"),
+    ("memorization/near-copies", "near-copies of training images"),
+    ("memorization/real-near-copies", "real held-out digits that near (reference)"),
+    ("membership/auc", "membership AUC (0.5: chance)"),
+    ("membership/auc-max-client", "membership AUC, most exposed client"),
+)
+
+
+def _audit_table(summary: dict[str, Any]) -> str:
+    """The leakage audit's headline values, when the run has been audited."""
+    cells = "".join(
+        f"<tr><th>{html.escape(label)}</th><td>{html.escape(_fmt(summary[f'audit/{key}']))}"
+        "</td></tr>"
+        for key, label in _AUDIT_ROWS if isinstance(summary.get(f"audit/{key}"), (int, float))
+    )
+    if not cells:
+        return ""
+    return f'<h2>leakage audit</h2>\n<table class="metrics" id="audit">{cells}</table>'
 
 
 def _clients_table(run: RunView) -> str:
@@ -265,6 +289,7 @@ tr.failed td {{ background: #eeeeee; }}
 {metrics}
 <h2>clients</h2>
 {clients}
+{audit}
 <h2>progress</h2>
 <div class="panels">
 {progress_gif}

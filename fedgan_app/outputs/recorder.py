@@ -203,6 +203,12 @@ class Recorder:
         for output in self.outputs:
             output.refresh()
 
+    def record_summary(self, values: Mapping[str, float]) -> None:
+        """Merge values measured once (the leakage audit's) into the summary; redraw the page."""
+        for output in self.outputs:
+            output.log_summary(values)
+            output.refresh()
+
     def record_reference(self, reference: Mapping[str, float]) -> None:
         """Put the real-vs-real reference row into the run summary."""
         for output in self.outputs:

@@ -1,0 +1,1 @@
+"""Privacy: what a run reveals about its clients' images (the leakage audit)."""
