@@ -6,13 +6,11 @@ import tomllib
 
 import pytest
 
-from fedgan_app.config import (
-    SETTINGS,
+from fedgan_app.config import SETTINGS, ConfigError, RunConfig
+from fedgan_app.config_docs import (
     SETTINGS_DOC,
     TABLE_BEGIN,
     TABLE_END,
-    ConfigError,
-    RunConfig,
     markdown_table,
     pyproject_section,
 )
@@ -60,7 +58,7 @@ def test_every_pyproject_comment_is_the_settings_help_and_allowed_values() -> No
             setting.key)
     text = (REPO_ROOT / "pyproject.toml").read_text()
     assert pyproject_section() in text, (
-        "pyproject.toml is out of date: run `python -m fedgan_app.config --update .`")
+        "pyproject.toml is out of date: run `python -m fedgan_app.config_docs --update .`")
 
 
 def _settings_doc_rows() -> dict[str, tuple[str, str, str]]:
@@ -85,7 +83,7 @@ def test_the_settings_page_table_matches_the_settings_value_by_value() -> None:
                                      setting.help), setting.key
     page = (REPO_ROOT / SETTINGS_DOC).read_text()
     assert f"{TABLE_BEGIN}\n{markdown_table()}{TABLE_END}" in page, (
-        f"{SETTINGS_DOC} is out of date: run `python -m fedgan_app.config --update .`")
+        f"{SETTINGS_DOC} is out of date: run `python -m fedgan_app.config_docs --update .`")
 
 
 def test_the_removed_aggregation_setting_names_its_replacement() -> None:
