@@ -56,6 +56,8 @@ CONDITIONINGS = ("acgan", "projection")
 # Flower's strategies behind FedGAN's reply checks (fedgan_app.federation.rules builds them).
 STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedadagrad", "fedyogi",
               "median", "trimmed-mean", "krum", "multikrum", "bulyan")
+# The rules a per-class weighted average of the class rows composes with (weighted means).
+CLASS_AWARE_STRATEGIES = ("fedavg", "fedprox")
 # Keys that were removed, and the key that replaced each.
 REMOVED_SETTINGS = {"aggregation": "strategy"}
 PARTITIONERS = ("iid", "dirichlet", "pathological")
@@ -244,6 +246,11 @@ SETTINGS: tuple[Setting, ...] = (
             "With weight-check='cap': largest share of the average one reply may have "
             "(1: no cap; with fewer than 1/share replies, every reply gets an equal share).",
             low=0.0, high=1.0, low_open=True),
+    Setting("class-aware", bool, False,
+            "Average the rows of G's class input and of D's class embedding (or ACGAN "
+            "head) weighted by each client's count of that class, the rest as the "
+            "strategy does (docs/strategies.md); off until measured. Needs conditional, "
+            "strategy fedavg or fedprox and weight-check 'partition-size'."),
 )
 
 SETTINGS_BY_KEY: dict[str, Setting] = {s.key: s for s in SETTINGS}
@@ -344,6 +351,7 @@ class RunConfig:
     weight_check: str
     weight_cap_ratio: float
     max_weight_share: float
+    class_aware: bool
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> RunConfig:
@@ -392,11 +400,27 @@ class RunConfig:
             raise ConfigError(
                 f"setting 'run-name' must be a plain folder name, got {self.run_name!r}"
             )
+        if self.class_aware:
+            self._check_class_aware()
         if 0 < self.weight_cap_ratio < 1:
             raise ConfigError(
                 f"setting 'weight-cap-ratio' is {self.weight_cap_ratio:g}: below 1 it would "
                 "clip honest claims under the median; use >= 1, or 0 for no clip"
             )
+
+    def _check_class_aware(self) -> None:
+        """Refuse the combinations in which per-class weights make no sense."""
+        if not self.conditional:
+            raise ConfigError("setting 'class-aware' needs a conditional GAN (conditional = "
+                              "true): an unconditional one has no class rows")
+        if self.strategy not in CLASS_AWARE_STRATEGIES:
+            raise ConfigError(
+                f"setting 'class-aware' works with strategy {' or '.join(CLASS_AWARE_STRATEGIES)}"
+                f", not {self.strategy!r}: a robust rule would let unscreened per-class rows "
+                "in, and a server optimizer's state would not match the rows it replaces")
+        if self.weight_check != "partition-size":
+            raise ConfigError("setting 'class-aware' needs weight-check 'partition-size': the "
+                              "label counts it weights by are checked only there")
 
     def to_dict(self) -> dict[str, Any]:
         """Return the settings as a kebab-case dict (for run_config.json and W&B)."""

@@ -441,6 +441,7 @@ print(json.dumps([m for m in ("datasets", "flwr_datasets", "fedgan_app.data.sour
 """
 
 
+@pytest.mark.slow  # a Python process of its own
 def test_a_second_process_reads_the_cache_without_importing_datasets(
     cache_dir: Path, tmp_path: Path
 ) -> None:

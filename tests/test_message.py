@@ -189,6 +189,7 @@ def _loads_flower(modules: str) -> bool:
     return result.stdout.strip() == "True"
 
 
+@pytest.mark.slow  # a Python process of its own
 def test_the_gan_package_imports_no_flower() -> None:
     # Execute: the GAN's modules alone, and the protocol as a control
     gan = _loads_flower("fedgan_app.gan.models, fedgan_app.gan.training, "

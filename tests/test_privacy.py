@@ -103,6 +103,7 @@ def test_auc_is_one_for_separated_scores_half_for_ties_zero_when_reversed() -> N
     assert auc(torch.tensor([2.0, 0.5]), torch.tensor([1.0, 0.0])) == pytest.approx(0.75)
 
 
+@pytest.mark.slow
 def test_memorization_tells_a_copier_from_a_trained_generator(
         mnist: tuple[dict[int, Any], Any], audited_run: Path) -> None:
     # Prepare: the members are the run's two partitions; a copier of them, and
@@ -185,6 +186,7 @@ def test_too_few_images_are_refused_with_the_count() -> None:
         membership_auc({0: torch.zeros(100)}, torch.zeros(3))
 
 
+@pytest.mark.slow
 def test_the_run_ends_with_its_audit_in_the_summary_and_on_the_page(audited_run: Path) -> None:
     # Execute: the run's own outputs
     folder = RunFolder(audited_run)
@@ -204,6 +206,7 @@ def test_the_run_ends_with_its_audit_in_the_summary_and_on_the_page(audited_run:
     assert f"{summary['audit/membership/auc']:.4g}" in page
 
 
+@pytest.mark.slow
 def test_the_cli_repeats_the_runs_own_audit_exactly(audited_run: Path, tmp_path: Path,
                                                      capsys: pytest.CaptureFixture) -> None:
     # Prepare: a copy of the run folder, its audit values removed from the summary
@@ -228,6 +231,7 @@ def test_the_cli_repeats_the_runs_own_audit_exactly(audited_run: Path, tmp_path:
     assert again["audit/round"] == 2
 
 
+@pytest.mark.slow
 def test_the_cli_leaves_a_folder_a_run_is_writing_and_names_bad_options(
         audited_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     # Prepare: a run holds the folder's lock

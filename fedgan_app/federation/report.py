@@ -46,6 +46,8 @@ class RoundReport:
     time_aggregate_s: float = 0.0  # the checks and the aggregation
     time_query_s: float = 0.0  # asking nodes for their partition before this round
     clients: list[dict[str, Any]] = field(default_factory=list)  # clients.csv rows
+    # id(accepted reply) -> its checked label histogram (class-aware aggregation)
+    class_counts: dict[int, list[int]] = field(default_factory=dict)
 
     def clear(self) -> None:
         """Forget the last round: every fact back to its default."""

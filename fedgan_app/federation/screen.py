@@ -199,6 +199,7 @@ class ReplyScreen(Wrapper):
             return
         trained[meta.partition_id] = msg.metadata.src_node_id
         screened.accepted.append(msg)
+        self.report.class_counts[id(msg)] = list(meta.label_histogram)
 
     def _drop(self, server_round: int, screened: _Screened, msg: Message,
               reason: str) -> None:

@@ -9,6 +9,7 @@ strategy (each layer holds the next as ``self.strategy``)::
     ReplyScreen      every reply checked once, rows      (federation/screen.py)
     WeightCap        weight-check 'cap' only             (federation/weights.py)
     Quorum           too few valid replies: keep the model (federation/rules.py)
+    ClassAware       class-aware only: class rows by class counts (federation/classes.py)
     BufferSplit      buffers out, merged back, checked   (federation/buffers.py)
     Flower's rule    FedAvg, FedAdam, Krum, ...          (federation/rules.py)
 
@@ -24,6 +25,7 @@ from flwr.serverapp.strategy import Strategy
 from fedgan_app.config import RunConfig
 from fedgan_app.federation.buffers import BufferSplit
 from fedgan_app.federation.checks import Partitions
+from fedgan_app.federation.classes import ClassAware, class_rows
 from fedgan_app.federation.report import RoundReport, RoundSink
 from fedgan_app.federation.rounds import RunRounds
 from fedgan_app.federation.rules import Quorum, rule_of
@@ -75,8 +77,13 @@ def build_strategy(cfg: RunConfig, reference: ArrayRecord, buffers: frozenset[st
                if samples_clients(cfg) or checks_claims else None)
     report = RoundReport()
     rule = rule_of(cfg)
-    strategy: Strategy = Quorum(BufferSplit(rule.build(cfg, num_nodes), rule, reference,
-                                            buffers), cfg)
+    strategy: Strategy = BufferSplit(rule.build(cfg, num_nodes), rule, reference, buffers)
+    if cfg.class_aware:
+        if num_classes is None:
+            raise ValueError("class-aware aggregation needs the number of classes")
+        rows = class_rows(reference, num_classes, cfg.latent_dim, buffers)
+        strategy = ClassAware(strategy, rows, report)
+    strategy = Quorum(strategy, cfg)
     if not checks_claims:
         strategy = WeightCap(strategy, cfg, report)
     claims = (sampler, partitions) if checks_claims and sampler and partitions else None
