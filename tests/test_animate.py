@@ -249,6 +249,7 @@ def test_cli_writes_the_gif_and_names_a_bad_folder(tmp_path: Path,
     assert empty == 2 and "neither metrics.csv nor clients.csv" in empty_err
 
 
+@pytest.mark.slow
 def test_real_run_refreshes_the_animation_every_round(tiny_run_config: dict,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     # Prepare: the real ServerApp and ClientApp in process; node 102 fails in round 1;

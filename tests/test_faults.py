@@ -289,6 +289,7 @@ def tampered_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     return run_dir, models
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(TAMPERED_UPDATES))
 def test_tampered_update_is_dropped_and_the_global_model_stays_finite(
     name: str, tampered_run: tuple[Path, dict]

@@ -259,6 +259,7 @@ def test_wandb_init_failure_warns_once_and_keeps_local_outputs(
     assert RunFolder(run_dir).plot(LOSSES_PLOT).exists()
 
 
+@pytest.mark.slow
 def test_wandb_online_without_server_warns_once(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -1,0 +1,128 @@
+"""Class-aware aggregation against plain FedGAN on a skewed split, at the default budget.
+
+Run by hand from the repository root, alone on the machine:
+
+    .venv/bin/python benchmarks/class_aware.py [--split pathological] [--seeds 1 2 3]
+
+Each job is the default run (5 clients, 20 rounds of 200 local steps of 8
+images: 160,000 images seen in all) on the split, with `class-aware` off
+(plain FedGAN) and on, one process per job with one torch thread,
+`--processes` at a time (the real ServerApp and ClientApps on an in-process
+grid). The final row of each run gives the per-class conditional accuracy,
+the classes at 0.9 or more, fid, recall and coverage. Results go to
+benchmarks/results/data/class-aware.json (a rerun skips the jobs done) and
+the report to benchmarks/results/class-aware.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import (  # noqa: E402
+    RESULTS_DIR,
+    Machines,
+    command_line,
+    machine_header,
+    read_rows,
+    results_file,
+    run_in_process,
+    run_jobs,
+    spread,
+)
+from fedgan_app.files import write_text  # noqa: E402
+
+NUM_CLIENTS = 5
+RUNS_DIR = Path(__file__).resolve().parent / "runs" / "class-aware"
+SPLITS = {"pathological": {"partitioner": "pathological", "classes-per-client": 2},
+          "dirichlet-0.1": {"partitioner": "dirichlet", "dirichlet-alpha": 0.1},
+          "dirichlet-0.3": {"partitioner": "dirichlet", "dirichlet-alpha": 0.3},
+          "iid": {"partitioner": "iid"}}
+ARMS = {"plain FedGAN": False, "class-aware": True}
+CLASSES = 10
+
+
+def run_one(split: str, class_aware: bool, seed: int, out: str, rounds: int) -> dict[str, Any]:
+    """One default run on the split; its final quality row."""
+    name = f"{split}-{'aware' if class_aware else 'plain'}-{seed}"
+    run_config = {**SPLITS[split], "class-aware": class_aware, "seed": seed,
+                  "num-server-rounds": rounds, "wandb-mode": "disabled",
+                  "audit-samples": 0, "output-dir": out, "run-name": name}
+    run_dir, wall = run_in_process(run_config, NUM_CLIENTS)
+    last = read_rows(run_dir / "metrics.csv")[-1]
+    per_class = [last.get(f"conditional-accuracy/{c}", float("nan")) for c in range(CLASSES)]
+    return {"wall_s": wall, "fid": last["fid"], "recall": last["recall"],
+            "coverage": last["coverage"], "conditional-accuracy": per_class,
+            "classes-at-0.9": float(sum(1 for a in per_class if a >= 0.9))}
+
+
+def report(results: dict[str, dict[str, Any]], splits: list[str], seeds: list[int]) -> str:
+    """The table: one row per split and arm, medians (min-max) over the seeds."""
+    machines = Machines(results)
+    lines = ["| split | aggregation | classes >= 0.9 (per seed) | weakest class accuracy | "
+             "fid | recall | coverage | seeds | machine |", "|---|---|---|---|---|---|---|---|---|"]
+    for split in splits:
+        for arm, aware in ARMS.items():
+            keys = [f"{split}|{aware}|{s}" for s in seeds if f"{split}|{aware}|{s}" in results]
+            if not keys:
+                continue
+            rows = [results[k] for k in keys]
+            classes = ", ".join(str(int(r["classes-at-0.9"])) for r in rows)
+            weakest = [min(r["conditional-accuracy"]) for r in rows]
+            lines.append(f"| {split} | {arm} | {classes} | {spread(weakest, '.2f')} | "
+                         f"{spread([r['fid'] for r in rows])} | "
+                         f"{spread([r['recall'] for r in rows], '.3f')} | "
+                         f"{spread([r['coverage'] for r in rows], '.3f')} | {len(rows)} | "
+                         f"{machines.tag(keys)} |")
+    per_class = ["", "Per-class conditional accuracy, median over the seeds:", "",
+                 "| split | aggregation | " + " | ".join(str(c) for c in range(CLASSES)) + " |",
+                 "|---|---|" + "---|" * CLASSES]
+    for split in splits:
+        for arm, aware in ARMS.items():
+            rows = [results[f"{split}|{aware}|{s}"] for s in seeds
+                    if f"{split}|{aware}|{s}" in results]
+            if rows:
+                cells = [f"{statistics.median(r['conditional-accuracy'][c] for r in rows):.2f}"
+                         for c in range(CLASSES)]
+                per_class.append(f"| {split} | {arm} | " + " | ".join(cells) + " |")
+    return "\n".join(lines + per_class + ["", *machines.legend()])
+
+
+def main() -> None:
+    """Run the jobs not done yet, then write the report from every result so far."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--split", action="append", choices=tuple(SPLITS), default=None)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--quick", action="store_true",
+                        help="2 rounds, under benchmarks/runs/ only")
+    args = parser.parse_args()
+    splits = args.split or ["pathological"]
+    rounds = 2 if args.quick else 20
+    out = RUNS_DIR / ("quick" if args.quick else "runs")
+    jobs = {f"{split}|{aware}|{seed}": partial(run_one, split, aware, seed, str(out), rounds)
+            for split in splits for aware in ARMS.values() for seed in args.seeds}
+    header = machine_header()
+    results = run_jobs(jobs, results_file("class-aware", out, args.quick), args.processes)
+    done = [s for s in SPLITS if any(k.startswith(s + "|") for k in results)]
+    seeds = sorted({int(k.rsplit("|", 1)[1]) for k in results})
+    text = (f"# Class-aware aggregation against plain FedGAN\n\n{header}\n\n"
+            f"Command: `{command_line()}`. Every default setting (5 clients, {rounds} rounds "
+            f"of 200 local steps of 8 images: {rounds * 8_000:,} images seen) but the split and "
+            "`class-aware`; one process and one torch thread per run; quality of the "
+            "last round (1,000 samples).\n\n## Results\n\n" + report(results, done, seeds)
+            + "\n")
+    target = (out if args.quick else RESULTS_DIR) / "class-aware.md"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    write_text(target, text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
