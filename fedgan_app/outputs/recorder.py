@@ -204,10 +204,12 @@ class Recorder:
             output.refresh()
 
     def record_summary(self, values: Mapping[str, float]) -> None:
-        """Merge values measured once (the leakage audit's) into the summary; redraw the page."""
+        """Merge values measured once (the leakage audit's) into the summary.
+
+        The page shows them from `finish`'s last refresh on.
+        """
         for output in self.outputs:
             output.log_summary(values)
-            output.refresh()
 
     def record_reference(self, reference: Mapping[str, float]) -> None:
         """Put the real-vs-real reference row into the run summary."""
