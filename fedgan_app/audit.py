@@ -29,14 +29,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from fedgan_app.data.spec import DataError
 from fedgan_app.files import LockHeld, RunLock, write_json
 from fedgan_app.gan.models import pick_device
-from fedgan_app.outputs.checkpoint import CheckpointError, load_checkpoint
+from fedgan_app.outputs.checkpoint import load_checkpoint
 from fedgan_app.outputs.page import write_page
 from fedgan_app.outputs.runfolder import RunFolder
 from fedgan_app.privacy.audit import PREFIX, audit_data, audit_models, format_audit
-from fedgan_app.sample import SampleError, checkpoint_gan_config, checkpoint_run_config
+from fedgan_app.sample import checkpoint_gan_config, checkpoint_run_config
 
 DEFAULT_SAMPLES = 1000
 MAX_SAMPLES = 100_000
@@ -85,7 +84,10 @@ def audit_run(run_dir: Path | str, checkpoint: str = "latest", samples: int = DE
     except LockHeld as exc:
         raise AuditError(f"a run is still writing {folder.path} ({exc}); audit it when it "
                          "has finished, or pass --no-write") from exc
-    except (CheckpointError, SampleError, DataError, ValueError, RuntimeError) as exc:
+    except AuditError:
+        raise
+    # CheckpointError, SampleError and DataError are ValueErrors; torch raises RuntimeError.
+    except (ValueError, RuntimeError) as exc:
         raise AuditError(str(exc)) from exc
     finally:
         if lock is not None:

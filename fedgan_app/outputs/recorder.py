@@ -213,8 +213,7 @@ class Recorder:
 
     def record_reference(self, reference: Mapping[str, float]) -> None:
         """Put the real-vs-real reference row into the run summary."""
-        for output in self.outputs:
-            output.log_summary({f"reference/{k}": v for k, v in reference.items()})
+        self.record_summary({f"reference/{k}": v for k, v in reference.items()})
 
     def commit(self, server_round: int, arrays: ArrayRecord, quality: Mapping[str, float],
                ema_state: Mapping[str, torch.Tensor] | None = None) -> dict[str, float]:
