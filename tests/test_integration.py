@@ -22,10 +22,16 @@ def test_two_clients_two_rounds_keep_adam_state(tiny_run_config: dict) -> None:
     # Prepare: record each node's Adam step count as round 2 starts
     grid = InProcessGrid(client_module.app, num_nodes=2, run_config=tiny_run_config)
     steps_seen: dict[int, list[float]] = {}
+    layouts: list[bool] = []  # each restored moment has its parameter's strides and device
     original_restore = client_module._restore_optimizer
 
     def spying_restore(context, key, optimizer):
         original_restore(context, key, optimizer)
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                layouts.extend(v.stride() == param.stride() and v.device == param.device
+                               for v in optimizer.state.get(param, {}).values()
+                               if v.shape == param.shape)
         if key == OPT_KEYS["g"]:
             steps = [float(s["step"]) for s in optimizer.state.values()]
             steps_seen.setdefault(context.node_id, []).append(max(steps, default=0.0))
@@ -40,6 +46,9 @@ def test_two_clients_two_rounds_keep_adam_state(tiny_run_config: dict) -> None:
     # Assert: round 1 starts with fresh Adam, round 2 continues its 3 steps
     local_steps = tiny_run_config["local-steps"]
     assert steps_seen == {101: [0.0, float(local_steps)], 102: [0.0, float(local_steps)]}
+    # CUDA's fused Adam refuses moments whose strides differ from the (channels_last)
+    # parameters' (found on an H200: every client failed from round 2 on).
+    assert layouts and all(layouts)
     for context in grid.contexts.values():
         moments = context.state.array_records[OPT_KEYS["d"]].to_torch_state_dict()
         assert any(k.endswith("exp_avg_sq") for k in moments)

@@ -41,6 +41,7 @@ from fedgan_app.gan.training import (
     to_channels_last,
     train_gan,
 )
+from fedgan_app.privacy.clipping import clip_update
 from fedgan_app.protocol.message import (
     ARRAYS_KEY,
     CONFIG_KEY,
@@ -48,6 +49,8 @@ from fedgan_app.protocol.message import (
     PARTITION_ID,
     RoundConfig,
     TrainMetrics,
+    buffer_keys,
+    clipping_norm_of,
     evaluate_reply,
     mean,
     pack_gan,
@@ -100,8 +103,14 @@ def train(msg: Message, context: Context) -> Message:
         round_cfg.server_round, stats.steps, stats.wall_time_s, mean(stats.loss_d),
         mean(stats.loss_g))
     meta = _metadata(stats, data, partition_id, round_cfg.server_round, device)
-    return train_reply(msg, pack_gan(generator, discriminator), _metrics(stats, len(data)),
-                       encode_metadata(meta))
+    arrays = pack_gan(generator, discriminator)
+    clipping_norm = clipping_norm_of(msg.content[CONFIG_KEY])
+    if clipping_norm is not None:  # dp = 'client-fixed': the update leaves clipped
+        arrays, norm = clip_update(arrays, msg.content[ARRAYS_KEY],
+                                   buffer_keys(generator, discriminator), clipping_norm)
+        log(INFO, "client %d round %d: update norm %.4g clipped to %g", partition_id,
+            round_cfg.server_round, norm, clipping_norm)
+    return train_reply(msg, arrays, _metrics(stats, len(data)), encode_metadata(meta))
 
 
 @app.evaluate()
@@ -280,4 +289,21 @@ def _restore_optimizer(
     except (ValueError, KeyError, RuntimeError) as exc:
         # A model shape change between rounds makes old moments meaningless.
         log(WARNING, "ignoring saved optimizer state '%s': %s", key, exc)
+        return
+    _moments_like_params(optimizer)
+
+
+def _moments_like_params(optimizer: torch.optim.Optimizer) -> None:
+    """Give each restored moment its parameter's device, dtype and strides.
+
+    The moments were saved contiguous; the parameters are channels_last, and
+    CUDA's fused Adam refuses tensors whose strides differ ("params, grads,
+    exp_avgs, and exp_avg_sqs must have same dtype, device, and layout").
+    """
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            slots = optimizer.state.get(param, {})
+            for name, value in slots.items():
+                if torch.is_tensor(value) and value.shape == param.shape:
+                    slots[name] = torch.empty_like(param).copy_(value)
 
