@@ -64,6 +64,11 @@ PARTITIONERS = ("iid", "dirichlet", "pathological")
 OPTIMIZER_STATES = ("auto", "keep", "reset")
 WANDB_MODES = ("offline", "online", "disabled")
 WEIGHT_CHECKS = ("partition-size", "cap")
+# User-level differential privacy through Flower's wrappers (fedgan_app.federation.private).
+DP_MODES = ("none", "server-fixed", "client-fixed", "server-adaptive")
+# The rules whose aggregate is a weighted mean of the (clipped) updates, which the
+# wrappers' noise is calibrated to; fedprox changes only the clients' loss.
+DP_STRATEGIES = ("fedavg", "fedprox")
 DEVICES = ("auto", "cpu", "cuda")
 # Longest round: a client reports one loss per step, and the server's metadata
 # decoder (fedgan_app.protocol.metadata) bounds its work by this many steps.
@@ -251,6 +256,39 @@ SETTINGS: tuple[Setting, ...] = (
             "head) weighted by each client's count of that class, the rest as the "
             "strategy does (docs/strategies.md); off until measured. Needs conditional, "
             "strategy fedavg or fedprox and weight-check 'partition-size'."),
+    # --- differential privacy (docs/privacy.md) ------------------------------
+    Setting("dp", str, "none",
+            "User-level differential privacy with Flower's wrappers: 'server-fixed' "
+            "clips each client's whole update (G and D) on the server, 'client-fixed' "
+            "on the client (the server checks it), 'server-adaptive' adapts the "
+            "clipping norm to a quantile of the update norms (Andrew et al. 2021); "
+            "each adds Gaussian noise to the uniform average. Needs strategy fedavg "
+            "or fedprox.", choices=DP_MODES),
+    Setting("dp-noise-multiplier", float, 1.0,
+            "z: the noise's standard deviation on the sum of updates is z x the "
+            "clipping norm (on the average of m sampled clients: z x norm / m); 0 "
+            "clips without noise (no privacy: epsilon is infinite).", low=0.0),
+    Setting("dp-clipping-norm", float, 20.0,
+            "L2 norm each client's update of all G and D parameters is clipped to (the "
+            "initial norm with 'server-adaptive'); the default recipe's updates are "
+            "about 18 to 26.", low=0.0, low_open=True),
+    Setting("dp-delta", float, 1e-5,
+            "delta of the (epsilon, delta) guarantee the accountant reports; keep it "
+            "below 1 / number of clients.", low=0.0, high=1.0, low_open=True,
+            high_open=True),
+    Setting("dp-target-epsilon", float, 0.0,
+            "End the run before the round that would take epsilon (at dp-delta) "
+            "above this (0: no limit; needs dp-noise-multiplier > 0).", low=0.0),
+    Setting("dp-clipped-quantile", float, 0.5,
+            "'server-adaptive': the share of updates the clipping norm aims to leave "
+            "unclipped.", low=0.0, high=1.0),
+    Setting("dp-clip-norm-lr", float, 0.2,
+            "'server-adaptive': learning rate of the clipping norm's geometric update.",
+            low=0.0, low_open=True),
+    Setting("dp-clipped-count-stddev", float, 0.0,
+            "'server-adaptive': noise on the count of unclipped updates (0: Flower's "
+            "default, sampled clients / 20; it must exceed dp-noise-multiplier / 2).",
+            low=0.0),
 )
 
 SETTINGS_BY_KEY: dict[str, Setting] = {s.key: s for s in SETTINGS}
@@ -286,7 +324,9 @@ def _check(setting: Setting, value: Any) -> Any:
     )
     if too_low or too_high:
         raise ConfigError(f"setting '{key}' must be {setting.allowed()}, got {value!r}")
-    return value
+    # A NumPy float (a float subclass) becomes a plain one: settings go into
+    # checkpoints, which hold only plain values.
+    return setting.kind(value)
 
 
 @dataclass(frozen=True)
@@ -352,6 +392,14 @@ class RunConfig:
     weight_cap_ratio: float
     max_weight_share: float
     class_aware: bool
+    dp: str
+    dp_noise_multiplier: float
+    dp_clipping_norm: float
+    dp_delta: float
+    dp_target_epsilon: float
+    dp_clipped_quantile: float
+    dp_clip_norm_lr: float
+    dp_clipped_count_stddev: float
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> RunConfig:
@@ -402,6 +450,11 @@ class RunConfig:
             )
         if self.class_aware:
             self._check_class_aware()
+        if self.private:
+            self._check_dp()
+        elif self.dp_target_epsilon > 0:
+            raise ConfigError("setting 'dp-target-epsilon' needs differential privacy "
+                              "(dp = 'server-fixed', 'client-fixed' or 'server-adaptive')")
         if 0 < self.weight_cap_ratio < 1:
             raise ConfigError(
                 f"setting 'weight-cap-ratio' is {self.weight_cap_ratio:g}: below 1 it would "
@@ -421,6 +474,28 @@ class RunConfig:
         if self.weight_check != "partition-size":
             raise ConfigError("setting 'class-aware' needs weight-check 'partition-size': the "
                               "label counts it weights by are checked only there")
+
+    def _check_dp(self) -> None:
+        """Refuse what would break the guarantee the accountant reports."""
+        if self.strategy not in DP_STRATEGIES:
+            raise ConfigError(
+                f"setting 'dp' works with strategy {' or '.join(DP_STRATEGIES)}, not "
+                f"{self.strategy!r}: Flower's wrappers add noise calibrated to a mean of "
+                "clipped updates to what the rule returns; a robust rule reweights or drops "
+                "clients and a server optimizer's step is not bounded by the clipping norm")
+        if self.class_aware:
+            raise ConfigError(
+                "setting 'class-aware' cannot be used with 'dp': it weights a client's "
+                "class rows by its class counts, so one client's share of the average, "
+                "and the noise it needs, is no longer bounded")
+        if self.dp_target_epsilon > 0 and self.dp_noise_multiplier == 0:
+            raise ConfigError("setting 'dp-target-epsilon' needs dp-noise-multiplier > 0: "
+                              "without noise epsilon is infinite from the first round")
+
+    @property
+    def private(self) -> bool:
+        """Whether the run trains with differential privacy (dp is not 'none')."""
+        return self.dp != "none"
 
     def to_dict(self) -> dict[str, Any]:
         """Return the settings as a kebab-case dict (for run_config.json and W&B)."""

@@ -11,9 +11,11 @@ from fedgan_app.config import RunConfig
 from fedgan_app.data.prepared import load_server_split, partition_label_counts
 from fedgan_app.data.spec import partition_spec
 from fedgan_app.federation.rules import check_federation
+from fedgan_app.federation.sampling import sampled_per_round
 from fedgan_app.federation.strategy import build_strategy
 from fedgan_app.gan.models import build_gan, gan_config
 from fedgan_app.outputs.recorder import Recorder, load_resume, resume_arrays, run_folder
+from fedgan_app.privacy.accounting import privacy_budget
 from fedgan_app.privacy.audit import audit_at_end
 from fedgan_app.protocol.message import buffer_keys, pack_gan
 from fedgan_app.quality.judge import QualityJudge
@@ -31,6 +33,10 @@ def main(grid: Grid, context: Context) -> None:
     connected = len(list(grid.get_node_ids()))
     check_federation(cfg, connected)
     num_nodes = max(1, connected)
+    # Differential privacy: the budget goes on from a resumed run's ledger, and a
+    # dp-target-epsilon ends the run before the round that would exceed it.
+    budget, cfg = privacy_budget(cfg, num_nodes, sampled_per_round(cfg, num_nodes), resume,
+                                 resume_path)
 
     # Data the server owns (its held-out split, never a client's) and the models.
     spec = partition_spec(cfg, num_partitions=num_nodes)
@@ -45,7 +51,8 @@ def main(grid: Grid, context: Context) -> None:
     recorder.check()  # a damaged history is refused before any node is asked
     strategy = build_strategy(cfg, reference, buffer_keys(generator, discriminator), recorder,
                               num_nodes, num_classes=server_data.num_classes,
-                              partitions=partial(_partition_counts, cfg), grid=grid)
+                              partitions=partial(_partition_counts, cfg), grid=grid,
+                              budget=budget)
     if resume:
         strategy.load_state(resume.strategy_state, resume_path)
     # The end of every round: EMA, sample grids, quality, then the recorder's commit.

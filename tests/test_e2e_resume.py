@@ -1,5 +1,9 @@
 """End to end: SIGKILL the ServerApp of a `flwr run` mid-run, then resume in a new run.
 
+The run trains with differential privacy ('dp' = server-fixed), so the same
+test shows that a private run goes through `flwr run` and that a resumed run
+goes on spending the budget its checkpoint recorded.
+
 The first run is submitted without --stream; once its latest.pt holds round 2,
 the run's `flwr-simulation` process (ServerApp and the Ray clients in one
 process, under our own SuperLink) is killed with SIGKILL: no `finally`, no
@@ -17,6 +21,9 @@ from pathlib import Path
 
 import imageio.v3 as iio
 import pytest
+from dp_accounting import dp_event
+from dp_accounting.privacy_accountant import NeighboringRelation
+from dp_accounting.rdp import RdpAccountant
 
 from deploy.processes import alive, descendants, process_table
 from fedgan_app.outputs.checkpoint import CheckpointError, load_checkpoint
@@ -89,7 +96,7 @@ def test_sigkilled_server_resumes_in_a_new_run(flower: LocalFlower, tmp_path: Pa
     run_dir = out / "e2e-resume"
     config = (f"local-steps=1 batch-size=16 eval-every=2 "
               f"eval-samples=10 audit-samples=0 output-dir='{out}' run-name='e2e-resume' "
-              "wandb-mode='offline'")
+              "wandb-mode='offline' dp='server-fixed' dp-clipping-norm=1.0")
     # cpus_per_client=2: one Ray actor trains both nodes (one torch import, not two)
     first_id, _ = flower.run_app(f"num-server-rounds=1000 {config}", nodes=2, stream=False,
                                  cpus_per_client=2)
@@ -121,3 +128,17 @@ def test_sigkilled_server_resumes_in_a_new_run(flower: LocalFlower, tmp_path: Pa
     pngs = sorted(p.name for p in (run_dir / "samples").glob("round_*.png"))
     assert pngs == [f"round_{r:04d}.png" for r in range(rounds_total + 1)]
     assert iio.imread(run_dir / "progress.gif", index=None).shape[0] == rounds_total + 1
+    # The budget: one release per round, across the kill, as dp-accounting counts it
+    releases = [float(r["dp-releases"]) for r in read_rows(run_dir / "metrics.csv")]
+    assert releases == list(range(1, rounds_total + 1))
+    epsilon = float(read_rows(run_dir / "metrics.csv")[-1]["dp-epsilon"])
+    assert epsilon == pytest.approx(_google_epsilon(rounds_total))
+    assert "privacy-accountant" in final.strategy_state
+
+
+def _google_epsilon(rounds: int) -> float:
+    """Epsilon of `rounds` releases of both of 2 clients, noise multiplier 1 (the default)."""
+    accountant = RdpAccountant(neighboring_relation=NeighboringRelation.REPLACE_ONE)
+    accountant.compose(dp_event.SampledWithoutReplacementDpEvent(
+        2, 2, dp_event.GaussianDpEvent(1.0)), rounds)
+    return accountant.get_epsilon(1e-5)

@@ -10,6 +10,13 @@ and dtypes (integer counters rounded), and refuses a result with NaN or Inf.
 It also holds the rule's server-optimizer state for checkpoints
 (`fedgan_app.federation.server_state`): the rule's arrays are the parameters,
 in this layer's order.
+
+Under differential privacy ('dp', `fedgan_app.federation.private`) the
+clients' buffers never enter the global model: BatchNorm statistics are
+functions of a client's images that no clipping or noise covers. The
+server keeps its own (`own_buffers`): G's are recomputed from noise
+wherever G is sampled (`fedgan_app.quality.judge`), and D, which trains on
+batch statistics, keeps its initial running statistics.
 """
 
 from __future__ import annotations
@@ -45,22 +52,27 @@ class BufferSplit(Wrapper):
         The packed global model as built: its keys and dtypes, in order.
     buffers : frozenset[str]
         Packed keys of the models' buffers (`protocol.message.buffer_keys`).
+    own_buffers : bool
+        Keep the global model's buffers, never the clients' (under DP).
 
     """
 
     def __init__(self, strategy: Strategy, rule: Rule, reference: ArrayRecord,
-                 buffers: frozenset[str]) -> None:
+                 buffers: frozenset[str], own_buffers: bool = False) -> None:
         super().__init__(strategy)
         self.rule = rule
+        self.own_buffers = own_buffers
         self._expected = expected_arrays(reference)
         self._buffers = buffers & set(self._expected)
         self._params = [k for k in self._expected if k not in self._buffers]
+        self._global: ArrayRecord | None = None
 
     def summary(self) -> None:
         """Log the split, then the rule's settings."""
         log(INFO, "\t├──> strategy %s (%s) on %d parameter arrays; %d buffers %s",
             self.rule.name, type(self.strategy).__name__, len(self._params),
-            len(self._buffers), "by median" if self.rule.robust else "by weighted mean")
+            len(self._buffers), "kept by the server" if self.own_buffers
+            else "by median" if self.rule.robust else "by weighted mean")
         self.strategy.summary()
 
     def configure_train(
@@ -69,6 +81,7 @@ class BufferSplit(Wrapper):
         """The rule keeps the parameters it steps from; every client gets the whole model."""
         params = ArrayRecord({k: arrays[k] for k in self._params})
         messages = list(self.strategy.configure_train(server_round, params, config, grid))
+        self._global = arrays
         for msg in messages:
             msg.content[ARRAYS_KEY] = arrays
         return messages
@@ -80,7 +93,10 @@ class BufferSplit(Wrapper):
         replies = list(replies)
         records = [m.content[ARRAYS_KEY] for m in replies]
         weights = [float(m.content[METRICS_KEY][NUM_EXAMPLES]) for m in replies]
-        buffers = self._aggregate_buffers(records, weights)
+        if self.own_buffers and self._global is not None:
+            buffers = {k: self._global[k].numpy() for k in self._buffers}
+        else:
+            buffers = self._aggregate_buffers(records, weights)
         for msg, record in zip(replies, records, strict=True):
             # The replies are ours once checked: the rule sees parameters only.
             msg.content[ARRAYS_KEY] = ArrayRecord({k: record[k] for k in self._params})

@@ -46,6 +46,8 @@ class RoundReport:
     time_aggregate_s: float = 0.0  # the checks and the aggregation
     time_query_s: float = 0.0  # asking nodes for their partition before this round
     clients: list[dict[str, Any]] = field(default_factory=list)  # clients.csv rows
+    reclipped: int = 0  # 'client-fixed' replies the server had to clip again
+    privacy: dict[str, float] = field(default_factory=dict)  # dp-epsilon, ... (dp only)
     # id(accepted reply) -> its checked label histogram (class-aware aggregation)
     class_counts: dict[int, list[int]] = field(default_factory=dict)
 
@@ -71,5 +73,8 @@ class RoundReport:
             "time-clients-s": self.time_clients_s,
             "time-aggregate-s": self.time_aggregate_s,
             "time-query-s": self.time_query_s,
+            **self.privacy,
         })
+        if self.privacy:
+            row["dp-reclipped"] = self.reclipped
         return {k: float(v) for k, v in row.items()}

@@ -332,8 +332,9 @@ class ClientSampling(Wrapper):
     def summary(self) -> None:
         """Log how rounds sample, then the layers below."""
         if self.sampler is not None:
-            log(INFO, "\t├──> seeded sampling by partition: fraction-train %g, "
+            log(INFO, "\t├──> %s sampling by partition: fraction-train %g, "
                 "fraction-evaluate %g (the inner strategy sends to the sampled nodes)",
+                "secretly seeded" if self.cfg.private else "seeded",
                 self.cfg.fraction_train, self.cfg.fraction_evaluate)
         self.strategy.summary()
 

@@ -124,8 +124,12 @@ class ReplyScreen(Wrapper):
         if arrays is not None:
             for msg, weight in zip(screened.accepted, weights, strict=True):
                 screened.rows[id(msg)]["weight"] = weight / sum(weights)
-        self.report.accepted = len(screened.accepted)
+        # Layers below may drop an accepted reply too (dp: an update of norm zero).
+        below = self.report.dropped
+        self.report.accepted = len(screened.accepted) - sum(below.values())
         self.report.dropped = dict(screened.drops)
+        for kind, count in below.items():
+            self.report.dropped[kind] = self.report.dropped.get(kind, 0) + count
         self.report.failed = screened.failed
         self.report.validated = self._validations
         self.report.examples_total = sum(weights)

@@ -10,13 +10,23 @@ strategy (each layer holds the next as ``self.strategy``)::
     WeightCap        weight-check 'cap' only             (federation/weights.py)
     Quorum           too few valid replies: keep the model (federation/rules.py)
     ClassAware       class-aware only: class rows by class counts (federation/classes.py)
+    PrivateRounds    dp only: all m replies, equal weights, the budget (federation/private.py)
     BufferSplit      buffers out, merged back, checked   (federation/buffers.py)
+    Flower's DP      dp only: clip each update, noise the mean (federation/private.py)
     Flower's rule    FedAvg, FedAdam, Krum, ...          (federation/rules.py)
+
+Under DP ('dp' is not 'none') the weight cap and the update-norm screen are
+left out (clipping bounds every update, and a drop decided by the other
+clients' norms would be outside the guarantee), the buffer split keeps the
+server's buffers, and the sampling draws from a secret seed.
 
 The layers share one `RoundReport`, which each fills in with its own facts.
 """
 
 from __future__ import annotations
+
+import secrets
+from dataclasses import replace
 
 from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
@@ -26,18 +36,26 @@ from fedgan_app.config import RunConfig
 from fedgan_app.federation.buffers import BufferSplit
 from fedgan_app.federation.checks import Partitions
 from fedgan_app.federation.classes import ClassAware, class_rows
+from fedgan_app.federation.private import PrivateRounds, dp_wrapper
 from fedgan_app.federation.report import RoundReport, RoundSink
 from fedgan_app.federation.rounds import RunRounds
 from fedgan_app.federation.rules import Quorum, rule_of
-from fedgan_app.federation.sampling import ClientSampling, PartitionSampler, samples_clients
+from fedgan_app.federation.sampling import (
+    ClientSampling,
+    PartitionSampler,
+    sampled_per_round,
+    samples_clients,
+)
 from fedgan_app.federation.screen import ReplyScreen
 from fedgan_app.federation.weights import WeightCap
+from fedgan_app.privacy.accounting import PrivacyBudget
 
 
 def build_strategy(cfg: RunConfig, reference: ArrayRecord, buffers: frozenset[str],
                    sink: RoundSink, num_nodes: int = 1, *, num_classes: int | None = None,
                    partitions: Partitions | None = None,
-                   grid: Grid | None = None) -> RunRounds:
+                   grid: Grid | None = None,
+                   budget: PrivacyBudget | None = None) -> RunRounds:
     """Stack the server's strategy for a run's settings.
 
     Parameters
@@ -62,6 +80,8 @@ def build_strategy(cfg: RunConfig, reference: ArrayRecord, buffers: frozenset[st
     grid : Grid | None
         When given, the nodes connected now are asked for their partition
         before the first round (see `fedgan_app.federation.sampling`).
+    budget : PrivacyBudget | None
+        The run's privacy accountant; needed, and used, when 'dp' is not 'none'.
 
     Returns
     -------
@@ -73,21 +93,32 @@ def build_strategy(cfg: RunConfig, reference: ArrayRecord, buffers: frozenset[st
     if checks_claims and partitions is None:
         raise ValueError("weight-check 'partition-size' needs the partitions' label "
                          "counts (partitions=...)")
-    sampler = (PartitionSampler(cfg.seed, cfg.round_timeout)
-               if samples_clients(cfg) or checks_claims else None)
+    if cfg.private and budget is None:
+        raise ValueError("differential privacy needs the run's budget (budget=...)")
+    # Under DP the sampling must be secret: amplification by sampling assumes nobody
+    # can tell which clients a round took, and the run's seed is in its config.
+    sampling_seed = secrets.randbits(62) if cfg.private else cfg.seed
+    sampler = (PartitionSampler(sampling_seed, cfg.round_timeout)
+               if samples_clients(cfg) or checks_claims or cfg.private else None)
     report = RoundReport()
     rule = rule_of(cfg)
-    strategy: Strategy = BufferSplit(rule.build(cfg, num_nodes), rule, reference, buffers)
+    inner = rule.build(cfg, num_nodes)
+    if cfg.private:
+        inner = dp_wrapper(cfg, inner, sampled_per_round(cfg, num_nodes))
+    strategy: Strategy = BufferSplit(inner, rule, reference, buffers, own_buffers=cfg.private)
+    if cfg.private and budget is not None:
+        strategy = PrivateRounds(strategy, cfg, budget, buffers, report)
     if cfg.class_aware:
         if num_classes is None:
             raise ValueError("class-aware aggregation needs the number of classes")
         rows = class_rows(reference, num_classes, cfg.latent_dim, buffers)
         strategy = ClassAware(strategy, rows, report)
     strategy = Quorum(strategy, cfg)
-    if not checks_claims:
+    if not checks_claims and not cfg.private:
         strategy = WeightCap(strategy, cfg, report)
     claims = (sampler, partitions) if checks_claims and sampler and partitions else None
-    strategy = ReplyScreen(strategy, cfg, reference, report, num_classes, claims)
+    screen_cfg = replace(cfg, max_update_norm_ratio=0.0) if cfg.private else cfg
+    strategy = ReplyScreen(strategy, screen_cfg, reference, report, num_classes, claims)
     sampling = ClientSampling(strategy, cfg, sampler, report)
     if grid is not None:
         sampling.connect(grid, sink.absolute(1))

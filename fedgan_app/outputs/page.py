@@ -91,7 +91,7 @@ def _page_html(folder: RunFolder) -> str:
         title=f"fedgan · {name}",
         name=name,
         round=done,
-        progress=f"round {done}{total}",
+        progress=f"round {done}{total}{_privacy_text(last)}",
         status=status,
         updated=datetime.now().strftime("%H:%M:%S"),
         panels="\n".join(panels),
@@ -119,6 +119,14 @@ def _image_panel(run_dir: Path, path: Path | None, caption: str, key: str,
     return (f'<figure class="panel" id="{key}"><img src="{html.escape(rel)}?v='
             f'{path.stat().st_mtime_ns}" alt="{html.escape(caption)}"{size}>'
             f'<figcaption>{html.escape(caption)}</figcaption></figure>')
+
+
+def _privacy_text(row: dict[str, Any] | None) -> str:
+    """' · epsilon E' for a differentially private run's latest row ('' otherwise)."""
+    epsilon = (row or {}).get("dp-epsilon")
+    if epsilon in (None, ""):
+        return ""
+    return f" · privacy spent: epsilon {_fmt(epsilon)}"
 
 
 def _metrics_table(row: dict[str, Any] | None) -> str:

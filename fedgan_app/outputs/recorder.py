@@ -336,6 +336,8 @@ def _log_round_line(server_round: int, num_rounds: int, row: Mapping[str, float]
             f"G {row.get('loss-g', math.nan):.3f} | D(x) {row.get('d-x', math.nan):.2f} "
             f"D(G(z)) {row.get('d-gz', math.nan):.2f} | {clients} | "
             f"{row['round-time-s']:.1f}s")
+    if "dp-epsilon" in row:
+        text += f" | epsilon {row['dp-epsilon']:.4g}"
     if "fid" in row:
         text += " | " + format_quality(row)
     log(INFO, text)

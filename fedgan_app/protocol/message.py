@@ -5,7 +5,9 @@ One round's messages, and where each name is defined here:
 - **train request** (server -> client): ``arrays`` (G and D packed by
   `pack_gan` into one ArrayRecord, buffers included) and ``config`` (a
   `RoundConfig`: round, scheduled learning rates, local steps, batch size,
-  seed, and FedProx's ``proximal-mu`` when that rule is used).
+  seed, FedProx's ``proximal-mu`` when that rule is used, and
+  ``clipping_norm``, the key Flower's client-side DP wrapper adds, with
+  'dp' = 'client-fixed').
 - **train reply**: ``arrays`` (the trained pair), ``metrics`` (`TrainMetrics`:
   per-step means and ``num-examples``, the weight Flower's FedAvg reads) and
   ``metadata`` (the pickled `TrainMetadata`, decoded by
@@ -30,6 +32,7 @@ from typing import get_args, get_type_hints
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from torch import nn
 
 ARRAYS_KEY = "arrays"  # the packed G and D, in requests and train replies
@@ -118,6 +121,17 @@ def _checked(key: str, value: object, kind: type) -> int | float:
         raise MessageError(f"the round's config '{key}' must be {want}, got "
                            f"{type(value).__name__}")
     return kind(value)
+
+
+def clipping_norm_of(record: Mapping[str, object]) -> float | None:
+    """The norm a client clips its update to ('client-fixed'), or None when not asked."""
+    if KEY_CLIPPING_NORM not in record:
+        return None
+    norm = _checked(KEY_CLIPPING_NORM, record[KEY_CLIPPING_NORM], float)
+    if norm <= 0:
+        raise MessageError(f"the round's config '{KEY_CLIPPING_NORM}' must be > 0, "
+                           f"got {norm}")
+    return float(norm)
 
 
 def server_round_of(record: Mapping[str, object]) -> int:
