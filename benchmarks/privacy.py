@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import sys
 from functools import partial
 from pathlib import Path
@@ -78,7 +79,8 @@ def run_one(noise: float | None, seed: int, out: str, rounds: int,
     run_dir, wall = run_in_process(run_config, NUM_CLIENTS)
     last = read_rows(run_dir / "metrics.csv")[-1]
     summary = _summary(run_dir)
-    return {"wall_s": wall, "epsilon": last.get("dp-epsilon", math.inf),
+    return {"wall_s": wall, "aggregate_s": aggregate_seconds(run_dir),
+            "epsilon": last.get("dp-epsilon", math.inf),
             "fid": last["fid"], "classifier-score": last["classifier-score"],
             "class-coverage": last["class-coverage"],
             "conditional-accuracy": last["conditional-accuracy"],
@@ -88,6 +90,13 @@ def run_one(noise: float | None, seed: int, out: str, rounds: int,
             "membership-auc": summary.get("audit/membership/auc", math.nan)}
 
 
+def aggregate_seconds(run_dir: Path) -> float:
+    """Median seconds of the server's checks and aggregation per round (DP's own cost)."""
+    times = [r["time-aggregate-s"] for r in read_rows(run_dir / "metrics.csv")
+             if "time-aggregate-s" in r]
+    return statistics.median(times) if times else math.nan
+
+
 def _summary(run_dir: Path) -> dict[str, Any]:
     import json
 
@@ -95,12 +104,19 @@ def _summary(run_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def report(results: dict[str, dict[str, Any]], arms: list[str], seeds: list[int]) -> str:
+def report(results: dict[str, dict[str, Any]], arms: list[str], seeds: list[int],
+           runs_dir: Path) -> str:
     """One row per arm: medians (min-max) over the seeds."""
     machines = Machines(results)
+    for key, result in results.items():  # results saved before aggregate_s was
+        arm, seed = key.split("|")
+        name = f"{'nodp' if arm == NO_DP else 'z' + arm}-{seed}"
+        if "aggregate_s" not in result and (runs_dir / name).is_dir():
+            result["aggregate_s"] = aggregate_seconds(runs_dir / name)
     lines = ["| DP | epsilon at delta 1e-5 | fid | classifier-score | class-coverage | "
-             "conditional accuracy | near-copies | membership AUC | minutes | seeds | "
-             "machine |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "conditional accuracy | near-copies | membership AUC | minutes | "
+             "server s per round | seeds | machine |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for arm in arms:
         keys = [f"{arm}|{s}" for s in seeds if f"{arm}|{s}" in results]
         if not keys:
@@ -116,7 +132,8 @@ def report(results: dict[str, dict[str, Any]], arms: list[str], seeds: list[int]
             f"{spread([r['conditional-accuracy'] for r in rows], '.2f')} | "
             f"{spread([r['near-copies'] for r in rows], '.3f')} | "
             f"{spread([r['membership-auc'] for r in rows], '.3f')} | "
-            f"{spread([r['wall_s'] / 60 for r in rows], '.3g')} | {len(rows)} | "
+            f"{spread([r['wall_s'] / 60 for r in rows], '.3g')} | "
+            f"{spread([r.get('aggregate_s', math.nan) for r in rows], '.2g')} | {len(rows)} | "
             f"{machines.tag(keys)} |")
     return "\n".join([*lines, "", *machines.legend()])
 
@@ -173,8 +190,11 @@ def main() -> None:
             f"({rounds * args.local_steps * 8 * int(NUM_CLIENTS * FRACTION):,} images seen); "
             "every other setting default "
             "(clipping norm 20); quality of the last round (1,000 samples) and the leakage "
-            "audit of the final models (docs/privacy.md).\n\n## Results\n\n"
-            + report(results, done, seeds)
+            "audit of the final models (docs/privacy.md). Minutes: the whole run, "
+            f"{args.processes} at a time on the machine; server s per round: the median "
+            "`time-aggregate-s`, the server's checks and aggregation, where DP clips "
+            "and adds the noise.\n\n## Results\n\n"
+            + report(results, done, seeds, out)
             + "\n## Epsilon of other settings (the same accountant, no training)\n\n"
             + "\n".join(reference_lines(rounds)) + "\n")
     target = (out if args.quick else RESULTS_DIR) / "privacy.md"

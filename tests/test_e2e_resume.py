@@ -134,6 +134,9 @@ def test_sigkilled_server_resumes_in_a_new_run(flower: LocalFlower, tmp_path: Pa
     epsilon = float(read_rows(run_dir / "metrics.csv")[-1]["dp-epsilon"])
     assert epsilon == pytest.approx(_google_epsilon(rounds_total))
     assert "privacy-accountant" in final.strategy_state
+    # W&B (offline) got epsilon too: the history records name their keys
+    history = b"".join(p.read_bytes() for p in (run_dir / "wandb").glob("offline-run-*/*.wandb"))
+    assert b"dp-epsilon" in history
 
 
 def _google_epsilon(rounds: int) -> float:
