@@ -49,8 +49,10 @@ def _google_epsilon(z: float, m: int, n: int, rounds: int, delta: float) -> floa
 
 
 def _dp_config(tiny: dict[str, Any], **extra: Any) -> dict[str, Any]:
-    return {**tiny, "dp": "server-fixed", "dp-noise-multiplier": 0.7,
-            "dp-clipping-norm": CLIP, **extra}
+    # Narrow nets (about 40,000 parameters): seconds per run, still enough
+    # coordinates to measure the noise's scale to within a few percent.
+    return {**tiny, "g-width": 8, "d-width": 8, "dp": "server-fixed",
+            "dp-noise-multiplier": 0.7, "dp-clipping-norm": CLIP, **extra}
 
 
 class Wire:
@@ -97,7 +99,7 @@ def _rows(folder: RunFolder) -> list[dict[str, Any]]:
 
 
 def _buffers(reference: ArrayRecord) -> frozenset[str]:
-    cfg = RunConfig.defaults(conditional=False)
+    cfg = RunConfig.defaults(conditional=False, g_width=8, d_width=8)
     generator, discriminator = build_gan(gan_config(cfg, (1, 28, 28), 10), 0)
     assert set(pack_gan(generator, discriminator).keys()) == set(reference.keys())
     return buffer_keys(generator, discriminator)
@@ -106,7 +108,7 @@ def _buffers(reference: ArrayRecord) -> frozenset[str]:
 # --- the accountant -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("z", "m", "n", "rounds"), [(1.0, 10, 100, 20), (0.6, 3, 7, 5),
+@pytest.mark.parametrize(("z", "m", "n", "rounds"), [(1.0, 10, 100, 6), (0.6, 3, 7, 5),
                                                      (2.0, 4, 4, 3)])
 def test_epsilon_is_dp_accountings_own(z: float, m: int, n: int, rounds: int) -> None:
     cfg = RunConfig.defaults(dp="server-fixed", dp_noise_multiplier=z)
@@ -122,8 +124,8 @@ def test_epsilon_is_dp_accountings_own(z: float, m: int, n: int, rounds: int) ->
 
 def test_rounds_within_a_target_are_the_most_that_stay_under_it() -> None:
     budget = PrivacyBudget(RunConfig.defaults(dp="server-fixed"), 100, 10)
-    fits = budget.rounds_within(3.0, 1000)
-    assert 0 < fits < 1000
+    fits = budget.rounds_within(3.0, 60)
+    assert 0 < fits < 60
     assert budget.epsilon_after(fits) <= 3.0 < budget.epsilon_after(fits + 1)
     assert budget.releases == 0  # projecting spends nothing
 
@@ -132,7 +134,8 @@ def test_no_noise_means_no_privacy() -> None:
     budget = PrivacyBudget(RunConfig.defaults(dp="server-fixed", dp_noise_multiplier=0.0),
                            10, 2)
     assert budget.epsilon() == 0.0
-    assert budget.spend() == math.inf
+    budget.spend()
+    assert budget.epsilon() == math.inf
 
 
 def test_ledger_round_trips_and_refuses_another_setup(tmp_path: Path) -> None:
@@ -250,7 +253,7 @@ def test_server_fixed_releases_the_clipped_mean_plus_noise_of_the_right_scale(
     assert len(wire.sent) == 3
     assert all(update_norm_of(r, g, buffers) > CLIP for _, g, r in wire.sent)
     expected = z * CLIP / 3
-    assert noise.std() == pytest.approx(expected, rel=0.01)
+    assert noise.std() == pytest.approx(expected, rel=0.03)
     assert abs(noise.mean()) < 5 * expected / math.sqrt(noise.size)
     rows = _rows(folder)
     assert rows[-1]["dp-epsilon"] == pytest.approx(_google_epsilon(z, 3, 3, 1, 1e-5))
@@ -338,7 +341,7 @@ def test_resume_goes_on_spending_the_same_budget(tiny_run_config: dict[str, Any]
 
 
 def test_resuming_a_run_without_dp_with_dp_is_refused(tiny_run_config: dict[str, Any]) -> None:
-    folder, _ = _run(tiny_run_config, nodes=2)
+    folder, _ = _run({**tiny_run_config, "g-width": 8, "d-width": 8}, nodes=2)
     config = _dp_config(tiny_run_config, **{"num-server-rounds": 3,
                                             "resume-from": str(folder.path)})
     with pytest.raises(ConfigError, match="no privacy ledger"):

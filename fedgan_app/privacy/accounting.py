@@ -3,9 +3,9 @@
 Each round that releases a model is one sampled Gaussian mechanism: m of the
 N clients, drawn without replacement, each client's update clipped to the
 norm C, noise of standard deviation z x C added to their sum (z x C / m on
-the average). `PrivacyBudget` composes one `GaussianPrivacyEvent` per
-released round in Flower's `RdpAccountant` (Google's ``dp-accounting``
-underneath) and reports epsilon at the run's delta.
+the average). `PrivacyBudget` counts the released rounds and composes them,
+as `GaussianPrivacyEvent`s, in Flower's `RdpAccountant` (Google's
+``dp-accounting`` underneath) to report epsilon at the run's delta.
 
 The accounting model is sampling without replacement with the replace-one
 neighbouring relation: the pair ``dp-accounting`` analyses for a fixed-size
@@ -90,12 +90,14 @@ class PrivacyBudget:
         self.target = cfg.dp_target_epsilon or None
         self.release = Release(cfg.dp_noise_multiplier, sample_size, population)
         self.releases = 0
-        self._accountant = None
+        self._epsilon: float | None = None  # epsilon() of the releases so far, once asked
+        self._config = None
+        self._cached: tuple[int, RdpAccountant] | None = None  # the last one composed
         if cfg.dp_noise_multiplier > 0:
-            self._accountant = RdpAccountant(PrivacyConfig(
+            self._config = PrivacyConfig(
                 target_delta=cfg.dp_delta, population_size=population,
                 neighboring_relation=NeighboringRelation.REPLACE_ONE,
-                sampling_method=SamplingMethod.WITHOUT_REPLACEMENT))
+                sampling_method=SamplingMethod.WITHOUT_REPLACEMENT)
 
     @property
     def sampling_rate(self) -> float:
@@ -104,22 +106,13 @@ class PrivacyBudget:
 
     def epsilon(self) -> float:
         """Epsilon at the run's delta after the releases so far (inf without noise)."""
-        if self._accountant is None:
-            return math.inf if self.releases else 0.0
-        if not self.releases:
-            return 0.0
-        return float(self._accountant.get_epsilon(self.delta))
+        if self._epsilon is None:
+            self._epsilon = self._epsilon_of(self.releases)
+        return self._epsilon
 
     def epsilon_after(self, more: int) -> float:
-        """Epsilon once `more` further rounds are released (the ledger is not changed)."""
-        if more <= 0:
-            return self.epsilon()
-        if self._accountant is None:
-            return math.inf
-        projected = RdpAccountant(self._accountant.config)
-        projected.load_state_dict(self._accountant.state_dict())
-        projected.compose(self.release.event(), more)
-        return float(projected.get_epsilon(self.delta))
+        """Epsilon once `more` further rounds are released (nothing is spent)."""
+        return self._epsilon_of(self.releases + max(0, more))
 
     def rounds_within(self, limit: float, wanted: int) -> int:
         """The most of `wanted` further releases that keep epsilon <= `limit`."""
@@ -132,16 +125,38 @@ class PrivacyBudget:
                 high = mid - 1
         return low
 
-    def spend(self) -> float:
-        """Compose one released round; epsilon after it."""
-        if self._accountant is not None:
-            self._accountant.compose(self.release.event())
+    def spend(self) -> None:
+        """Count one released round."""
         self.releases += 1
-        return self.epsilon()
+        self._epsilon = None
+
+    def _accountant(self, releases: int) -> RdpAccountant:
+        """Flower's accountant holding `releases` of the run's identical releases.
+
+        Every release of a run is the same event, and RDP composes by adding:
+        one composition with a count costs what one release does (a fraction
+        of a second in dp-accounting), where a ledger of single releases would
+        cost that for each, at every resume.
+        """
+        assert self._config is not None
+        if self._cached is not None and self._cached[0] == releases:
+            return self._cached[1]
+        accountant = RdpAccountant(self._config)
+        if releases:
+            accountant.compose(self.release.event(), releases)
+        self._cached = (releases, accountant)
+        return accountant
+
+    def _epsilon_of(self, releases: int) -> float:
+        if not releases:
+            return 0.0
+        if self._config is None:
+            return math.inf
+        return float(self._accountant(releases).get_epsilon(self.delta))
 
     def state(self) -> dict[str, Any]:
         """The ledger as a checkpoint value."""
-        ledger = self._accountant.state_dict() if self._accountant is not None else None
+        ledger = self._accountant(self.releases).state_dict() if self._config else None
         return {STATE_KEY: json.dumps({"releases": self.releases, "ledger": ledger,
                                        "release": vars(self.release)}, sort_keys=True)}
 
@@ -171,16 +186,18 @@ class PrivacyBudget:
                 f"{release.noise_multiplier:g}; this run's rounds are "
                 f"{self.release.sample_size} of {self.release.population} with "
                 f"{self.release.noise_multiplier:g}: the ledger would not add up")
-        if self._accountant is not None:
+        if self._config is not None:
+            restored = RdpAccountant(self._config)
             try:
-                self._accountant.load_state_dict(saved["ledger"])
+                restored.load_state_dict(saved["ledger"])
             except (TypeError, KeyError, ValueError) as exc:
                 raise BudgetError(f"checkpoint {source}: its privacy ledger does not fit "
                                   f"this run's accounting (delta {self.delta:g}): {exc}") from exc
-            if self._accountant.num_releases != releases:
+            if restored.num_releases != releases:
                 raise BudgetError(f"checkpoint {source}: its privacy ledger counts "
-                                  f"{self._accountant.num_releases} releases, not {releases}")
+                                  f"{restored.num_releases} releases, not {releases}")
         self.releases = releases
+        self._epsilon = None
 
 
 def budget_line(budget: PrivacyBudget) -> str:
