@@ -291,6 +291,7 @@ def test_client_fixed_updates_leave_clipped_and_an_unclipped_one_is_clipped_agai
     assert rows[-1]["dp-releases"] == 2
 
 
+@pytest.mark.slow  # a whole in-process run: the full suite, not the fast subset
 def test_a_round_short_of_a_sampled_client_releases_nothing(
         tiny_run_config: dict[str, Any]) -> None:
     # Prepare: node 102 fails its second train request (round 2)
@@ -310,6 +311,7 @@ def test_a_round_short_of_a_sampled_client_releases_nothing(
     assert rows[1]["dp-epsilon"] == rows[0]["dp-epsilon"]
 
 
+@pytest.mark.slow  # a whole in-process run: the full suite, not the fast subset
 def test_a_zero_update_is_dropped_not_a_crash(tiny_run_config: dict[str, Any]) -> None:
     def send_back(node: int, reply: Message, received: ArrayRecord) -> Message:
         if node == 101:
@@ -324,6 +326,7 @@ def test_a_zero_update_is_dropped_not_a_crash(tiny_run_config: dict[str, Any]) -
     assert rows[-1]["dp-epsilon"] == 0.0
 
 
+@pytest.mark.slow  # a whole in-process run: the full suite, not the fast subset
 def test_resume_goes_on_spending_the_same_budget(tiny_run_config: dict[str, Any]) -> None:
     # Prepare: 2 private rounds, then a resume to 3
     config = _dp_config(tiny_run_config, **{"fraction-train": 0.5})
@@ -340,6 +343,7 @@ def test_resume_goes_on_spending_the_same_budget(tiny_run_config: dict[str, Any]
     assert rows[-1]["dp-epsilon"] == pytest.approx(_google_epsilon(0.7, 2, 4, 3, 1e-5))
 
 
+@pytest.mark.slow  # a whole in-process run: the full suite, not the fast subset
 def test_resuming_a_run_without_dp_with_dp_is_refused(tiny_run_config: dict[str, Any]) -> None:
     folder, _ = _run({**tiny_run_config, "g-width": 8, "d-width": 8}, nodes=2)
     config = _dp_config(tiny_run_config, **{"num-server-rounds": 3,
@@ -348,6 +352,7 @@ def test_resuming_a_run_without_dp_with_dp_is_refused(tiny_run_config: dict[str,
         _run(config, nodes=2)
 
 
+@pytest.mark.slow  # a whole in-process run: the full suite, not the fast subset
 def test_target_epsilon_ends_the_run_before_the_round_that_would_exceed_it(
         tiny_run_config: dict[str, Any]) -> None:
     # Prepare: a target between the epsilon of 2 and of 3 rounds (2 of 4 per round)
@@ -368,6 +373,7 @@ def test_target_epsilon_ends_the_run_before_the_round_that_would_exceed_it(
         _run({**config, "resume-from": str(folder.path)}, nodes=4)
 
 
+@pytest.mark.slow  # a whole in-process run: the full suite, not the fast subset
 def test_the_dashboard_and_the_log_line_show_epsilon(tiny_run_config: dict[str, Any],
                                                      caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="flwr")
