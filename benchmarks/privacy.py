@@ -114,9 +114,9 @@ def report(results: dict[str, dict[str, Any]], arms: list[str], seeds: list[int]
         if "aggregate_s" not in result and (runs_dir / name).is_dir():
             result["aggregate_s"] = aggregate_seconds(runs_dir / name)
     lines = ["| DP | epsilon at delta 1e-5 | fid | classifier-score | class-coverage | "
-             "conditional accuracy | near-copies | membership AUC | minutes | "
-             "server s per round | seeds | machine |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "conditional accuracy | near-copies | closer to train (excess) | "
+             "membership AUC | minutes | server s per round | seeds | machine |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for arm in arms:
         keys = [f"{arm}|{s}" for s in seeds if f"{arm}|{s}" in results]
         if not keys:
@@ -131,6 +131,7 @@ def report(results: dict[str, dict[str, Any]], arms: list[str], seeds: list[int]
             f"{spread([r['class-coverage'] for r in rows], '.3g')} | "
             f"{spread([r['conditional-accuracy'] for r in rows], '.2f')} | "
             f"{spread([r['near-copies'] for r in rows], '.3f')} | "
+            f"{spread([r['closer-to-train-excess'] for r in rows], '.2f')} | "
             f"{spread([r['membership-auc'] for r in rows], '.3f')} | "
             f"{spread([r['wall_s'] / 60 for r in rows], '.3g')} | "
             f"{spread([r.get('aggregate_s', math.nan) for r in rows], '.2g')} | {len(rows)} | "
@@ -190,7 +191,9 @@ def main() -> None:
             f"({rounds * args.local_steps * 8 * int(NUM_CLIENTS * FRACTION):,} images seen); "
             "every other setting default "
             "(clipping norm 20); quality of the last round (1,000 samples) and the leakage "
-            "audit of the final models (docs/privacy.md). Minutes: the whole run, "
+            "audit of the final models (docs/privacy.md: near-copies and the excess "
+            "preference for training images are of the samples that look like data; "
+            "'–' when too few do). Minutes: the whole run, "
             f"{args.processes} at a time on the machine; server s per round: the median "
             "`time-aggregate-s`, the server's checks and aggregation, where DP clips "
             "and adds the noise.\n\n## Results\n\n"
