@@ -43,6 +43,7 @@ from benchmarks.common import (  # noqa: E402
 )
 from fedgan_app.config import RunConfig  # noqa: E402
 from fedgan_app.files import write_text  # noqa: E402
+from fedgan_app.outputs.runfolder import RunFolder  # noqa: E402
 from fedgan_app.privacy.accounting import PrivacyBudget  # noqa: E402
 
 NUM_CLIENTS = 100
@@ -78,7 +79,7 @@ def run_one(noise: float | None, seed: int, out: str, rounds: int,
                            "dp-delta": DELTA})
     run_dir, wall = run_in_process(run_config, NUM_CLIENTS)
     last = read_rows(run_dir / "metrics.csv")[-1]
-    summary = _summary(run_dir)
+    summary = RunFolder(run_dir).summary()
     return {"wall_s": wall, "aggregate_s": aggregate_seconds(run_dir),
             "epsilon": last.get("dp-epsilon", math.inf),
             "fid": last["fid"], "classifier-score": last["classifier-score"],
@@ -97,22 +98,9 @@ def aggregate_seconds(run_dir: Path) -> float:
     return statistics.median(times) if times else math.nan
 
 
-def _summary(run_dir: Path) -> dict[str, Any]:
-    import json
-
-    path = run_dir / "summary.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def report(results: dict[str, dict[str, Any]], arms: list[str], seeds: list[int],
-           runs_dir: Path) -> str:
+def report(results: dict[str, dict[str, Any]], arms: list[str], seeds: list[int]) -> str:
     """One row per arm: medians (min-max) over the seeds."""
     machines = Machines(results)
-    for key, result in results.items():  # results saved before aggregate_s was
-        arm, seed = key.split("|")
-        name = f"{'nodp' if arm == NO_DP else 'z' + arm}-{seed}"
-        if "aggregate_s" not in result and (runs_dir / name).is_dir():
-            result["aggregate_s"] = aggregate_seconds(runs_dir / name)
     lines = ["| DP | epsilon at delta 1e-5 | fid | classifier-score | class-coverage | "
              "conditional accuracy | near-copies | closer to train (excess) | "
              "membership AUC | minutes | server s per round | seeds | machine |",
@@ -134,7 +122,7 @@ def report(results: dict[str, dict[str, Any]], arms: list[str], seeds: list[int]
             f"{spread([r['closer-to-train-excess'] for r in rows], '.2f')} | "
             f"{spread([r['membership-auc'] for r in rows], '.3f')} | "
             f"{spread([r['wall_s'] / 60 for r in rows], '.3g')} | "
-            f"{spread([r.get('aggregate_s', math.nan) for r in rows], '.2g')} | {len(rows)} | "
+            f"{spread([r['aggregate_s'] for r in rows], '.2g')} | {len(rows)} | "
             f"{machines.tag(keys)} |")
     return "\n".join([*lines, "", *machines.legend()])
 
@@ -197,7 +185,7 @@ def main() -> None:
             f"{args.processes} at a time on the machine; server s per round: the median "
             "`time-aggregate-s`, the server's checks and aggregation, where DP clips "
             "and adds the noise.\n\n## Results\n\n"
-            + report(results, done, seeds, out)
+            + report(results, done, seeds)
             + "\n## Epsilon of other settings (the same accountant, no training)\n\n"
             + "\n".join(reference_lines(rounds)) + "\n")
     target = (out if args.quick else RESULTS_DIR) / "privacy.md"

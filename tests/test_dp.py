@@ -22,6 +22,7 @@ from dp_accounting.privacy_accountant import NeighboringRelation
 from dp_accounting.rdp import RdpAccountant as GoogleRdp
 from flwr.app import Array, ArrayRecord, Message
 
+from benchmarks.common import read_rows
 from fedgan_app.config import ConfigError, RunConfig
 from fedgan_app.federation import client_app
 from fedgan_app.federation.sampling import ClientSampling
@@ -90,12 +91,7 @@ def _run(run_config: dict[str, Any], nodes: int, tamper: Any = None,
 
 def _rows(folder: RunFolder) -> list[dict[str, Any]]:
     """metrics.csv's rows, numbers as floats."""
-    def number(value: Any) -> Any:
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            return value
-    return [{k: number(v) for k, v in row.items() if v != ""} for row in folder.metrics_rows()]
+    return read_rows(folder.metrics_csv)
 
 
 def _buffers(reference: ArrayRecord) -> frozenset[str]:
