@@ -9,7 +9,10 @@ images: 160,000 images seen in all) on the split, with `class-aware` off
 (plain FedGAN) and on, one process per job with one torch thread,
 `--processes` at a time (the real ServerApp and ClientApps on an in-process
 grid). The final row of each run gives the per-class conditional accuracy,
-the classes at 0.9 or more, fid, recall and coverage. Results go to
+the classes at 0.9 or more, fid, recall and coverage. `--centralized` adds
+the centralized arm: one node that holds the pooled training data (every
+split pools to the same 4,000 images) for the same 160,000 images (100
+rounds of 200 steps, scored once at the end). Results go to
 benchmarks/results/data/class-aware.json (a rerun skips the jobs done) and
 the report to benchmarks/results/class-aware.md.
 """
@@ -55,6 +58,22 @@ def run_one(split: str, class_aware: bool, seed: int, out: str, rounds: int) -> 
                   "num-server-rounds": rounds, "wandb-mode": "disabled",
                   "audit-samples": 0, "output-dir": out, "run-name": name}
     run_dir, wall = run_in_process(run_config, NUM_CLIENTS)
+    return final_row(run_dir, wall)
+
+
+def run_centralized(seed: int, out: str, rounds: int) -> dict[str, Any]:
+    """Centralized training on the pooled data for the images of `rounds` federated rounds."""
+    steps_rounds = rounds * NUM_CLIENTS  # one node trains what 5 clients train together
+    run_config = {"partitioner": "iid", "seed": seed, "num-server-rounds": steps_rounds,
+                  "eval-every": steps_rounds, "sample-every": steps_rounds,
+                  "fraction-evaluate": 0.0, "wandb-mode": "disabled", "audit-samples": 0,
+                  "output-dir": out, "run-name": f"centralized-{seed}"}
+    run_dir, wall = run_in_process(run_config, 1)
+    return final_row(run_dir, wall)
+
+
+def final_row(run_dir: Path, wall: float) -> dict[str, Any]:
+    """The last round's quality: per-class accuracy, classes >= 0.9, fid, recall, coverage."""
     last = read_rows(run_dir / "metrics.csv")[-1]
     per_class = [last.get(f"conditional-accuracy/{c}", float("nan")) for c in range(CLASSES)]
     return {"wall_s": wall, "fid": last["fid"], "recall": last["recall"],
@@ -65,32 +84,30 @@ def run_one(split: str, class_aware: bool, seed: int, out: str, rounds: int) -> 
 def report(results: dict[str, dict[str, Any]], splits: list[str], seeds: list[int]) -> str:
     """The table: one row per split and arm, medians (min-max) over the seeds."""
     machines = Machines(results)
-    lines = ["| split | aggregation | classes >= 0.9 (per seed) | weakest class accuracy | "
-             "fid | recall | coverage | seeds | machine |", "|---|---|---|---|---|---|---|---|---|"]
+    arms: list[tuple[str, str, list[str]]] = []  # (split, arm, result keys)
     for split in splits:
         for arm, aware in ARMS.items():
-            keys = [f"{split}|{aware}|{s}" for s in seeds if f"{split}|{aware}|{s}" in results]
-            if not keys:
-                continue
-            rows = [results[k] for k in keys]
-            classes = ", ".join(str(int(r["classes-at-0.9"])) for r in rows)
-            weakest = [min(r["conditional-accuracy"]) for r in rows]
-            lines.append(f"| {split} | {arm} | {classes} | {spread(weakest, '.2f')} | "
-                         f"{spread([r['fid'] for r in rows])} | "
-                         f"{spread([r['recall'] for r in rows], '.3f')} | "
-                         f"{spread([r['coverage'] for r in rows], '.3f')} | {len(rows)} | "
-                         f"{machines.tag(keys)} |")
+            arms.append((split, arm, [f"{split}|{aware}|{s}" for s in seeds]))
+    arms.append(("any (pooled data)", "centralized", [f"centralized|{s}" for s in seeds]))
+    arms = [(split, arm, [k for k in keys if k in results]) for split, arm, keys in arms]
+    arms = [arm for arm in arms if arm[2]]
+    lines = ["| split | aggregation | classes >= 0.9 (per seed) | weakest class accuracy | "
+             "fid | recall | coverage | seeds | machine |", "|---|---|---|---|---|---|---|---|---|"]
     per_class = ["", "Per-class conditional accuracy, median over the seeds:", "",
                  "| split | aggregation | " + " | ".join(str(c) for c in range(CLASSES)) + " |",
                  "|---|---|" + "---|" * CLASSES]
-    for split in splits:
-        for arm, aware in ARMS.items():
-            rows = [results[f"{split}|{aware}|{s}"] for s in seeds
-                    if f"{split}|{aware}|{s}" in results]
-            if rows:
-                cells = [f"{statistics.median(r['conditional-accuracy'][c] for r in rows):.2f}"
-                         for c in range(CLASSES)]
-                per_class.append(f"| {split} | {arm} | " + " | ".join(cells) + " |")
+    for split, arm, keys in arms:
+        rows = [results[k] for k in keys]
+        classes = ", ".join(str(int(r["classes-at-0.9"])) for r in rows)
+        weakest = [min(r["conditional-accuracy"]) for r in rows]
+        lines.append(f"| {split} | {arm} | {classes} | {spread(weakest, '.2f')} | "
+                     f"{spread([r['fid'] for r in rows])} | "
+                     f"{spread([r['recall'] for r in rows], '.3f')} | "
+                     f"{spread([r['coverage'] for r in rows], '.3f')} | {len(rows)} | "
+                     f"{machines.tag(keys)} |")
+        cells = [f"{statistics.median(r['conditional-accuracy'][c] for r in rows):.2f}"
+                 for c in range(CLASSES)]
+        per_class.append(f"| {split} | {arm} | " + " | ".join(cells) + " |")
     return "\n".join(lines + per_class + ["", *machines.legend()])
 
 
@@ -100,14 +117,19 @@ def main() -> None:
     parser.add_argument("--split", action="append", choices=tuple(SPLITS), default=None)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--centralized", action="store_true",
+                        help="also the centralized arm (one node, the pooled data)")
     parser.add_argument("--quick", action="store_true",
                         help="2 rounds, under benchmarks/runs/ only")
     args = parser.parse_args()
-    splits = args.split or ["pathological"]
+    splits = args.split or ([] if args.centralized else ["pathological"])
     rounds = 2 if args.quick else 20
     out = RUNS_DIR / ("quick" if args.quick else "runs")
     jobs = {f"{split}|{aware}|{seed}": partial(run_one, split, aware, seed, str(out), rounds)
             for split in splits for aware in ARMS.values() for seed in args.seeds}
+    if args.centralized:
+        jobs.update({f"centralized|{seed}": partial(run_centralized, seed, str(out), rounds)
+                     for seed in args.seeds})
     header = machine_header()
     results = run_jobs(jobs, results_file("class-aware", out, args.quick), args.processes)
     done = [s for s in SPLITS if any(k.startswith(s + "|") for k in results)]

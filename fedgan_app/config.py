@@ -33,11 +33,17 @@ class Setting:
     low_open: bool = False  # True: value must be strictly greater than `low`
     high_open: bool = False  # True: value must be strictly less than `high`
     choices: tuple[str, ...] | None = None
+    # (false, true): the choices a TOML false/true stands for, where a choice
+    # setting grew out of a true/false one.
+    from_bool: tuple[str, str] | None = None
 
     def allowed(self) -> str:
         """Describe the allowed values, for error messages and docs/settings.md."""
         if self.choices is not None:
-            return "one of " + ", ".join(repr(c) for c in self.choices)
+            text = "one of " + ", ".join(repr(c) for c in self.choices)
+            if self.from_bool is not None:
+                text += f" (true/false read as {self.from_bool[1]!r}/{self.from_bool[0]!r})"
+            return text
         parts = []
         if self.low is not None:
             parts.append(f"{'>' if self.low_open else '>='} {self.low:g}")
@@ -58,6 +64,8 @@ STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedadagrad", "fedyogi"
               "median", "trimmed-mean", "krum", "multikrum", "bulyan")
 # The rules a per-class weighted average of the class rows composes with (weighted means).
 CLASS_AWARE_STRATEGIES = ("fedavg", "fedprox")
+CLASS_AWARE_MODES = ("auto", "on", "off")
+SERVER_OPTIMIZERS = ("fedavgm", "fedadam", "fedadagrad", "fedyogi")
 # Keys that were removed, and the key that replaced each.
 REMOVED_SETTINGS = {"aggregation": "strategy"}
 PARTITIONERS = ("iid", "dirichlet", "pathological")
@@ -251,11 +259,13 @@ SETTINGS: tuple[Setting, ...] = (
             "With weight-check='cap': largest share of the average one reply may have "
             "(1: no cap; with fewer than 1/share replies, every reply gets an equal share).",
             low=0.0, high=1.0, low_open=True),
-    Setting("class-aware", bool, False,
+    Setting("class-aware", str, "auto",
             "Average the rows of G's class input and of D's class embedding (or ACGAN "
             "head) weighted by each client's count of that class, the rest as the "
-            "strategy does (docs/strategies.md); off until measured. Needs conditional, "
-            "strategy fedavg or fedprox and weight-check 'partition-size'."),
+            "strategy does (docs/strategies.md). 'on' needs conditional, strategy fedavg "
+            "or fedprox, weight-check 'partition-size' and no dp, and says which is "
+            "missing; 'auto' is on wherever those hold and off (logged, with the reason) "
+            "elsewhere.", choices=CLASS_AWARE_MODES, from_bool=("off", "on")),
     # --- differential privacy (docs/privacy.md) ------------------------------
     Setting("dp", str, "none",
             "User-level differential privacy with Flower's wrappers: 'server-fixed' "
@@ -302,6 +312,8 @@ def default(key: str) -> Any:
 def _check(setting: Setting, value: Any) -> Any:
     """Return `value` converted to the setting's type, or raise ConfigError."""
     key = setting.key
+    if setting.from_bool is not None and isinstance(value, bool):
+        value = setting.from_bool[value]
     # bool is an int subclass: reject it explicitly for numeric keys.
     if setting.kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
@@ -391,7 +403,7 @@ class RunConfig:
     weight_check: str
     weight_cap_ratio: float
     max_weight_share: float
-    class_aware: bool
+    class_aware: str
     dp: str
     dp_noise_multiplier: float
     dp_clipping_norm: float
@@ -448,7 +460,7 @@ class RunConfig:
             raise ConfigError(
                 f"setting 'run-name' must be a plain folder name, got {self.run_name!r}"
             )
-        if self.class_aware:
+        if self.class_aware == "on":
             self._check_class_aware()
         if self.private:
             self._check_dp()
@@ -461,19 +473,34 @@ class RunConfig:
                 "clip honest claims under the median; use >= 1, or 0 for no clip"
             )
 
-    def _check_class_aware(self) -> None:
-        """Refuse the combinations in which per-class weights make no sense."""
+    def class_aware_blocker(self) -> str | None:
+        """Why per-class weights make no sense in this run (None: they do)."""
         if not self.conditional:
-            raise ConfigError("setting 'class-aware' needs a conditional GAN (conditional = "
-                              "true): an unconditional one has no class rows")
+            return "an unconditional GAN has no class rows"
         if self.strategy not in CLASS_AWARE_STRATEGIES:
-            raise ConfigError(
-                f"setting 'class-aware' works with strategy {' or '.join(CLASS_AWARE_STRATEGIES)}"
-                f", not {self.strategy!r}: a robust rule would let unscreened per-class rows "
-                "in, and a server optimizer's state would not match the rows it replaces")
+            why = ("its server optimizer's state would not match the class rows replaced"
+                   if self.strategy in SERVER_OPTIMIZERS else
+                   "a robust rule would let unscreened per-class rows in")
+            return (f"strategy {self.strategy!r} is not one it works with "
+                    f"({' or '.join(CLASS_AWARE_STRATEGIES)}): {why}")
         if self.weight_check != "partition-size":
-            raise ConfigError("setting 'class-aware' needs weight-check 'partition-size': the "
-                              "label counts it weights by are checked only there")
+            return ("the label counts it weights by are checked only by weight-check "
+                    "'partition-size'")
+        if self.private:
+            return "under dp a client's share of the average must stay bounded"
+        return None
+
+    @property
+    def aggregates_by_class(self) -> bool:
+        """Whether the class rows are averaged by class counts (class-aware on, or auto)."""
+        return self.class_aware != "off" and self.class_aware_blocker() is None
+
+    def _check_class_aware(self) -> None:
+        """Refuse class-aware 'on' where per-class weights make no sense."""
+        blocker = self.class_aware_blocker()
+        if blocker is not None and not self.private:  # _check_dp names the dp clash
+            raise ConfigError(f"setting 'class-aware' is 'on' but {blocker}; set it to "
+                              "'auto' (on wherever it applies) or 'off'")
 
     def _check_dp(self) -> None:
         """Refuse what would break the guarantee the accountant reports."""
@@ -483,7 +510,7 @@ class RunConfig:
                 f"{self.strategy!r}: Flower's wrappers add noise calibrated to a mean of "
                 "clipped updates to what the rule returns; a robust rule reweights or drops "
                 "clients and a server optimizer's step is not bounded by the clipping norm")
-        if self.class_aware:
+        if self.class_aware == "on":
             raise ConfigError(
                 "setting 'class-aware' cannot be used with 'dp': it weights a client's "
                 "class rows by its class counts, so one client's share of the average, "

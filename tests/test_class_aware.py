@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -129,22 +130,64 @@ def test_class_rows_of_an_unconditional_gan_are_refused() -> None:
                    buffer_keys(generator, discriminator))
 
 
-@pytest.mark.parametrize("overrides,reason", [
-    ({"conditional": False}, "needs a conditional GAN"),
-    ({"strategy": "median"}, "fedavg or fedprox, not 'median'"),
-    ({"strategy": "fedadam"}, "server optimizer"),
-    ({"weight_check": "cap"}, "needs weight-check 'partition-size'"),
-])
-def test_combinations_that_make_no_sense_are_refused(overrides: dict, reason: str) -> None:
-    with pytest.raises(ConfigError, match=reason):
-        RunConfig.defaults(class_aware=True, **overrides)
+BLOCKERS = [
+    ({"conditional": False}, "unconditional GAN has no class rows"),
+    ({"strategy": "median"}, "'median' is not one it works with .fedavg or fedprox.: a robust"),
+    ({"strategy": "fedadam"}, "server optimizer's state"),
+    ({"weight_check": "cap"}, "checked only by weight-check 'partition-size'"),
+]
+
+
+@pytest.mark.parametrize("overrides,reason", BLOCKERS)
+def test_on_refuses_combinations_that_make_no_sense(overrides: dict, reason: str) -> None:
+    with pytest.raises(ConfigError, match="'class-aware' is 'on' but .*" + reason):
+        RunConfig.defaults(class_aware="on", **overrides)
+
+
+@pytest.mark.parametrize("overrides,reason", [*BLOCKERS, ({"dp": "server-fixed"}, "under dp")])
+def test_auto_turns_itself_off_where_it_makes_no_sense(overrides: dict, reason: str) -> None:
+    cfg = RunConfig.defaults(**overrides)  # class-aware 'auto' is the default
+
+    assert cfg.class_aware == "auto"
+    assert not cfg.aggregates_by_class
+    assert re.search(reason, cfg.class_aware_blocker() or "")
+
+
+def test_auto_is_on_for_the_default_run_and_off_is_off() -> None:
+    assert RunConfig.defaults().aggregates_by_class
+    assert RunConfig.defaults(strategy="fedprox").aggregates_by_class
+    assert not RunConfig.defaults(class_aware="off").aggregates_by_class
+
+
+@pytest.mark.parametrize("value,mode", [(True, "on"), (False, "off")])
+def test_a_toml_true_or_false_reads_as_on_or_off(value: bool, mode: str) -> None:
+    assert RunConfig.from_run_config({"class-aware": value}).class_aware == mode
+
+
+def test_an_unknown_mode_is_refused_with_the_choices() -> None:
+    with pytest.raises(ConfigError, match="'class-aware' must be one of 'auto', 'on', 'off'"):
+        RunConfig.from_run_config({"class-aware": "yes"})
+
+
+def test_auto_builds_the_class_layer_only_where_it_applies() -> None:
+    generator, discriminator = _models()
+    for overrides, layered in (({}, True), ({"strategy": "median"}, False)):
+        cfg = RunConfig.defaults(**overrides)
+        strategy = build_strategy(cfg, pack_gan(generator, discriminator),
+                                  buffer_keys(generator, discriminator), CollectingSink(), 2,
+                                  num_classes=CLASSES, partitions=lambda n: COUNTS[:n])
+        layers = []
+        while strategy is not None:
+            layers.append(type(strategy).__name__)
+            strategy = getattr(strategy, "strategy", None)
+        assert ("ClassAware" in layers) == layered, layers
 
 
 @pytest.mark.slow
 def test_a_run_with_class_aware_aggregation_on_pathological_clients(
         tiny_run_config: dict, tmp_path: Path) -> None:
     # Prepare: two clients of two classes each, conditional, class-aware
-    run_config = {**tiny_run_config, "conditional": True, "class-aware": True,
+    run_config = {**tiny_run_config, "conditional": True, "class-aware": "on",
                   "partitioner": "pathological"}
     grid = InProcessGrid(client_app.app, num_nodes=2, run_config=run_config)
 

@@ -313,7 +313,7 @@ def test_a_missing_partition_is_replaced_and_the_rest_of_the_choice_stays() -> N
 
 def test_the_partition_size_check_asks_each_node_once() -> None:
     # Prepare: every node trains every round, and claims are checked against partitions
-    cfg = RunConfig.defaults(fraction_evaluate=0.0)
+    cfg = RunConfig.defaults(fraction_evaluate=0.0, conditional=False)  # as REFERENCE
     strategy = build_strategy(cfg, REFERENCE, BUFFERS, CollectingSink(), 4, num_classes=10,
                               partitions=lambda n: [[1] * 10] * n)
     grid = _grid(num_nodes=4)

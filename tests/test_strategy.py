@@ -681,7 +681,7 @@ COUNTS = [[100 + 10 * p if c == p else 0 for c in range(10)] for p in range(5)]
 def _checked_strategy(partition_ids: list[int] | None = None,
                       **overrides: Any) -> tuple[RunRounds, CollectingSink]:
     """The stack with weight-check partition-size (the default), after round 1's query."""
-    cfg = RunConfig.defaults(**overrides)
+    cfg = RunConfig.defaults(**{"conditional": False, **overrides})  # GAN is unconditional
     sink = CollectingSink()
     strategy = build_strategy(cfg, _reference(), buffer_keys(*_models()), sink, 5,
                               num_classes=10, partitions=lambda n: COUNTS[:n])

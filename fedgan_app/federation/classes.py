@@ -1,4 +1,4 @@
-"""Class-aware aggregation ('class-aware' = true): each class's rows weighted by its counts.
+"""Class-aware aggregation (class-aware on, or auto): each class's rows weighted by its counts.
 
 A conditional GAN has parameters that belong to one class: the rows of G's
 first layer that the label's one-hot code selects, and the rows of D's class

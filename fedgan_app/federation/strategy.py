@@ -9,7 +9,7 @@ strategy (each layer holds the next as ``self.strategy``)::
     ReplyScreen      every reply checked once, rows      (federation/screen.py)
     WeightCap        weight-check 'cap' only             (federation/weights.py)
     Quorum           too few valid replies: keep the model (federation/rules.py)
-    ClassAware       class-aware only: class rows by class counts (federation/classes.py)
+    ClassAware       class-aware on/auto: class rows by class counts (federation/classes.py)
     PrivateRounds    dp only: all m replies, equal weights, the budget (federation/private.py)
     BufferSplit      buffers out, merged back, checked   (federation/buffers.py)
     Flower's DP      dp only: clip each update, noise the mean (federation/private.py)
@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import replace
+from logging import INFO
 
 from flwr.app import ArrayRecord
+from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -108,11 +110,14 @@ def build_strategy(cfg: RunConfig, reference: ArrayRecord, buffers: frozenset[st
     strategy: Strategy = BufferSplit(inner, rule, reference, buffers, own_buffers=cfg.private)
     if cfg.private and budget is not None:
         strategy = PrivateRounds(strategy, cfg, budget, buffers, report)
-    if cfg.class_aware:
+    if cfg.aggregates_by_class:
         if num_classes is None:
             raise ValueError("class-aware aggregation needs the number of classes")
         rows = class_rows(reference, num_classes, cfg.latent_dim, buffers)
         strategy = ClassAware(strategy, rows, report)
+    elif cfg.class_aware == "auto":
+        log(INFO, "class-aware aggregation off (class-aware 'auto'): %s",
+            cfg.class_aware_blocker())
     strategy = Quorum(strategy, cfg)
     if not checks_claims and not cfg.private:
         strategy = WeightCap(strategy, cfg, report)
