@@ -136,3 +136,23 @@ def test_reset_optimizer_state_keeps_nothing_in_the_nodes(tiny_run_config: dict)
     for context in grid.contexts.values():
         assert not set(OPT_KEYS.values()) & set(context.state.array_records)
         assert not any(k.endswith("-groups") for k in context.state.config_records)
+
+
+def test_a_run_with_the_diversity_levers_trains_and_checkpoints_them(
+        tiny_run_config: dict) -> None:
+    # Prepare: minibatch std in D and the mode-seeking term in G's loss
+    run_config = {**tiny_run_config, "d-minibatch-std": 4, "mode-seeking": 1.0}
+    grid = InProcessGrid(client_module.app, num_nodes=2, run_config=run_config)
+
+    # Execute
+    main(grid, server_context(run_config))
+
+    # Assert: both rounds took both replies; D's head reads one more channel
+    run_dir = Path(run_config["output-dir"]) / "test-run"
+    rows = read_rows(run_dir / "metrics.csv")
+    assert [float(r["replies-accepted"]) for r in rows] == [2.0, 2.0]
+    assert all(float(r["model-updated"]) == 1 for r in rows)
+    ckpt = load_checkpoint(run_dir / "checkpoints" / "latest.pt")
+    assert ckpt.config["d-minibatch-std"] == 4 and ckpt.config["mode-seeking"] == 1.0
+    head = ckpt.state["discriminator.head.weight"]
+    assert head.shape[1] == 2 * ckpt.config["d-width"] + 1

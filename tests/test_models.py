@@ -11,6 +11,7 @@ from fedgan_app.gan.models import (
     ModelShapeError,
     build_gan,
     gan_config,
+    minibatch_std,
     pick_device,
     recalibrate_batchnorm,
 )
@@ -67,6 +68,8 @@ def test_device_choice_follows_cuda_availability(monkeypatch: pytest.MonkeyPatch
     GANConfig(num_classes=10, conditioning="acgan"),
     GANConfig(num_classes=10, conditioning="projection"),
     GANConfig(d_norm="spectral", g_width=16, d_width=16),
+    GANConfig(num_classes=10, d_minibatch_std=4),
+    GANConfig(d_norm="spectral", d_minibatch_std=4),
 ])
 def test_conditional_and_spectral_variants_shapes_and_packing(cfg: GANConfig) -> None:
     # Prepare
@@ -161,7 +164,59 @@ def test_gan_config_defaults_are_the_default_run_settings_value_by_value() -> No
     bare = GANConfig()
 
     # Assert: every architecture field a setting decides, one by one
-    for name in ("latent_dim", "g_width", "d_width", "d_norm", "conditioning"):
+    for name in ("latent_dim", "g_width", "d_width", "d_norm", "conditioning",
+                 "d_minibatch_std"):
         assert getattr(bare, name) == getattr(built, name), name
     assert (bare.channels, bare.image_size) == (built.channels, built.image_size)
     assert built.num_classes == 10 and bare.num_classes == 0  # the data decides this one
+
+
+def test_minibatch_std_adds_each_groups_spread_and_never_mixes_groups() -> None:
+    # Prepare: 8 feature maps; the first group of 4 all equal, the second spread out
+    h = torch.zeros(8, 3, 2, 2)
+    h[4:] = torch.arange(4.0).view(4, 1, 1, 1)
+
+    # Execute
+    out = minibatch_std(h, 4)
+    changed = h.clone()
+    changed[5] += 10.0
+    again = minibatch_std(changed, 4)
+
+    # Assert: one more channel; the equal group's spread is 0, the other's the std
+    # of 0, 1, 2, 3; changing an image of group 2 leaves group 1's channel alone
+    assert out.shape == (8, 4, 2, 2) and torch.equal(out[:, :3], h)
+    assert out[:4, 3].abs().max().item() < 1e-3
+    assert out[4:, 3] == pytest.approx(torch.full((4, 2, 2), 1.118034), abs=1e-4)
+    assert torch.equal(again[:4, 3], out[:4, 3]) and not torch.equal(again[4:, 3], out[4:, 3])
+
+
+@pytest.mark.parametrize("batch,size", [(6, 3), (5, 1), (1, 1)])
+def test_minibatch_std_groups_divide_any_batch(batch: int, size: int) -> None:
+    # A batch of 6 makes 2 groups of 3; a prime batch groups of 1 (no spread), one image 1
+    h = torch.randn(batch, 2, 3, 3)
+
+    out = minibatch_std(h, 4)
+
+    assert out.shape == (batch, 3, 3, 3)
+    channel = out[:, 2, 0, 0]
+    for start in range(0, batch, size):
+        group = h[start:start + size]
+        expected = group.var(dim=0, unbiased=False).add(1e-8).sqrt().mean().item()
+        assert channel[start:start + size] == pytest.approx([expected] * size, rel=1e-5)
+
+
+def test_minibatch_std_makes_d_tell_a_collapsed_batch_from_a_spread_one() -> None:
+    # Prepare: D with minibatch std; a batch of 8 copies of one image and 8 distinct ones
+    _, discriminator = build_gan(GANConfig(d_minibatch_std=4), 0)
+    discriminator.eval()
+    spread = torch.rand(8, 1, 28, 28) * 2 - 1
+    collapsed = spread[:1].expand(8, -1, -1, -1)
+
+    # Execute
+    h_spread, h_collapsed = discriminator.features(spread), discriminator.features(collapsed)
+
+    # Assert: the head's extra channel is 0 for the copies and not for the others
+    assert discriminator.head.weight.shape[1] == h_spread.shape[1] + 1
+    collapsed_spread = minibatch_std(h_collapsed, 4)[:, -1].abs().max().item()
+    assert collapsed_spread < 1e-3
+    assert minibatch_std(h_spread, 4)[:, -1].min().item() > 10 * collapsed_spread

@@ -17,6 +17,7 @@ from fedgan_app.gan.training import (
     LocalRound,
     StepRecipe,
     make_optimizers,
+    mode_seeking_term,
     proximal_term,
     to_channels_last,
     train_gan,
@@ -243,5 +244,42 @@ def test_step_recipe_defaults_are_the_default_run_settings_value_by_value() -> N
     bare = StepRecipe()
 
     # Assert
-    for name in ("loss", "augment", "aux_weight", "proximal_mu"):
+    for name in ("loss", "augment", "aux_weight", "proximal_mu", "mode_seeking"):
         assert getattr(bare, name) == getattr(built, name), name
+
+
+def test_mode_seeking_term_is_one_over_image_distance_per_noise_distance() -> None:
+    # Prepare: images 0.5 apart everywhere for noise 2 apart everywhere
+    fake, z = torch.zeros(4, 1, 28, 28), torch.zeros(4, 8)
+
+    # Execute
+    term = mode_seeking_term(fake, fake + 0.5, z, z + 2.0)
+    collapsed = mode_seeking_term(fake, fake, z, z + 2.0)
+
+    # Assert: 1 / (0.5 / 2); a G that ignores its noise pays 1 / 1e-5
+    assert term.item() == pytest.approx(4.0, rel=1e-4)
+    assert collapsed.item() == pytest.approx(1e5)
+
+
+def test_mode_seeking_changes_only_g_and_raises_its_reported_loss() -> None:
+    # Prepare: one step from the same models, data and noise, with and without it
+    images, labels = _data()
+    results = {}
+    for weight in (0.0, 1.0):
+        generator, discriminator = build_gan(GANConfig(num_classes=10), 0)
+        opt_g, opt_d = make_optimizers(generator, discriminator, 2e-4, 2e-4, (0.5, 0.999))
+
+        # Execute
+        stats = train_gan(Agent(generator, discriminator, opt_g, opt_d),
+                          _batches(images, labels),
+                          LocalRound(1, torch.device("cpu"), torch.Generator().manual_seed(0),
+                                     StepRecipe(mode_seeking=weight)))
+        results[weight] = (stats, [p.detach().clone() for p in generator.parameters()],
+                           [p.detach().clone() for p in discriminator.parameters()])
+
+    # Assert: D's step (before G's) is the same; G's differs; G's loss has the term
+    (plain, g0, d0), (seeking, g1, d1) = results[0.0], results[1.0]
+    assert all(torch.equal(a, b) for a, b in zip(d0, d1, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(g0, g1, strict=True))
+    assert seeking.loss_d == plain.loss_d
+    assert seeking.loss_g[0] > plain.loss_g[0] + 0.1
