@@ -47,6 +47,7 @@ SPLITS = {"pathological": {"partitioner": "pathological", "classes-per-client": 
           "dirichlet-0.1": {"partitioner": "dirichlet", "dirichlet-alpha": 0.1},
           "dirichlet-0.3": {"partitioner": "dirichlet", "dirichlet-alpha": 0.3},
           "iid": {"partitioner": "iid"}}
+# Keys of the results keep the True/False of the days class-aware was a switch.
 ARMS = {"plain FedGAN": False, "class-aware": True}
 CLASSES = 10
 
@@ -54,7 +55,7 @@ CLASSES = 10
 def run_one(split: str, class_aware: bool, seed: int, out: str, rounds: int) -> dict[str, Any]:
     """One default run on the split; its final quality row."""
     name = f"{split}-{'aware' if class_aware else 'plain'}-{seed}"
-    run_config = {**SPLITS[split], "class-aware": class_aware, "seed": seed,
+    run_config = {**SPLITS[split], "class-aware": "on" if class_aware else "off", "seed": seed,
                   "num-server-rounds": rounds, "wandb-mode": "disabled",
                   "audit-samples": 0, "output-dir": out, "run-name": name}
     run_dir, wall = run_in_process(run_config, NUM_CLIENTS)
@@ -135,10 +136,15 @@ def main() -> None:
     done = [s for s in SPLITS if any(k.startswith(s + "|") for k in results)]
     seeds = sorted({int(k.rsplit("|", 1)[1]) for k in results})
     text = (f"# Class-aware aggregation against plain FedGAN\n\n{header}\n\n"
-            f"Command: `{command_line()}`. Every default setting (5 clients, {rounds} rounds "
+            f"Last command: `{command_line()}` (the rows accumulate over runs of the script "
+            f"in data/class-aware.json). Every default setting (5 clients, {rounds} rounds "
             f"of 200 local steps of 8 images: {rounds * 8_000:,} images seen) but the split and "
-            "`class-aware`; one process and one torch thread per run; quality of the "
-            "last round (1,000 samples).\n\n## Results\n\n" + report(results, done, seeds)
+            "`class-aware` ('off': plain FedGAN; 'on': class-aware, which the default "
+            "'auto' is on these splits); the centralized row is one node holding all the "
+            f"clients' images, for the same {rounds * 8_000:,} images ({rounds * NUM_CLIENTS} "
+            "rounds of 200 steps), the same for every split since each pools to the same "
+            "data; one process and one torch thread per run; quality of the last round "
+            "(1,000 samples).\n\n## Results\n\n" + report(results, done, seeds)
             + "\n")
     target = (out if args.quick else RESULTS_DIR) / "class-aware.md"
     target.parent.mkdir(parents=True, exist_ok=True)
