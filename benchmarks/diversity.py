@@ -50,6 +50,7 @@ ARMS: dict[str, dict[str, Any]] = {
     "default": {},
     "minibatch-std-4": {"d-minibatch-std": 4},
     "mode-seeking-1": {"mode-seeking": 1.0},
+    "mode-seeking-0.3": {"mode-seeking": 0.3},
     "d-lr-x2": {"lr-discriminator": 4e-3},
     "ema-0.5": {"generator-ema": 0.5},
 }
@@ -107,6 +108,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arm", action="append", choices=tuple(ARMS), default=None)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--job", action="append", default=None, metavar="ARM:SEED",
+                        help="run these jobs, in this order, instead of every arm x seed")
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--quick", action="store_true",
                         help="2 rounds, under benchmarks/runs/ only")
@@ -114,14 +117,20 @@ def main() -> None:
     arms = args.arm or list(ARMS)
     rounds = 2 if args.quick else 20
     out = RUNS_DIR / ("quick" if args.quick else "runs")
+    pairs = ([(arm, int(seed)) for arm, seed in (j.rsplit(":", 1) for j in args.job)]
+             if args.job else [(arm, seed) for seed in args.seeds for arm in arms])
+    unknown = sorted({arm for arm, _ in pairs} - set(ARMS))
+    if unknown:
+        parser.error(f"unknown arm(s) {', '.join(unknown)}; known: {', '.join(ARMS)}")
     jobs = {f"{arm}|{seed}": partial(run_one, arm, seed, str(out), rounds)
-            for seed in args.seeds for arm in arms}
+            for arm, seed in pairs}
     header = machine_header()
     results = run_jobs(jobs, results_file("diversity", out, args.quick), args.processes)
     done = [a for a in ARMS if any(k.startswith(a + "|") for k in results)]
     seeds = sorted({int(k.rsplit("|", 1)[1]) for k in results})
     text = (f"# Diversity levers on the default run\n\n{header}\n\n"
-            f"Command: `{command_line()}`. The default run (5 iid clients, {rounds} rounds of "
+            f"Last command: `{command_line()}` (the rows accumulate over runs of the script "
+            "in data/diversity.json). The default run (5 iid clients, {rounds} rounds of "
             f"200 local steps of 8 images: {rounds * 8_000:,} images seen) with one change "
             "each; one process and one torch thread per run; quality of the last round "
             "(1,000 samples, plain N(0, 1) noise: no truncation).\n\n## Results\n\n"
