@@ -220,3 +220,21 @@ def test_minibatch_std_makes_d_tell_a_collapsed_batch_from_a_spread_one() -> Non
     collapsed_spread = minibatch_std(h_collapsed, 4)[:, -1].abs().max().item()
     assert collapsed_spread < 1e-3
     assert minibatch_std(h_spread, 4)[:, -1].min().item() > 10 * collapsed_spread
+
+
+@pytest.mark.parametrize("d_norm", ["batchnorm", "spectral"])
+def test_the_head_s_two_sums_equal_the_head_on_the_concatenated_channel(d_norm: str) -> None:
+    # Prepare: D with minibatch std, in its training layout; eval, so spectral norm's
+    # power iteration does not change the weight between the two reads
+    _, discriminator = build_gan(GANConfig(num_classes=10, d_minibatch_std=4, d_norm=d_norm), 0)
+    to_channels_last(discriminator)
+    discriminator.eval()
+    h = discriminator.features(torch.rand(8, 1, 28, 28) * 2 - 1)
+
+    # Execute
+    fast = discriminator.logits(h, torch.arange(8))
+    head = discriminator.head(minibatch_std(h, 4)).view(-1)
+    projection = (discriminator.embed(torch.arange(8)).view_as(h) * h).sum(dim=(1, 2, 3))
+
+    # Assert
+    torch.testing.assert_close(fast, head + projection, atol=1e-5, rtol=1e-5)
