@@ -55,6 +55,8 @@ ARMS: dict[str, dict[str, Any]] = {
     "ema-0.5": {"generator-ema": 0.5},
 }
 METRICS = ("fid", "precision", "recall", "density", "coverage")
+STEP_ARMS = ("default", "minibatch-std-4", "mode-seeking-0.3")  # the arms that change a step
+STEP_COUNT, STEP_REPEATS = 50, 7
 GOALS = {"recall": 0.9, "coverage": 0.92}
 
 
@@ -73,6 +75,54 @@ def run_one(arm: str, seed: int, out: str, rounds: int) -> dict[str, Any]:
             "classes-at-0.9": float(sum(1 for a in per_class if a >= 0.9)),
             "reference": {k.split("/", 1)[1]: v for k, v in summary.items()
                           if k.startswith("reference/")}}
+
+
+def step_cost(out: str) -> dict[str, Any]:
+    """Milliseconds of one local step per arm: median of STEP_REPEATS x STEP_COUNT steps.
+
+    The arms take turns in one process (one torch thread, channels_last, the
+    default run's 8-image batches), so a slower or busier moment hits each.
+    """
+    import statistics
+
+    import torch
+
+    from fedgan_app.config import RunConfig
+    from fedgan_app.gan.models import build_gan, gan_config
+    from fedgan_app.gan.training import (
+        Agent,
+        LocalRound,
+        StepRecipe,
+        make_optimizers,
+        to_channels_last,
+        train_gan,
+    )
+
+    del out  # nothing written: the figures are the result
+    torch.set_num_threads(1)
+    images = torch.rand(64, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    labels = torch.arange(64) % 10
+
+    def batches():  # noqa: ANN202 - an endless stream of the default batch
+        step = 0
+        while True:
+            index = torch.arange(step * 8, step * 8 + 8) % 64
+            yield images[index], labels[index]
+            step += 1
+
+    times: dict[str, list[float]] = {arm: [] for arm in STEP_ARMS}
+    for _ in range(STEP_REPEATS):
+        for arm in STEP_ARMS:
+            cfg = RunConfig.from_run_config(ARMS[arm])
+            generator, discriminator = build_gan(gan_config(cfg, (1, 28, 28), 10), 0)
+            opt_g, opt_d = make_optimizers(generator, discriminator, cfg.lr_generator,
+                                           cfg.lr_discriminator, (cfg.adam_beta1, cfg.adam_beta2))
+            to_channels_last(generator, discriminator)
+            local = LocalRound(STEP_COUNT, torch.device("cpu"), torch.Generator().manual_seed(0),
+                               StepRecipe.from_settings(cfg), channels_last=True)
+            stats = train_gan(Agent(generator, discriminator, opt_g, opt_d), batches(), local)
+            times[arm].append(stats.wall_time_s / STEP_COUNT * 1000)
+    return {f"{arm}-ms": statistics.median(times[arm]) for arm in STEP_ARMS}
 
 
 def report(results: dict[str, dict[str, Any]], arms: list[str], seeds: list[int]) -> str:
@@ -99,8 +149,18 @@ def report(results: dict[str, dict[str, Any]], arms: list[str], seeds: list[int]
                      + " | ".join(f"{ref[m]:.3g}" if m == "fid" else f"{ref[m]:.3f}"
                                   for m in METRICS) + " | – | – | – | – |")
     goals = ", ".join(f"{m} >= {v}" for m, v in GOALS.items())
-    return "\n".join([*lines, "", f"Goals for the default run: {goals}.", "",
-                      *machines.legend()])
+    lines += ["", f"Goals for the default run: {goals}."]
+    if "step-cost" in results:
+        cost = results["step-cost"]
+        base = cost["default-ms"]
+        lines += ["", "## The cost of a local step", "",
+                  f"Median of {STEP_REPEATS} x {STEP_COUNT} steps, the arms taking turns in "
+                  "one process (one torch thread, 8-image batches, channels_last), machine "
+                  f"{machines.tag(['step-cost'])}:", "",
+                  "| arm | ms a step | against the default |", "|---|---|---|"]
+        lines += [f"| {arm} | {cost[f'{arm}-ms']:.1f} | {cost[f'{arm}-ms'] / base:.2f}x |"
+                  for arm in STEP_ARMS]
+    return "\n".join([*lines, "", *machines.legend()])
 
 
 def main() -> None:
@@ -110,6 +170,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--job", action="append", default=None, metavar="ARM:SEED",
                         help="run these jobs, in this order, instead of every arm x seed")
+    parser.add_argument("--step-cost", action="store_true",
+                        help="also time a local step of the arms that change it")
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--quick", action="store_true",
                         help="2 rounds, under benchmarks/runs/ only")
@@ -124,10 +186,12 @@ def main() -> None:
         parser.error(f"unknown arm(s) {', '.join(unknown)}; known: {', '.join(ARMS)}")
     jobs = {f"{arm}|{seed}": partial(run_one, arm, seed, str(out), rounds)
             for arm, seed in pairs}
+    if args.step_cost:
+        jobs["step-cost"] = partial(step_cost, str(out))
     header = machine_header()
     results = run_jobs(jobs, results_file("diversity", out, args.quick), args.processes)
     done = [a for a in ARMS if any(k.startswith(a + "|") for k in results)]
-    seeds = sorted({int(k.rsplit("|", 1)[1]) for k in results})
+    seeds = sorted({int(k.rsplit("|", 1)[1]) for k in results if "|" in k})
     text = (f"# Diversity levers on the default run\n\n{header}\n\n"
             f"Last command: `{command_line()}` (the rows accumulate over runs of the script "
             "in data/diversity.json). The default run (5 iid clients, {rounds} rounds of "
