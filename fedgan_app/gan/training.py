@@ -64,7 +64,7 @@ class StepRecipe:
 
     @classmethod
     def from_settings(cls, settings: RunConfig, proximal_mu: float = 0.0) -> StepRecipe:
-        """The recipe of a RunConfig (gan-loss, diffaugment, aux-weight)."""
+        """The recipe of a RunConfig (gan-loss, diffaugment, aux-weight, mode-seeking)."""
         return cls(loss=settings.gan_loss, augment=settings.diffaugment,
                    aux_weight=settings.aux_weight, proximal_mu=proximal_mu,
                    mode_seeking=settings.mode_seeking)
@@ -222,13 +222,13 @@ def train_gan(
             anchors[1] if anchors is not None else None)
 
         # G step: make the updated D call its fakes real.
-        spread = None
+        seeking = None
         if recipe.mode_seeking > 0:
             z2 = torch.randn(real.size(0), generator.latent_dim, generator=local.rng)
             fake2 = generator(z2.to(local.device), labels if generator.num_classes else None)
-            spread = recipe.mode_seeking * mode_seeking_term(fake, fake2, z, z2)
+            seeking = recipe.mode_seeking * mode_seeking_term(fake, fake2, z, z2)
         loss_g = _g_step(agent, fake, labels, policy, local.rng, recipe,
-                         anchors[0] if anchors is not None else None, spread)
+                         anchors[0] if anchors is not None else None, seeking)
 
         # Kept on the device: one host sync per call, not four per step.
         history.append(torch.stack([
