@@ -32,8 +32,8 @@ from benchmarks.common import (  # noqa: E402
     RESULTS_DIR,
     Machines,
     command_line,
+    final_quality,
     machine_header,
-    read_rows,
     results_file,
     run_in_process,
     run_jobs,
@@ -59,7 +59,7 @@ def run_one(split: str, class_aware: bool, seed: int, out: str, rounds: int) -> 
                   "num-server-rounds": rounds, "wandb-mode": "disabled",
                   "audit-samples": 0, "output-dir": out, "run-name": name}
     run_dir, wall = run_in_process(run_config, NUM_CLIENTS)
-    return final_row(run_dir, wall)
+    return {"wall_s": wall, **final_quality(run_dir, CLASSES)}
 
 
 def run_centralized(seed: int, out: str, rounds: int) -> dict[str, Any]:
@@ -70,16 +70,7 @@ def run_centralized(seed: int, out: str, rounds: int) -> dict[str, Any]:
                   "fraction-evaluate": 0.0, "wandb-mode": "disabled", "audit-samples": 0,
                   "output-dir": out, "run-name": f"centralized-{seed}"}
     run_dir, wall = run_in_process(run_config, 1)
-    return final_row(run_dir, wall)
-
-
-def final_row(run_dir: Path, wall: float) -> dict[str, Any]:
-    """The last round's quality: per-class accuracy, classes >= 0.9, fid, recall, coverage."""
-    last = read_rows(run_dir / "metrics.csv")[-1]
-    per_class = [last.get(f"conditional-accuracy/{c}", float("nan")) for c in range(CLASSES)]
-    return {"wall_s": wall, "fid": last["fid"], "recall": last["recall"],
-            "coverage": last["coverage"], "conditional-accuracy": per_class,
-            "classes-at-0.9": float(sum(1 for a in per_class if a >= 0.9))}
+    return {"wall_s": wall, **final_quality(run_dir, CLASSES)}
 
 
 def report(results: dict[str, dict[str, Any]], splits: list[str], seeds: list[int]) -> str:

@@ -161,6 +161,19 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def final_quality(run_dir: Path, classes: int = 10) -> dict[str, Any]:
+    """A run's last metrics row: fid, precision, recall, density, coverage, per-class accuracy.
+
+    `conditional-accuracy` is the list of the classes' accuracies (NaN where
+    missing) and `classes-at-0.9` how many reach 0.9.
+    """
+    last = read_rows(run_dir / "metrics.csv")[-1]
+    per_class = [last.get(f"conditional-accuracy/{c}", float("nan")) for c in range(classes)]
+    return {**{m: last[m] for m in ("fid", "precision", "recall", "density", "coverage")},
+            "conditional-accuracy": per_class,
+            "classes-at-0.9": float(sum(1 for a in per_class if a >= 0.9))}
+
+
 def run_jobs(jobs: dict[str, Callable[[], dict[str, Any]]], results_path: Path,
              processes: int) -> dict[str, dict[str, Any]]:
     """Run the jobs not yet in `results_path`, `processes` at a time; all results.

@@ -33,8 +33,8 @@ from benchmarks.common import (  # noqa: E402
     RESULTS_DIR,
     Machines,
     command_line,
+    final_quality,
     machine_header,
-    read_rows,
     results_file,
     run_in_process,
     run_jobs,
@@ -67,12 +67,11 @@ def run_one(arm: str, seed: int, out: str, rounds: int) -> dict[str, Any]:
                   "wandb-mode": "disabled", "audit-samples": 0, "output-dir": out,
                   "run-name": name}
     run_dir, wall = run_in_process(run_config, NUM_CLIENTS)
-    last = read_rows(run_dir / "metrics.csv")[-1]
-    per_class = [last.get(f"conditional-accuracy/{c}", float("nan")) for c in range(CLASSES)]
+    quality = final_quality(run_dir, CLASSES)
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    return {"wall_s": wall, **{m: last[m] for m in METRICS},
-            "classes-at-0.9": float(sum(1 for a in per_class if a >= 0.9)),
+    return {"wall_s": wall, **{m: quality[m] for m in METRICS},
+            "classes-at-0.9": quality["classes-at-0.9"],
             "reference": {k.split("/", 1)[1]: v for k, v in summary.items()
                           if k.startswith("reference/")}}
 
