@@ -29,7 +29,6 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
-    RESULTS_DIR,
     Machines,
     command_line,
     final_quality,
@@ -38,8 +37,8 @@ from benchmarks.common import (  # noqa: E402
     run_in_process,
     run_jobs,
     spread,
+    write_report,
 )
-from fedgan_app.files import write_text  # noqa: E402
 
 NUM_CLIENTS = 5
 RUNS_DIR = Path(__file__).resolve().parent / "runs" / "class-aware"
@@ -137,10 +136,7 @@ def main() -> None:
             "data; one process and one torch thread per run; quality of the last round "
             "(1,000 samples).\n\n## Results\n\n" + report(results, done, seeds)
             + "\n")
-    target = (out if args.quick else RESULTS_DIR) / "class-aware.md"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    write_text(target, text)
-    print(text)
+    write_report("class-aware", text, out, args.quick)
 
 
 if __name__ == "__main__":

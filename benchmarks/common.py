@@ -45,6 +45,14 @@ def results_file(name: str, runs_dir: Path, quick: bool) -> Path:
     return runs_dir / "results.json" if quick else DATA_DIR / f"{name}.json"
 
 
+def write_report(name: str, text: str, runs_dir: Path, quick: bool) -> None:
+    """Write a benchmark's report, RESULTS_DIR/<name>.md (a quick run: its runs), and print it."""
+    target = (runs_dir if quick else RESULTS_DIR) / f"{name}.md"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    write_text(target, text)
+    print(text)
+
+
 def quiet_environment() -> None:
     """No network probes, no W&B banner, one torch thread per process."""
     use_flower_settings()

@@ -30,7 +30,6 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
-    RESULTS_DIR,
     Machines,
     command_line,
     final_quality,
@@ -39,8 +38,8 @@ from benchmarks.common import (  # noqa: E402
     run_in_process,
     run_jobs,
     spread,
+    write_report,
 )
-from fedgan_app.files import write_text  # noqa: E402
 
 NUM_CLIENTS = 5
 CLASSES = 10
@@ -193,15 +192,12 @@ def main() -> None:
     seeds = sorted({int(k.rsplit("|", 1)[1]) for k in results if "|" in k})
     text = (f"# Diversity levers on the default run\n\n{header}\n\n"
             f"Last command: `{command_line()}` (the rows accumulate over runs of the script "
-            "in data/diversity.json). The default run (5 iid clients, {rounds} rounds of "
+            f"in data/diversity.json). The default run (5 iid clients, {rounds} rounds of "
             f"200 local steps of 8 images: {rounds * 8_000:,} images seen) with one change "
             "each; one process and one torch thread per run; quality of the last round "
             "(1,000 samples, plain N(0, 1) noise: no truncation).\n\n## Results\n\n"
             + report(results, done, seeds) + "\n")
-    target = (out if args.quick else RESULTS_DIR) / "diversity.md"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    write_text(target, text)
-    print(text)
+    write_report("diversity", text, out, args.quick)
 
 
 if __name__ == "__main__":

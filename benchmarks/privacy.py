@@ -31,7 +31,6 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
-    RESULTS_DIR,
     Machines,
     command_line,
     machine_header,
@@ -40,9 +39,9 @@ from benchmarks.common import (  # noqa: E402
     run_in_process,
     run_jobs,
     spread,
+    write_report,
 )
 from fedgan_app.config import RunConfig  # noqa: E402
-from fedgan_app.files import write_text  # noqa: E402
 from fedgan_app.outputs.runfolder import RunFolder  # noqa: E402
 from fedgan_app.privacy.accounting import PrivacyBudget  # noqa: E402
 
@@ -188,10 +187,7 @@ def main() -> None:
             + report(results, done, seeds)
             + "\n## Epsilon of other settings (the same accountant, no training)\n\n"
             + "\n".join(reference_lines(rounds)) + "\n")
-    target = (out if args.quick else RESULTS_DIR) / "privacy.md"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    write_text(target, text)
-    print(text)
+    write_report("privacy", text, out, args.quick)
 
 
 if __name__ == "__main__":
