@@ -5,7 +5,8 @@ Run by hand from the repository root, alone on the machine:
     .venv/bin/python benchmarks/diversity.py [--arm minibatch-std-4 ...] [--seeds 1 2 3]
 
 Each arm is the default run (5 iid clients, 20 rounds of 200 local steps of
-8 images: 160,000 images seen) with one change; "default" changes nothing.
+8 images: 160,000 images seen) with one change (two where an arm combines
+levers; "320k-images" runs 40 rounds); "default" changes nothing.
 One process and one torch thread per run, `--processes` at a time (the real
 ServerApp and ClientApps on an in-process grid); the jobs go seed by seed, so
 the first seed of every arm is done first. The final row of each run gives
@@ -42,6 +43,7 @@ from benchmarks.common import (  # noqa: E402
 )
 
 NUM_CLIENTS = 5
+DEFAULT_ROUNDS = 20
 CLASSES = 10
 RUNS_DIR = Path(__file__).resolve().parent / "runs" / "diversity"
 # One change each against the default run (docs/settings.md says what each does).
@@ -52,6 +54,11 @@ ARMS: dict[str, dict[str, Any]] = {
     "mode-seeking-0.3": {"mode-seeking": 0.3},
     "d-lr-x2": {"lr-discriminator": 4e-3},
     "ema-0.5": {"generator-ema": 0.5},
+    # Two levers together (each alone moved a different metric), more G, more images.
+    "mode-seeking-0.5-minibatch-std-4": {"mode-seeking": 0.5, "d-minibatch-std": 4},
+    "mode-seeking-0.3-minibatch-std-4": {"mode-seeking": 0.3, "d-minibatch-std": 4},
+    "g-width-64": {"g-width": 64},
+    "320k-images": {"num-server-rounds": 40},
 }
 METRICS = ("fid", "precision", "recall", "density", "coverage")
 STEP_ARMS = ("default", "minibatch-std-4", "mode-seeking-0.3")  # the arms that change a step
@@ -62,7 +69,9 @@ GOALS = {"recall": 0.9, "coverage": 0.92}
 def run_one(arm: str, seed: int, out: str, rounds: int) -> dict[str, Any]:
     """One default run with the arm's change; its final quality row and the reference."""
     name = f"{arm}-{seed}"
-    run_config = {**ARMS[arm], "seed": seed, "num-server-rounds": rounds,
+    # An arm's own round count scales with --quick like the default's 20.
+    arm_rounds = ARMS[arm].get("num-server-rounds", DEFAULT_ROUNDS) * rounds // DEFAULT_ROUNDS
+    run_config = {**ARMS[arm], "num-server-rounds": arm_rounds, "seed": seed,
                   "wandb-mode": "disabled", "audit-samples": 0, "output-dir": out,
                   "run-name": name}
     run_dir, wall = run_in_process(run_config, NUM_CLIENTS)
@@ -175,7 +184,7 @@ def main() -> None:
                         help="2 rounds, under benchmarks/runs/ only")
     args = parser.parse_args()
     arms = args.arm or list(ARMS)
-    rounds = 2 if args.quick else 20
+    rounds = 2 if args.quick else DEFAULT_ROUNDS
     out = RUNS_DIR / ("quick" if args.quick else "runs")
     pairs = ([(arm, int(seed)) for arm, seed in (j.rsplit(":", 1) for j in args.job)]
              if args.job else [(arm, seed) for seed in args.seeds for arm in arms])
