@@ -24,7 +24,7 @@ def test_the_names_are_the_documented_run_folder() -> None:
     # Prepare / Execute
     folder = RunFolder("/runs/r")
 
-    # Assert: the names users and docs know (docs/architecture.md, the README tree)
+    # Assert: the names users and docs know (docs/architecture.md, docs/outputs.md)
     named = {
         folder.run_config_json: "run_config.json", folder.metrics_csv: "metrics.csv",
         folder.clients_csv: "clients.csv", folder.summary_json: "summary.json",
