@@ -138,6 +138,6 @@ def images_trained(run: dict[str, Any]) -> float:
 
 def default_setting(key: str) -> Any:
     """A setting's default, from the app's settings table."""
-    from fedgan_app.config import SETTINGS_BY_KEY
+    from fedgan_app.settings import SETTINGS_BY_KEY
 
     return SETTINGS_BY_KEY[key].default

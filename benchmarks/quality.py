@@ -59,8 +59,8 @@ from benchmarks.common import (  # noqa: E402
     run_jobs,
     spread,
 )
-from fedgan_app.config import SETTINGS_BY_KEY  # noqa: E402
 from fedgan_app.outputs.runfolder import RunFolder  # noqa: E402
+from fedgan_app.settings import SETTINGS_BY_KEY  # noqa: E402
 
 NUM_CLIENTS = 5
 # The app's own defaults, read from its settings table, so that the rows train

@@ -58,7 +58,7 @@ import torch  # noqa: E402
 
 from benchmarks.common import Machines, results_file, run_jobs, spread  # noqa: E402
 from benchmarks.robustness import AttackGrid, make_tamper  # noqa: E402
-from fedgan_app.config import SETTINGS_BY_KEY, STRATEGIES, RunConfig  # noqa: E402
+from fedgan_app.config import RunConfig  # noqa: E402
 from fedgan_app.data.prepared import load_server_split  # noqa: E402
 from fedgan_app.data.spec import partition_spec  # noqa: E402
 from fedgan_app.federation import client_app  # noqa: E402
@@ -66,6 +66,7 @@ from fedgan_app.gan.models import GANConfig, build_gan  # noqa: E402
 from fedgan_app.outputs.runfolder import RunFolder  # noqa: E402
 from fedgan_app.quality.judge import QualityJudge  # noqa: E402
 from fedgan_app.server_app import main  # noqa: E402
+from fedgan_app.settings import SETTINGS_BY_KEY, STRATEGIES  # noqa: E402
 from harness.inprocess import server_context  # noqa: E402
 
 NUM_NODES = 5
@@ -266,7 +267,7 @@ def write_report(path: Path, results: dict[str, dict], args: argparse.Namespace,
         f"{budget.local_steps} local steps x batch {budget.batch_size} per client; "
         f"Adam lr {budget.lr:g} (G and D), betas (0.5, 0.999); the rest of the "
         f"recipe and every strategy's settings are the app's defaults "
-        f"(`fedgan_app/config.py`: conditional, projection D, DiffAugment).",
+        f"(`fedgan_app/settings.py`: conditional, projection D, DiffAugment).",
         f"- Score: the app's quality judge after the last round, {budget.eval_samples} "
         f"generated vs {budget.eval_samples} real server-split images "
         "(fid: lower is better; classifier-score: up to 10).",

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedgan_app.config import SETTINGS_BY_KEY, ConfigError, RunConfig
+from fedgan_app.config import RunConfig
 from fedgan_app.files import atomic_write
 from fedgan_app.gan.models import (
     GANConfig,
@@ -49,6 +49,7 @@ from fedgan_app.quality.judge import (
     generator_from,
     make_grid,
 )
+from fedgan_app.settings import SETTINGS_BY_KEY, ConfigError
 
 # The image sizes the DCGAN can be built for (models.GANConfig): the candidates
 # tried against a checkpoint's weights.

@@ -11,7 +11,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from fedgan_app.config import ConfigError, RunConfig
+from fedgan_app.config import RunConfig
 from fedgan_app.federation import client_app
 from fedgan_app.federation.classes import class_rows, per_class_average
 from fedgan_app.federation.strategy import build_strategy
@@ -20,6 +20,7 @@ from fedgan_app.outputs.runfolder import RunFolder
 from fedgan_app.protocol.message import buffer_keys, pack_gan
 from fedgan_app.protocol.metadata import encode_metadata
 from fedgan_app.server_app import main as server_main
+from fedgan_app.settings import ConfigError
 from harness.attacks import honest_meta
 from harness.inprocess import InProcessGrid, server_context
 from tests.test_strategy import CollectingSink

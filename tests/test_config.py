@@ -6,7 +6,7 @@ import tomllib
 
 import pytest
 
-from fedgan_app.config import SETTINGS, ConfigError, RunConfig
+from fedgan_app.config import RunConfig
 from fedgan_app.config_docs import (
     SETTINGS_DOC,
     TABLE_BEGIN,
@@ -14,6 +14,7 @@ from fedgan_app.config_docs import (
     markdown_table,
     pyproject_section,
 )
+from fedgan_app.settings import SETTINGS, ConfigError
 from tests.conftest import REPO_ROOT
 
 

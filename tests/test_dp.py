@@ -23,7 +23,7 @@ from dp_accounting.rdp import RdpAccountant as GoogleRdp
 from flwr.app import Array, ArrayRecord, Message
 
 from benchmarks.common import read_rows
-from fedgan_app.config import ConfigError, RunConfig
+from fedgan_app.config import RunConfig
 from fedgan_app.federation import client_app
 from fedgan_app.federation.sampling import ClientSampling
 from fedgan_app.federation.strategy import build_strategy
@@ -35,6 +35,7 @@ from fedgan_app.privacy.accounting import STATE_KEY, BudgetError, PrivacyBudget
 from fedgan_app.privacy.clipping import clip_update, update_norm_of
 from fedgan_app.protocol.message import ARRAYS_KEY, buffer_keys, pack_gan
 from fedgan_app.server_app import main as server_main
+from fedgan_app.settings import ConfigError
 from harness.inprocess import InProcessGrid, server_context
 from tests.test_strategy import CollectingSink
 

@@ -26,11 +26,11 @@ from pathlib import Path
 
 import pytest
 
-from fedgan_app.config import STRATEGIES
 from fedgan_app.federation import client_app
 from fedgan_app.outputs.checkpoint import load_checkpoint
 from fedgan_app.outputs.runfolder import read_rows
 from fedgan_app.server_app import main as server_main
+from fedgan_app.settings import STRATEGIES
 from harness.inprocess import InProcessGrid, server_context
 from harness.local_superlink import LocalFlower
 

@@ -25,7 +25,6 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message
 
-from fedgan_app.config import ConfigError
 from fedgan_app.data.spec import DataError
 from fedgan_app.federation import client_app
 from fedgan_app.gan.models import ModelShapeError
@@ -33,6 +32,7 @@ from fedgan_app.outputs.checkpoint import load_checkpoint
 from fedgan_app.outputs.runfolder import read_rows
 from fedgan_app.protocol.metadata import METADATA_KEY, decode_metadata, encode_metadata
 from fedgan_app.server_app import main
+from fedgan_app.settings import ConfigError
 from harness.attacks import ATTACKS, OsSystem, getattr_chain
 from harness.inprocess import InProcessGrid, server_context
 from tests.conftest import tiny_settings

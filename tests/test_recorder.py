@@ -13,11 +13,12 @@ import pytest
 import torch
 from flwr.app import ArrayRecord
 
-from fedgan_app.config import ConfigError, RunConfig
+from fedgan_app.config import RunConfig
 from fedgan_app.files import RunLock
 from fedgan_app.outputs.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedgan_app.outputs.recorder import Recorder, RunFolderInUse, run_folder
 from fedgan_app.outputs.runfolder import RUN_LOCK, RunFolder, read_rows
+from fedgan_app.settings import ConfigError
 from tests.run_folder import RunFolderHolder
 
 ARRAYS = ArrayRecord({"generator.w": torch.arange(3.0)})

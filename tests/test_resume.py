@@ -24,7 +24,6 @@ import pytest
 import torch
 
 from fedgan_app import server_app
-from fedgan_app.config import ConfigError
 from fedgan_app.federation import client_app as client_module
 from fedgan_app.outputs import recorder
 from fedgan_app.outputs.checkpoint import (
@@ -35,6 +34,7 @@ from fedgan_app.outputs.checkpoint import (
 )
 from fedgan_app.outputs.runfolder import RunFolder, read_rows
 from fedgan_app.quality.judge import update_ema
+from fedgan_app.settings import ConfigError
 from harness.inprocess import InProcessGrid, server_context
 from tests.conftest import tiny_settings
 from tests.run_folder import RunFolderHolder

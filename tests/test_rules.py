@@ -11,9 +11,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedgan_app.config import STRATEGIES, RunConfig
+from fedgan_app.config import RunConfig
 from fedgan_app.federation.rules import RULES, Quorum, min_replies, rule_of
 from fedgan_app.protocol.message import ARRAYS_KEY, CONFIG_KEY, NUM_EXAMPLES
+from fedgan_app.settings import STRATEGIES
 
 
 class Inner(Strategy):

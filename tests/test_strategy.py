@@ -29,7 +29,7 @@ from flwr.serverapp.strategy import (
     MultiKrum,
 )
 
-from fedgan_app.config import STRATEGIES, ConfigError, RunConfig
+from fedgan_app.config import RunConfig
 from fedgan_app.federation import client_app
 from fedgan_app.federation.buffers import BufferSplit
 from fedgan_app.federation.rounds import RunRounds
@@ -41,6 +41,7 @@ from fedgan_app.gan.models import GANConfig, build_gan
 from fedgan_app.outputs.checkpoint import CheckpointError
 from fedgan_app.protocol.message import buffer_keys, pack_gan
 from fedgan_app.protocol.metadata import METADATA_KEY, encode_metadata
+from fedgan_app.settings import STRATEGIES, ConfigError
 from harness.attacks import OsSystem, honest_meta
 from harness.inprocess import InProcessGrid
 

@@ -23,13 +23,14 @@ from collections.abc import Sequence
 
 from flwr.common.config import parse_config_args
 
-from fedgan_app.config import ConfigError, RunConfig
+from fedgan_app.config import RunConfig
 from fedgan_app.data.prepared import (
     data_cache_path,
     load_server_split,
     partition_label_counts,
 )
 from fedgan_app.data.spec import DataError, partition_spec
+from fedgan_app.settings import ConfigError
 
 
 def main(argv: Sequence[str] | None = None) -> int:

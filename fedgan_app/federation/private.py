@@ -51,12 +51,13 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from fedgan_app.config import ConfigError, RunConfig
+from fedgan_app.config import RunConfig
 from fedgan_app.federation.report import RoundReport
 from fedgan_app.federation.wrapper import Wrapper
 from fedgan_app.privacy.accounting import STATE_KEY, PrivacyBudget, budget_line
 from fedgan_app.privacy.clipping import CLIP_TOLERANCE, clip_update, update_norm_of
 from fedgan_app.protocol.message import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES
+from fedgan_app.settings import ConfigError
 
 
 def dp_wrapper(cfg: RunConfig, rule: Strategy, sample_size: int) -> Strategy:

@@ -4,7 +4,7 @@ A `Rule` names a setting's value, builds Flower's strategy with its
 documented settings, says whether it is robust (then BatchNorm buffers take
 the coordinate-wise median too, `fedgan_app.federation.buffers`) and how
 many valid replies a round needs (Krum: 2f+3, Bulyan: 4f+3). `RULES` holds
-one per name in `fedgan_app.config.STRATEGIES`; `check_federation` refuses a
+one per name in `fedgan_app.settings.STRATEGIES`; `check_federation` refuses a
 federation no round of which could satisfy the rule, and the `Quorum` layer
 refuses a round with too few valid replies.
 
@@ -38,10 +38,11 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from fedgan_app.config import ConfigError, RunConfig
+from fedgan_app.config import RunConfig
 from fedgan_app.federation.sampling import sampled_per_round
 from fedgan_app.federation.wrapper import Wrapper
 from fedgan_app.protocol.message import ARRAYS_KEY, CONFIG_KEY, NUM_EXAMPLES
+from fedgan_app.settings import ConfigError
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrizations
 
-from fedgan_app.config import CONDITIONINGS, D_NORMS, RunConfig, default
+from fedgan_app.config import RunConfig
+from fedgan_app.settings import CONDITIONINGS, D_NORMS, default
 
 
 class ModelShapeError(ValueError):
@@ -28,7 +29,7 @@ class ModelShapeError(ValueError):
 class GANConfig:
     """Shape and architecture settings of the GAN pair (no globals read by the models).
 
-    The architecture's defaults are the app's settings' (`fedgan_app.config`),
+    The architecture's defaults are the app's settings' (`fedgan_app.settings`),
     so a bare GANConfig is the default run's pair for 28x28 grey images.
     """
 

@@ -20,14 +20,15 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fedgan_app.config import GAN_LOSSES, RunConfig, default
+from fedgan_app.config import RunConfig
 from fedgan_app.gan.diffaugment import diff_augment, parse_policy
 from fedgan_app.gan.models import Discriminator, Generator
+from fedgan_app.settings import GAN_LOSSES, default
 
 
 @dataclass(frozen=True)
 class StepRecipe:
-    """The math of one local step; the defaults are the app's settings' (`fedgan_app.config`).
+    """The math of one local step; the defaults are the app's settings' (`fedgan_app.settings`).
 
     Attributes
     ----------

@@ -32,7 +32,7 @@ import torch
 from flwr.app import ArrayRecord
 from flwr.common.logger import log
 
-from fedgan_app.config import ConfigError, RunConfig
+from fedgan_app.config import RunConfig
 from fedgan_app.files import LockHeld, RunLock
 from fedgan_app.outputs.checkpoint import (
     Checkpoint,
@@ -50,6 +50,7 @@ from fedgan_app.outputs.runfolder import (
 )
 from fedgan_app.outputs.tracking import LocalFiles, Output, WandbRun
 from fedgan_app.quality.metrics import format_quality
+from fedgan_app.settings import ConfigError
 
 # W&B online without network would otherwise block for its default 90 s.
 WANDB_INIT_TIMEOUT_S = 30.0

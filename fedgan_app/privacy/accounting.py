@@ -38,8 +38,9 @@ from flwr.supercore.privacy_accounting import (
     SamplingMethod,
 )
 
-from fedgan_app.config import ConfigError, RunConfig
+from fedgan_app.config import RunConfig
 from fedgan_app.outputs.checkpoint import Checkpoint
+from fedgan_app.settings import ConfigError
 
 STATE_KEY = "privacy-accountant"  # the checkpoint's strategy_state key of the ledger
 

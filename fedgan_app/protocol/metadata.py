@@ -38,7 +38,7 @@ from dataclasses import dataclass, field, fields
 
 from flwr.app import ConfigRecord
 
-from fedgan_app.config import MAX_LOCAL_STEPS
+from fedgan_app.settings import MAX_LOCAL_STEPS
 
 METADATA_KEY = "train-metadata"  # key of the bytes inside the reply's ConfigRecord
 EVAL_MAX_IMAGES = 512  # real images a client scores D on in an evaluate round, at most
