@@ -264,7 +264,7 @@ def test_mode_seeking_term_is_one_over_image_distance_per_noise_distance() -> No
 def test_mode_seeking_changes_only_g_and_raises_its_reported_loss() -> None:
     # Prepare: one step from the same models, data and noise, with and without it
     images, labels = _data()
-    results = {}
+    results, buffers = {}, {}
     for weight in (0.0, 1.0):
         generator, discriminator = build_gan(GANConfig(num_classes=10), 0)
         opt_g, opt_d = make_optimizers(generator, discriminator, 2e-4, 2e-4, (0.5, 0.999))
@@ -276,6 +276,7 @@ def test_mode_seeking_changes_only_g_and_raises_its_reported_loss() -> None:
                                      StepRecipe(mode_seeking=weight)))
         results[weight] = (stats, [p.detach().clone() for p in generator.parameters()],
                            [p.detach().clone() for p in discriminator.parameters()])
+        buffers[weight] = {k: b.clone() for k, b in generator.named_buffers()}
 
     # Assert: D's step (before G's) is the same; G's differs; G's loss has the term
     (plain, g0, d0), (seeking, g1, d1) = results[0.0], results[1.0]
@@ -283,3 +284,9 @@ def test_mode_seeking_changes_only_g_and_raises_its_reported_loss() -> None:
     assert not all(torch.equal(a, b) for a, b in zip(g0, g1, strict=True))
     assert seeking.loss_d == plain.loss_d
     assert seeking.loss_g[0] > plain.loss_g[0] + 0.1
+    # G's second (mode-seeking) batch leaves BatchNorm's running statistics and
+    # batch count as one step left them: what a batchnorm = 'local' run keeps
+    counts = [k for k in buffers[1.0] if k.endswith("num_batches_tracked")]
+    assert counts and all(buffers[1.0][k].item() == 1 for k in counts)
+    assert buffers[1.0].keys() == buffers[0.0].keys()
+    assert all(torch.equal(buffers[1.0][k], buffers[0.0][k]) for k in buffers[0.0])

@@ -14,6 +14,7 @@ import hashlib
 import os
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -224,12 +225,16 @@ def train_gan(
 
         # G step: make the updated D call its fakes real.
         seeking = None
-        if recipe.mode_seeking > 0:
-            z2 = torch.randn(real.size(0), generator.latent_dim, generator=local.rng)
-            fake2 = generator(z2.to(local.device), labels if generator.num_classes else None)
-            seeking = recipe.mode_seeking * mode_seeking_term(fake, fake2, z, z2)
-        loss_g = _g_step(agent, fake, labels, policy, local.rng, recipe,
-                         anchors[0] if anchors is not None else None, seeking)
+        # G's second batch must not count as a step in G's BatchNorm statistics;
+        # they are put back after G's step, as its backward reads them.
+        with batchnorm_stats_kept(generator) if recipe.mode_seeking > 0 else nullcontext():
+            if recipe.mode_seeking > 0:
+                z2 = torch.randn(real.size(0), generator.latent_dim, generator=local.rng)
+                fake2 = generator(z2.to(local.device),
+                                  labels if generator.num_classes else None)
+                seeking = recipe.mode_seeking * mode_seeking_term(fake, fake2, z, z2)
+            loss_g = _g_step(agent, fake, labels, policy, local.rng, recipe,
+                             anchors[0] if anchors is not None else None, seeking)
 
         # Kept on the device: one host sync per call, not four per step.
         history.append(torch.stack([
@@ -297,6 +302,30 @@ def _g_step(agent: Agent, fake: torch.Tensor, labels: torch.Tensor,
         discriminator.requires_grad_(True)
     agent.opt_g.step()
     return loss_g
+
+
+@contextmanager
+def batchnorm_stats_kept(module: nn.Module) -> Iterator[None]:
+    """Put the running statistics of `module`'s BatchNorm layers back as they were on entry.
+
+    A second forward pass in train mode (the mode-seeking batch) still
+    normalizes by its own batch, but must not count as another step in the
+    running mean, variance and batch count that a `batchnorm = 'local'` run
+    keeps. Exit only after the backward of that pass: it reads the buffers.
+    """
+    layers = [m for m in module.modules()
+              if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [[b.clone() for b in (m.running_mean, m.running_var, m.num_batches_tracked)
+              if b is not None] for m in layers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for layer, buffers in zip(layers, saved, strict=True):
+                current = [b for b in (layer.running_mean, layer.running_var,
+                                       layer.num_batches_tracked) if b is not None]
+                for now, before in zip(current, buffers, strict=True):
+                    now.copy_(before)
 
 
 def mode_seeking_term(fake: torch.Tensor, fake2: torch.Tensor, z: torch.Tensor,
