@@ -23,10 +23,11 @@ every party on loopback:
    processes it spawned and their descendants (SuperExec, ServerApp, ClientApp
    processes), found by walking the process tree from its own children and
    remembered by PID and start time, so a parent that dies first does not hide
-   its children. Each process also carries a marker in its environment
-   (``FEDGAN_DEPLOYMENT_ID``: a fresh id, or the one already in the launcher's
-   environment), by which a caller can look for leftovers; the launcher never
-   signals a process for its marker alone.
+   its children; the launcher is their subreaper (Linux), so an orphan becomes
+   its child rather than init's and is found too. Each process also carries a
+   marker in its environment (``FEDGAN_DEPLOYMENT_ID``: a fresh id, or the one
+   already in the launcher's environment), by which a caller can look for
+   leftovers; the launcher never signals a process for its marker alone.
 
 This module is the command line and the work folder; ``deploy/deployment.py``
 starts and stops the parties (`Deployment`), and ``deploy/processes.py`` holds
@@ -53,6 +54,7 @@ from typing import IO
 from deploy.credentials import generate_credentials
 from deploy.deployment import REPO_ROOT, Deployment, DeploymentError, RunResult
 from deploy.gateway import DEFAULT_MAX_CONNECTIONS_PER_PEER
+from deploy.processes import adopt_orphans, reap_orphans
 
 DEFAULT_WORKDIR = REPO_ROOT / ".deploy"
 WORKDIR_STAMP = ".fedgan-deploy"  # marks (and locks) a work folder of ours
@@ -155,6 +157,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.nodes < 1:
         parser.error(f"the number of SuperNodes must be >= 1, got {args.nodes}")
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    # Every process below us stays in our tree, even one whose parent exits first.
+    adopt_orphans()
 
     def echo(line: str) -> None:
         print(line, flush=True)
@@ -168,6 +172,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DeploymentError as exc:
         print(f"fedgan deploy: {exc}", file=sys.stderr)
         return 1
+    finally:
+        reap_orphans()
     if result.run_id is None:
         print("fedgan deploy: the run did not start (see the messages above)",
               file=sys.stderr)

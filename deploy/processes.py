@@ -9,7 +9,8 @@ The one owner of three things:
   (`start_local_superlink`);
 * stopping what we started by PID: the process tree (`process_table`,
   `descendants`), processes remembered by PID and start time so that a reused
-  PID is never signalled (`ProcessGroup`), and `stop_tree`.
+  PID is never signalled (`ProcessGroup`), `stop_tree`, and a launcher
+  adopting the orphans of its descendants (`adopt_orphans`, `reap_orphans`).
 
 ``python -m deploy.processes env --home H --http-port P --control-port P``
 prints the settings as shell ``export`` lines, which fedgan.sh evaluates: the
@@ -58,6 +59,7 @@ CONTROL_PORT_KEY = "FLWR_LOCAL_CONTROL_API_PORT"
 # it and fails. `start_local_superlink` gives it this long instead.
 LOCAL_SUPERLINK_START_S = 120.0
 _PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
 _LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
 
 
@@ -165,13 +167,17 @@ def shell_exports(home: Path, http_port: int, control_port: int,
 
 
 def process_table() -> dict[int, tuple[int, str]]:
-    """Map each process id to (parent id, command line)."""
-    out = subprocess.run(["ps", "-ww", "-eo", "pid=,ppid=,args="], capture_output=True,
-                         text=True, check=True).stdout
+    """Map each process id to (parent id, command line); the `ps` that read it left out."""
+    with subprocess.Popen(["ps", "-ww", "-eo", "pid=,ppid=,args="], stdout=subprocess.PIPE,
+                          text=True) as ps:
+        out, _ = ps.communicate()
+    if ps.returncode:
+        raise subprocess.CalledProcessError(ps.returncode, ps.args)
     table = {}
     for line in out.splitlines():
         pid, ppid, *args = line.split(maxsplit=2)
         table[int(pid)] = (int(ppid), args[0] if args else "")
+    table.pop(ps.pid, None)
     return table
 
 
@@ -246,6 +252,37 @@ def stop_tree(roots: Sequence[int], grace: float = 15) -> None:
             send_signal(pid, signal.SIGKILL)
 
 
+_adopting = False  # whether this process took its descendants' orphans (adopt_orphans)
+
+
+def adopt_orphans() -> bool:
+    """Make this process the subreaper of its descendants (Linux); whether it took.
+
+    A process whose parent exits is then re-parented to us instead of init,
+    so the walk of our own tree still finds it: a ClientApp that a SuperExec
+    forks just as the stop begins cannot slip out of it. Only for a launcher
+    whose children are all its own: it must call `reap_orphans` at the end.
+    """
+    global _adopting
+    if _LIBC is not None and _LIBC.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0:
+        _adopting = True
+    return _adopting
+
+
+def reap_orphans() -> None:
+    """Collect every child of ours that has ended, adopted orphans included (no zombies).
+
+    Call it once the `Popen` objects have waited for their own processes.
+    """
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
 def die_with_parent() -> None:
     """In a child before exec: get SIGTERM when its parent dies (Linux only)."""
     if _LIBC is not None:
@@ -297,6 +334,8 @@ class ProcessGroup:
         """
         table = process_table()
         roots = {p.pid for p in self.children if p.returncode is None} | set(self.live_seen())
+        if _adopting:  # orphans of our descendants are our children now
+            roots |= {pid for pid, (ppid, _) in table.items() if ppid == os.getpid()}
         for root in roots:
             for pid in (root, *descendants(root, table)):
                 if pid not in self._seen and (start := start_time(pid)) is not None:
@@ -328,6 +367,14 @@ class ProcessGroup:
                 send_signal(pid, sig)
             if wait_gone(self.live_seen, 5.0):
                 break
+        # A process forked while its parent was being stopped shows up only now.
+        for _ in range(3):
+            late = self.processes()
+            if not late:
+                break
+            for pid in late:
+                send_signal(pid, signal.SIGKILL)
+            wait_gone(self.live_seen, 5.0)
         for proc in self.children:
             if proc.poll() is None:
                 send_signal(proc.pid, signal.SIGKILL)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from deploy import processes
 from deploy.processes import (
@@ -130,3 +133,43 @@ def test_a_child_whose_parent_exited_is_still_stopped(tmp_path: Path) -> None:
         if alive(orphan):
             processes.send_signal(orphan, signal.SIGKILL)
         parent.stdout.close()
+
+
+_LAUNCHER = """
+import json, os, sys
+from deploy import processes
+adopting = sys.argv[1] == "adopt" and processes.adopt_orphans()
+group = processes.ProcessGroup()
+child = group.spawn(["bash", "-c", "sleep 300 & echo $!"], None, {"PATH": "/usr/bin:/bin"})
+orphan = int(child.stdout.readline())
+child.wait(timeout=30)  # gone before the group ever looked: its child is an orphan
+found = group.processes()
+group.stop([], grace=1)
+stopped = not processes.alive(orphan)
+processes.reap_orphans()
+print(json.dumps({"adopting": adopting, "orphan": orphan, "found": found,
+                  "stopped": stopped, "zombie": os.path.exists(f"/proc/{orphan}")}))
+"""
+
+
+@pytest.mark.parametrize("mode", ["adopt", "plain"])
+def test_a_launcher_finds_and_reaps_an_orphan_it_never_saw(mode: str) -> None:
+    # Prepare: a launcher (its own process) whose child forks a grandchild and
+    # exits before the launcher looks at its tree: the race a SuperExec forking
+    # a ClientApp as the stop begins makes
+    out = subprocess.run([sys.executable, "-c", _LAUNCHER, mode], cwd=REPO_ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    try:
+        # Assert: adopted, the orphan is the launcher's child: found, stopped and
+        # reaped; without adoption it went to init and the walk misses it
+        if mode == "adopt":
+            assert result["adopting"] is True
+            assert result["found"] == [result["orphan"]]
+            assert result["stopped"] and not result["zombie"]
+        else:
+            assert result["found"] == [] and not result["stopped"]
+    finally:
+        if alive(result["orphan"]):
+            processes.send_signal(result["orphan"], signal.SIGKILL)
