@@ -59,6 +59,9 @@ ARMS: dict[str, dict[str, Any]] = {
     "mode-seeking-0.3-minibatch-std-4": {"mode-seeking": 0.3, "d-minibatch-std": 4},
     "g-width-64": {"g-width": 64},
     "320k-images": {"num-server-rounds": 40},
+    # Budget for coverage, mode-seeking for recall.
+    "320k-mode-seeking-0.5": {"num-server-rounds": 40, "mode-seeking": 0.5},
+    "320k-mode-seeking-0.3": {"num-server-rounds": 40, "mode-seeking": 0.3},
 }
 METRICS = ("fid", "precision", "recall", "density", "coverage")
 STEP_ARMS = ("default", "minibatch-std-4", "mode-seeking-0.3")  # the arms that change a step
