@@ -62,6 +62,7 @@ ARMS: dict[str, dict[str, Any]] = {
     # Budget for coverage, mode-seeking for recall.
     "320k-mode-seeking-0.5": {"num-server-rounds": 40, "mode-seeking": 0.5},
     "320k-mode-seeking-0.3": {"num-server-rounds": 40, "mode-seeking": 0.3},
+    "320k-mode-seeking-1": {"num-server-rounds": 40, "mode-seeking": 1.0},
 }
 METRICS = ("fid", "precision", "recall", "density", "coverage")
 STEP_ARMS = ("default", "minibatch-std-4", "mode-seeking-0.3")  # the arms that change a step
