@@ -207,7 +207,9 @@ def main() -> None:
             f"Last command: `{command_line()}` (the rows accumulate over runs of the script "
             f"in data/diversity.json). The default run (5 iid clients, {rounds} rounds of "
             f"200 local steps of 8 images: {rounds * 8_000:,} images seen) with one change "
-            "each; one process and one torch thread per run; quality of the last round "
+            "each, or the changes an arm names (the 320k arms run twice the rounds: "
+            f"{2 * rounds * 8_000:,} images); one process and one torch thread per run; "
+            "quality of the last round "
             "(1,000 samples, plain N(0, 1) noise: no truncation).\n\n## Results\n\n"
             + report(results, done, seeds) + "\n")
     write_report("diversity", text, out, args.quick)
