@@ -6,7 +6,7 @@ Run by hand from the repository root, alone on the machine:
 
 Each arm is the default run (5 iid clients, 20 rounds of 200 local steps of
 8 images: 160,000 images seen) with one change (two where an arm combines
-levers; "320k-images" runs 40 rounds); "default" changes nothing.
+levers; the "320k" arms run 40 rounds); "default" changes nothing.
 One process and one torch thread per run, `--processes` at a time (the real
 ServerApp and ClientApps on an in-process grid); the jobs go seed by seed, so
 the first seed of every arm is done first. The final row of each run gives
