@@ -313,19 +313,16 @@ def batchnorm_stats_kept(module: nn.Module) -> Iterator[None]:
     running mean, variance and batch count that a `batchnorm = 'local'` run
     keeps. Exit only after the backward of that pass: it reads the buffers.
     """
-    layers = [m for m in module.modules()
-              if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    saved = [[b.clone() for b in (m.running_mean, m.running_var, m.num_batches_tracked)
-              if b is not None] for m in layers]
+    buffers = [b for m in module.modules()
+               if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+               for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
+    saved = [b.clone() for b in buffers]
     try:
         yield
     finally:
-        with torch.no_grad():
-            for layer, buffers in zip(layers, saved, strict=True):
-                current = [b for b in (layer.running_mean, layer.running_var,
-                                       layer.num_batches_tracked) if b is not None]
-                for now, before in zip(current, buffers, strict=True):
-                    now.copy_(before)
+        with torch.no_grad():  # BatchNorm updates these tensors in place: same objects
+            for now, before in zip(buffers, saved, strict=True):
+                now.copy_(before)
 
 
 def mode_seeking_term(fake: torch.Tensor, fake2: torch.Tensor, z: torch.Tensor,
