@@ -63,6 +63,11 @@ ARMS: dict[str, dict[str, Any]] = {
     "320k-mode-seeking-0.5": {"num-server-rounds": 40, "mode-seeking": 0.5},
     "320k-mode-seeking-0.3": {"num-server-rounds": 40, "mode-seeking": 0.3},
     "320k-mode-seeking-1": {"num-server-rounds": 40, "mode-seeking": 1.0},
+    # New levers at 160k: a late, lower learning rate; the hinge loss; DiffAugment.
+    "lr-decay-5": {"lr-decay-every": 5, "lr-decay-factor": 0.5},
+    "hinge": {"gan-loss": "hinge"},
+    "diffaugment-translation": {"diffaugment": "translation"},
+    "beta1-0": {"adam-beta1": 0.0},
 }
 METRICS = ("fid", "precision", "recall", "density", "coverage")
 STEP_ARMS = ("default", "minibatch-std-4", "mode-seeking-0.3")  # the arms that change a step
@@ -147,7 +152,8 @@ def report(results: dict[str, dict[str, Any]], arms: list[str], seeds: list[int]
         if not keys:
             continue
         rows = [results[k] for k in keys]
-        change = ", ".join(f"`{k} = {v:g}`" for k, v in ARMS[arm].items()) or "none"
+        change = ", ".join(f"`{k} = {v!r}`" if isinstance(v, str) else f"`{k} = {v:g}`"
+                           for k, v in ARMS[arm].items()) or "none"
         cells = [spread([r[m] for r in rows], ".3g" if m == "fid" else ".3f") for m in METRICS]
         classes = ", ".join(str(int(r["classes-at-0.9"])) for r in rows)
         minutes = spread([r["wall_s"] / 60 for r in rows])
