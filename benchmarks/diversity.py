@@ -68,6 +68,14 @@ ARMS: dict[str, dict[str, Any]] = {
     "hinge": {"gan-loss": "hinge"},
     "diffaugment-translation": {"diffaugment": "translation"},
     "beta1-0": {"adam-beta1": 0.0},
+    # A wider G to pay mode-seeking's fidelity cost; G's or D's capacity and pace.
+    "g-width-64-mode-seeking-0.5": {"g-width": 64, "mode-seeking": 0.5},
+    "g-width-64-mode-seeking-1": {"g-width": 64, "mode-seeking": 1.0},
+    "g-lr-x2": {"lr-generator": 4e-3},
+    "d-width-128": {"d-width": 128},
+    # Twice the updates for the same images: half the batch, twice the local steps.
+    "batch-4": {"batch-size": 4, "local-steps": 400},
+    "g-lr-x2-mode-seeking-0.5": {"lr-generator": 4e-3, "mode-seeking": 0.5},
 }
 METRICS = ("fid", "precision", "recall", "density", "coverage")
 STEP_ARMS = ("default", "minibatch-std-4", "mode-seeking-0.3")  # the arms that change a step
