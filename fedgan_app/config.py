@@ -62,6 +62,7 @@ class RunConfig:
     sample_every: int
     eval_every: int
     eval_samples: int
+    sample_noise_scale: float
     audit_samples: int
     animation_share: float
     output_dir: str

@@ -74,7 +74,7 @@ class RoundEnd:
         self.recorder = recorder
         self.judge = judge
         self.device = pick_device(cfg.device)
-        self.noise = grid_noise(cfg.seed, cfg.latent_dim)
+        self.noise = grid_noise(cfg.seed, cfg.latent_dim, cfg.sample_noise_scale)
         # The server-side EMA generator's packed state (None: the run keeps none).
         self.ema_state = resumed_ema(cfg, resume, resume_path)
 

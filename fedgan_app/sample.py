@@ -126,7 +126,7 @@ def sample_checkpoint(
     generator = generator_from(state, gan_cfg, torch_device, cfg.seed)
     rng = torch.Generator().manual_seed(
         derive_seed(cfg.seed if seed is None else seed, GRID_NOISE_STREAM))
-    noise = torch.randn(num, gan_cfg.latent_dim, generator=rng)
+    noise = torch.randn(num, gan_cfg.latent_dim, generator=rng) * cfg.sample_noise_scale
     with torch.no_grad():
         images = sample_images(generator, noise, torch_device, labels)
     return Samples(images, labels, checkpoint.server_round, which)

@@ -57,7 +57,8 @@ def main(grid: Grid, context: Context) -> None:
         strategy.load_state(resume.strategy_state, resume_path)
     # The end of every round: EMA, sample grids, quality, then the recorder's commit.
     judge = QualityJudge(cfg.dataset, cfg.seed, cfg.eval_samples, server_data, spec,
-                         on_reference=recorder.record_reference)
+                         on_reference=recorder.record_reference,
+                         noise_scale=cfg.sample_noise_scale)
     round_end = RoundEnd(cfg, gan_cfg, recorder, judge, resume, resume_path)
     recorder.open()
     try:

@@ -179,6 +179,14 @@ SETTINGS: tuple[Setting, ...] = (
             "the last).", low=1),
     Setting("eval-samples", int, 1000, "Generated images per quality evaluation.",
             low=10, high=100_000),
+    Setting("sample-noise-scale", float, 1.0,
+            "Standard deviation of the noise z the server draws its samples from: the "
+            "sample grids, the quality scores, the leakage audit and `python -m "
+            "fedgan_app.sample` (1: N(0, 1), the noise G trains on; above 1 widens the "
+            "samples, more recall for less precision, the opposite of the truncation "
+            "trick; below 1 truncates). G's BatchNorm statistics are recomputed from "
+            "N(0, 1) either way.",
+            low=0.0, high=4.0, low_open=True),
     Setting("audit-samples", int, 1000,
             "Generated images the leakage audit searches after the last round "
             "(docs/privacy.md); 0: no audit.", low=0, high=100_000),

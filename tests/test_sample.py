@@ -127,6 +127,31 @@ def test_class_draws_every_image_of_that_class(conditional_run: Path,
     assert not torch.equal(threes.images, fours.images)
 
 
+def test_the_noise_scale_reaches_the_grids_the_scores_and_the_sample_command(
+    conditional_run: Path, tmp_path: Path
+) -> None:
+    """sample-noise-scale 1.5: the same trained G as the plain run, drawn and scored wider."""
+    # Prepare / Execute: the conditional run again, its samples drawn from N(0, 1.5^2)
+    wide = _run(tmp_path, conditional=True, **{"sample-noise-scale": 1.5})
+    out = tmp_path / "grid.png"
+    code = main([str(_latest(wide)), "--out", str(out)])
+
+    # Assert: training did not change, so every difference is the sampling noise's
+    plain_ckpt, wide_ckpt = load_checkpoint(_latest(conditional_run)), load_checkpoint(
+        _latest(wide))
+    assert plain_ckpt.state.keys() == wide_ckpt.state.keys()
+    assert all(torch.equal(plain_ckpt.state[k], wide_ckpt.state[k]) for k in plain_ckpt.state)
+    plain_grid = _png(RunFolder(conditional_run).sample(1))
+    wide_grid = _png(RunFolder(wide).sample(1))
+    assert not np.array_equal(plain_grid, wide_grid)
+    # the command draws what the run drew, with the run's own scale
+    assert code == 0 and np.array_equal(_png(out), wide_grid)
+    # the quality row scored the wider samples
+    plain_row, wide_row = (RunFolder(conditional_run).metrics_rows()[-1],
+                           RunFolder(wide).metrics_rows()[-1])
+    assert float(plain_row["fid"]) != float(wide_row["fid"])
+
+
 def test_ema_generator_by_default_and_raw_on_request(ema_run: Path) -> None:
     """The EMA generator is drawn unless --raw; after two rounds it draws other images."""
     # Prepare

@@ -79,7 +79,7 @@ def audit_models(state: Mapping[str, torch.Tensor], ema_state: Mapping[str, torc
     generator = generator_from(ema_state or state, gan_cfg, device, cfg.seed)
     with torch.no_grad():
         samples, _ = generate_eval_batch(generator, num_samples, gan_cfg.latent_dim,
-                                         cfg.seed, device)
+                                         cfg.seed, device, cfg.sample_noise_scale)
     member_images = torch.cat([members[pid].images for pid in sorted(members)])
     row = memorization(samples.cpu(), member_images, held_out.images, cfg.seed).row()
 

@@ -51,10 +51,13 @@ EVAL_BATCH = 500  # images generated per forward pass when scoring
 CLASS_GRID_COLUMNS = 8  # per-class grid: one row per class, the same 8 noises per row
 
 
-def grid_noise(seed: int, latent_dim: int) -> torch.Tensor:
-    """The fixed noise of the sample grids: one batch for every round of a run."""
+def grid_noise(seed: int, latent_dim: int, scale: float = 1.0) -> torch.Tensor:
+    """The fixed noise of the sample grids: one batch for every round of a run.
+
+    `scale` is the noise's standard deviation (the 'sample-noise-scale' setting).
+    """
     rng = torch.Generator().manual_seed(derive_seed(seed, GRID_NOISE_STREAM))
-    return torch.randn(GRID_IMAGES, latent_dim, generator=rng)
+    return torch.randn(GRID_IMAGES, latent_dim, generator=rng) * scale
 
 
 def balanced_labels(n: int, num_classes: int, start: int = 0) -> torch.Tensor | None:
@@ -116,13 +119,18 @@ def generate_eval_images(generator: Generator, num_images: int, latent_dim: int,
 
 
 def generate_eval_batch(
-    generator: Generator, num_images: int, latent_dim: int, seed: int, device: torch.device
+    generator: Generator, num_images: int, latent_dim: int, seed: int, device: torch.device,
+    scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(images, labels) of a quality evaluation; labels are None for an unconditional G."""
+    """(images, labels) of a quality evaluation; labels are None for an unconditional G.
+
+    The noise is N(0, scale^2): `scale` is the 'sample-noise-scale' setting.
+    """
     rng = torch.Generator().manual_seed(derive_seed(seed, EVAL_NOISE_STREAM))
     fakes = []
     for start in range(0, num_images, EVAL_BATCH):
-        z = torch.randn(min(EVAL_BATCH, num_images - start), latent_dim, generator=rng)
+        z = scale * torch.randn(min(EVAL_BATCH, num_images - start), latent_dim,
+                                generator=rng)
         labels = balanced_labels(z.size(0), generator.num_classes, start)
         fakes.append(sample_images(generator, z, device, labels))
     labels = balanced_labels(num_images, generator.num_classes)
@@ -199,13 +207,17 @@ class QualityJudge:
         Called once, when the evaluator is first loaded, with the reference
         row (real held-out vs real training images, and the evaluator's
         held-out accuracy): the floor of fid, the ceiling of the others.
+    noise_scale : float
+        Standard deviation of the scored images' noise ('sample-noise-scale').
 
     """
 
     def __init__(self, dataset: str, seed: int, eval_samples: int, server_data: ImageData,
                  spec: PartitionSpec,
-                 on_reference: Callable[[dict[str, float]], None] | None = None) -> None:
+                 on_reference: Callable[[dict[str, float]], None] | None = None,
+                 noise_scale: float = 1.0) -> None:
         """Keep the data and settings; the evaluator is loaded when first needed."""
+        self.noise_scale = noise_scale
         self.dataset = dataset
         self.seed = seed
         self.eval_samples = eval_samples
@@ -251,7 +263,8 @@ class QualityJudge:
         start = time.perf_counter()
         evaluator = self.evaluator()
         fakes, labels = generate_eval_batch(generator, self.eval_samples,
-                                            generator.latent_dim, self.seed, device)
+                                            generator.latent_dim, self.seed, device,
+                                            self.noise_scale)
         real = self.server_data.images[: self.eval_samples]
         quality = compute_quality(evaluator, real, fakes)
         if labels is not None:
