@@ -217,13 +217,13 @@ class QualityJudge:
                  on_reference: Callable[[dict[str, float]], None] | None = None,
                  noise_scale: float = 1.0) -> None:
         """Keep the data and settings; the evaluator is loaded when first needed."""
-        self.noise_scale = noise_scale
         self.dataset = dataset
         self.seed = seed
         self.eval_samples = eval_samples
         self.server_data = server_data
         self.spec = spec
         self.on_reference = on_reference
+        self.noise_scale = noise_scale
         self.evaluator_accuracy: float | None = None  # held-out, once loaded
         self._evaluator: Evaluator | None = None
 
