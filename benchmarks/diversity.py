@@ -6,7 +6,7 @@ Run by hand from the repository root, alone on the machine:
 
 Each arm is the default run (5 iid clients, 20 rounds of 200 local steps of
 8 images: 160,000 images seen) with one change (two where an arm combines
-levers; the "320k" arms run 40 rounds); "default" changes nothing.
+levers; the "320k" and "480k" arms run 40 and 60 rounds); "default" changes nothing.
 One process and one torch thread per run, `--processes` at a time (the real
 ServerApp and ClientApps on an in-process grid); the jobs go seed by seed, so
 the first seed of every arm is done first. The final row of each run gives
@@ -76,6 +76,9 @@ ARMS: dict[str, dict[str, Any]] = {
     # Twice the updates for the same images: half the batch, twice the local steps.
     "batch-4": {"batch-size": 4, "local-steps": 400},
     "g-lr-x2-mode-seeking-0.5": {"lr-generator": 4e-3, "mode-seeking": 0.5},
+    # Three times the images: does the budget alone bring coverage to real data's?
+    "480k-images": {"num-server-rounds": 60},
+    "480k-mode-seeking-0.5": {"num-server-rounds": 60, "mode-seeking": 0.5},
 }
 METRICS = ("fid", "precision", "recall", "density", "coverage")
 STEP_ARMS = ("default", "minibatch-std-4", "mode-seeking-0.3")  # the arms that change a step
@@ -221,8 +224,9 @@ def main() -> None:
             f"Last command: `{command_line()}` (the rows accumulate over runs of the script "
             f"in data/diversity.json). The default run (5 iid clients, {rounds} rounds of "
             f"200 local steps of 8 images: {rounds * 8_000:,} images seen) with one change "
-            "each, or the changes an arm names (the 320k arms run twice the rounds: "
-            f"{2 * rounds * 8_000:,} images); one process and one torch thread per run; "
+            "each, or the changes an arm names (the 320k and 480k arms run twice and three "
+            f"times the rounds: {2 * rounds * 8_000:,} and {3 * rounds * 8_000:,} images); "
+            "one process and one torch thread per run; "
             "quality of the last round "
             "(1,000 samples, plain N(0, 1) noise: no truncation).\n\n## Results\n\n"
             + report(results, done, seeds) + "\n")
