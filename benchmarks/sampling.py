@@ -36,6 +36,7 @@ from benchmarks.common import (  # noqa: E402
     spread,
     write_report,
 )
+from benchmarks.diversity import NUM_CLIENTS  # noqa: E402
 from benchmarks.diversity import RUNS_DIR as DIVERSITY_RUNS  # noqa: E402
 from fedgan_app.files import write_text  # noqa: E402
 
@@ -62,7 +63,7 @@ def rescore(run_dir: Path, draws: int, scales: list[float]) -> dict[str, Any]:
     torch.set_num_threads(1)
     settings = json.loads((run_dir / "run_config.json").read_text())
     cfg = RunConfig.from_run_config(settings)
-    spec = partition_spec(cfg, 5)
+    spec = partition_spec(cfg, NUM_CLIENTS)  # diversity.py's and class_aware.py's 5
     server = load_server_split(spec)
     judge = QualityJudge(cfg.dataset, cfg.seed, EVAL_IMAGES, server, spec)
     evaluator = judge.evaluator()
@@ -99,8 +100,7 @@ def report(results: dict[str, dict[str, Any]]) -> str:
              "|---|---|" + "---|" * (len(METRICS) + 1)]
     for name, result in sorted(results.items()):
         for scale, rows in result["rows"].items():
-            cells = [spread([r[m] for r in rows], FORMATS.get(m, ".3f"))
-                     if all(m in r for r in rows) else "–" for m in METRICS]
+            cells = [spread([r[m] for r in rows], FORMATS.get(m, ".3f")) for m in METRICS]
             lines.append(f"| {name} | {scale} | {' | '.join(cells)} | {len(rows)} |")
     lines += ["", "The spread at scale 1 with the generator fixed (sd over the draws, "
               "pooled over the runs): " + noise_line(results) + "."]
@@ -112,8 +112,7 @@ def noise_line(results: dict[str, dict[str, Any]]) -> str:
     parts = []
     for metric in METRICS:
         sds = [statistics.stdev(r[metric] for r in result["rows"]["1"])
-               for result in results.values() if len(result["rows"].get("1", [])) > 1
-               and all(metric in r for r in result["rows"]["1"])]
+               for result in results.values() if len(result["rows"].get("1", [])) > 1]
         if sds:
             parts.append(f"{metric} {statistics.mean(sds):.3g}")
     return ", ".join(parts) or "one draw only"
