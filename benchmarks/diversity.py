@@ -79,9 +79,13 @@ ARMS: dict[str, dict[str, Any]] = {
     # Three times the images: does the budget alone bring coverage to real data's?
     "480k-images": {"num-server-rounds": 60},
     "480k-mode-seeking-0.5": {"num-server-rounds": 60, "mode-seeking": 0.5},
+    # the label sets G's every BatchNorm too (conditional BatchNorm), not only its input
+    "g-conditional-bn": {"g-conditioning": "batchnorm"},
+    "g-conditional-bn-mode-seeking-0.5": {"g-conditioning": "batchnorm", "mode-seeking": 0.5},
 }
 METRICS = ("fid", "precision", "recall", "density", "coverage")
-STEP_ARMS = ("default", "minibatch-std-4", "mode-seeking-0.3")  # the arms that change a step
+# the arms that change a step
+STEP_ARMS = ("default", "minibatch-std-4", "mode-seeking-0.3", "g-conditional-bn")
 STEP_COUNT, STEP_REPEATS = 50, 7
 GOALS = {"recall": 0.9, "coverage": 0.92}
 

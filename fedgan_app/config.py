@@ -51,6 +51,7 @@ class RunConfig:
     batchnorm: str
     conditional: bool
     conditioning: str
+    g_conditioning: str
     aux_weight: float
     d_minibatch_std: int
     mode_seeking: float
@@ -146,6 +147,10 @@ class RunConfig:
             raise ConfigError(
                 f"setting 'run-name' must be a plain folder name, got {self.run_name!r}"
             )
+        if self.g_conditioning != "input" and not self.conditional:
+            raise ConfigError(f"setting 'g-conditioning' is {self.g_conditioning!r} but an "
+                              "unconditional GAN has no labels (set conditional = true, or "
+                              "g-conditioning = 'input')")
         if self.class_aware == "on":
             self._check_class_aware()
         if self.private:

@@ -58,6 +58,7 @@ DIFFAUGMENT_POLICIES = ("none", "translation", "cutout", "translation,cutout",
                         "color,translation,cutout")
 BATCHNORM_POLICIES = ("average", "local")
 CONDITIONINGS = ("acgan", "projection")
+G_CONDITIONINGS = ("input", "batchnorm")
 # Flower's strategies behind FedGAN's reply checks (fedgan_app.federation.rules builds them).
 STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedadagrad", "fedyogi",
               "median", "trimmed-mean", "krum", "multikrum", "bulyan")
@@ -146,6 +147,11 @@ SETTINGS: tuple[Setting, ...] = (
             "How a conditional D uses the label: 'acgan' (auxiliary classifier, as in "
             "the FedGAN paper) or 'projection' (Miyato & Koyama 2018).",
             choices=CONDITIONINGS),
+    Setting("g-conditioning", str, "input",
+            "How a conditional G uses the label: 'input' (its one-hot code beside z) or "
+            "'batchnorm' (also a per-class gain and bias in each of G's BatchNorm layers, "
+            "conditional BatchNorm as in Miyato & Koyama 2018).",
+            choices=G_CONDITIONINGS),
     Setting("aux-weight", float, 1.0,
             "Weight of ACGAN's auxiliary classification loss.", low=0.0, high=100.0),
     Setting("d-minibatch-std", int, 0,

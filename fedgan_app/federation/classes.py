@@ -1,7 +1,8 @@
 """Class-aware aggregation (class-aware on, or auto): each class's rows weighted by its counts.
 
 A conditional GAN has parameters that belong to one class: the rows of G's
-first layer that the label's one-hot code selects, and the rows of D's class
+first layer that the label's one-hot code selects, the rows of G's conditional
+BatchNorm embeddings (g-conditioning 'batchnorm'), and the rows of D's class
 embedding (projection) or of ACGAN's class head. A client trains a class's
 rows only when it holds that class, so FedAvg's data-size weights dilute a
 class that few clients hold by everyone else's unchanged rows. Here each
@@ -30,6 +31,8 @@ from fedgan_app.protocol.message import ARRAYS_KEY, D_PREFIX, G_PREFIX
 
 # G's first layer: a conditional G's input is z followed by the one-hot class code.
 G_INPUT_KEY = G_PREFIX + "net.0.weight"
+# G's conditional BatchNorm layers: one (gain, bias) row per class.
+G_CLASS_SUFFIX = ".embed.weight"
 # D's per-class layers: the projection embedding, ACGAN's class head (with or
 # without spectral norm's parametrization).
 D_CLASS_LAYERS = (D_PREFIX + "embed.", D_PREFIX + "aux.")
@@ -40,7 +43,8 @@ def class_rows(reference: ArrayRecord, num_classes: int, latent_dim: int,
     """Packed key -> the rows (along the first axis) that belong to the classes 0..C-1.
 
     G's first layer has `latent_dim` rows for z, then one per class when the
-    GAN is conditional.
+    GAN is conditional; G's conditional BatchNorm embeddings and D's class
+    layers have one row per class.
 
     Raises
     ------
@@ -55,7 +59,8 @@ def class_rows(reference: ArrayRecord, num_classes: int, latent_dim: int,
             continue
         if key == G_INPUT_KEY and num_classes and shape[0] == latent_dim + num_classes:
             rows[key] = slice(latent_dim, latent_dim + num_classes)
-        elif key.startswith(D_CLASS_LAYERS) and shape[0] == num_classes:
+        elif (key.startswith(D_CLASS_LAYERS) or (key.startswith(G_PREFIX) and key.endswith(
+                G_CLASS_SUFFIX))) and shape[0] == num_classes:
             rows[key] = slice(0, num_classes)
     if G_INPUT_KEY not in rows:
         raise ValueError("class-aware aggregation needs a conditional GAN: the model has no "

@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.utils import parametrizations
 
 from fedgan_app.config import RunConfig
-from fedgan_app.settings import CONDITIONINGS, D_NORMS, default
+from fedgan_app.settings import CONDITIONINGS, D_NORMS, G_CONDITIONINGS, default
 
 
 class ModelShapeError(ValueError):
@@ -41,6 +41,9 @@ class GANConfig:
     d_norm: str = default("d-norm")  # or "spectral": spectral norm on every D layer, no BN
     num_classes: int = 0  # > 0: class-conditional G and D
     conditioning: str = default("conditioning")  # how a conditional D uses the label
+    # how a conditional G uses it: "input" (one-hot beside z) or "batchnorm" (also
+    # a per-class gain and bias in each of G's BatchNorm layers)
+    g_conditioning: str = default("g-conditioning")
     # > 0: D's head also sees its features' spread over groups of this many images
     d_minibatch_std: int = default("d-minibatch-std")
 
@@ -68,6 +71,12 @@ class GANConfig:
             raise ModelShapeError(
                 f"conditioning must be one of {CONDITIONINGS}, got {self.conditioning!r}"
             )
+        if self.g_conditioning not in G_CONDITIONINGS:
+            raise ModelShapeError(f"g_conditioning must be one of {G_CONDITIONINGS}, got "
+                                  f"{self.g_conditioning!r}")
+        if self.g_conditioning != "input" and not self.num_classes:
+            raise ModelShapeError(f"g_conditioning {self.g_conditioning!r} needs a "
+                                  "class-conditional GAN (num_classes >= 2)")
 
     @classmethod
     def for_images(
@@ -100,15 +109,21 @@ class Generator(nn.Module):
         w, s = cfg.g_width, cfg.base_size
         self.latent_dim = cfg.latent_dim
         self.num_classes = cfg.num_classes
-        # A conditional G sees z concatenated with the label's one-hot code.
+        # A conditional G sees z concatenated with the label's one-hot code, and
+        # with g_conditioning "batchnorm" the label also sets each BatchNorm's affine.
+        if cfg.g_conditioning == "batchnorm":
+            def norm(maps: int) -> nn.Module:
+                return ConditionalBatchNorm2d(maps, cfg.num_classes)
+        else:
+            norm = nn.BatchNorm2d
         self.net = nn.Sequential(
             # (latent_dim + num_classes) x 1 x 1
             nn.ConvTranspose2d(cfg.latent_dim + cfg.num_classes, w * 4, s, 1, 0, bias=False),
-            nn.BatchNorm2d(w * 4),
+            norm(w * 4),
             nn.ReLU(True),
             # (w*4) x s x s
             nn.ConvTranspose2d(w * 4, w * 2, 4, 2, 1, bias=False),
-            nn.BatchNorm2d(w * 2),
+            norm(w * 2),
             nn.ReLU(True),
             # (w*2) x 2s x 2s
             nn.ConvTranspose2d(w * 2, cfg.channels, 4, 2, 1, bias=False),
@@ -119,7 +134,10 @@ class Generator(nn.Module):
     def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Generate images from noise (N, latent_dim) and, if conditional, labels (N,)."""
         code = self.code(z, labels)
-        return self.net[1:](self._project(code))
+        x = self._project(code)
+        for layer in self.net[1:]:
+            x = layer(x, labels) if isinstance(layer, ConditionalBatchNorm2d) else layer(x)
+        return x
 
     def code(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """G's input (N, latent_dim [+ num_classes]): z, and the label's one-hot code."""
@@ -148,6 +166,37 @@ class Generator(nn.Module):
         # the result comes out channels_last too, as the next layer wants it.
         nhwc = weight.permute(0, 2, 3, 1).flatten(1)
         return (code @ nhwc).view(n, s, s, maps).permute(0, 3, 1, 2)
+
+
+class ConditionalBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm whose gain and bias are the label's rows of an embedding (N, C, H, W).
+
+    The statistics are the batch's over every class, as in plain BatchNorm
+    (they stay buffers, recomputed from noise on the server); the affine step
+    is per class: gain and bias are the two halves of `embed(label)`
+    (Miyato & Koyama 2018; BigGAN's G uses the same). Each class's row gets
+    gradient only from its own images, which makes it a class row for
+    class-aware aggregation (`fedgan_app.federation.classes`).
+    """
+
+    def __init__(self, num_features: int, num_classes: int) -> None:
+        super().__init__(num_features, affine=False)
+        self.embed = nn.Embedding(num_classes, 2 * num_features)
+        self.reset_affine()
+
+    def reset_affine(self, std: float = 0.0) -> None:
+        """Gains ~ N(1, std), biases 0: plain BatchNorm's start for every class."""
+        with torch.no_grad():
+            gain, bias = self.embed.weight.chunk(2, dim=1)
+            gain.normal_(1.0, std) if std else gain.fill_(1.0)
+            bias.zero_()
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalise `x`, then scale and shift each image by its label's gain and bias."""
+        if labels is None:
+            raise ValueError("conditional BatchNorm needs labels")
+        gain, bias = self.embed(labels).unsqueeze(-1).unsqueeze(-1).chunk(2, dim=1)
+        return super().forward(x) * gain + bias
 
 
 class Discriminator(nn.Module):
@@ -308,8 +357,14 @@ def _identity(module: nn.Module) -> nn.Module:
 
 
 def weights_init(module: nn.Module) -> None:
-    """DCGAN init: conv weights ~ N(0, 0.02), BatchNorm weight ~ N(1, 0.02), bias 0."""
-    if isinstance(module, nn.Conv2d | nn.ConvTranspose2d | nn.Embedding):
+    """DCGAN init: conv weights ~ N(0, 0.02), BatchNorm weight ~ N(1, 0.02), bias 0.
+
+    A conditional BatchNorm's per-class gains and biases start as BatchNorm's.
+    """
+    if isinstance(module, ConditionalBatchNorm2d):
+        # After its embedding (children first): DCGAN's BatchNorm init per class.
+        module.reset_affine(std=0.02)
+    elif isinstance(module, nn.Conv2d | nn.ConvTranspose2d | nn.Embedding):
         weight = _stored_weight(module)
         nn.init.normal_(weight, 0.0, 0.02)
         if getattr(module, "bias", None) is not None:
@@ -394,5 +449,6 @@ def gan_config(
         image_shape, settings.latent_dim, g_width=settings.g_width,
         d_width=settings.d_width, d_norm=settings.d_norm,
         num_classes=num_classes if settings.conditional else 0,
-        conditioning=settings.conditioning, d_minibatch_std=settings.d_minibatch_std,
+        conditioning=settings.conditioning, g_conditioning=settings.g_conditioning,
+        d_minibatch_std=settings.d_minibatch_std,
     )
