@@ -32,17 +32,20 @@ COUNTS = [[50, 10] + [0] * 8, [0, 30, 40] + [0] * 7]
 G_INPUT = "generator.net.0.weight"
 D_EMBED = "discriminator.embed.weight"
 G_OTHER = "generator.net.3.weight"
+# G's conditional BatchNorm layers (g-conditioning 'batchnorm'): a (gain, bias) row per class
+G_NORMS = ("generator.net.1.embed.weight", "generator.net.4.embed.weight")
 
 
-def _models(seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Module]:
-    cfg = RunConfig.defaults()
+def _models(seed: int = 0, g_conditioning: str = "input"
+            ) -> tuple[torch.nn.Module, torch.nn.Module]:
+    cfg = RunConfig.defaults(g_conditioning=g_conditioning)
     return build_gan(gan_config(cfg, (1, 28, 28), CLASSES), seed=seed)
 
 
-def _stack(class_aware: bool) -> Any:
+def _stack(class_aware: bool, g_conditioning: str = "input") -> Any:
     """The strategy of a conditional run with weight-check partition-size, after round 1's query."""
-    cfg = RunConfig.defaults(class_aware=class_aware)
-    generator, discriminator = _models()
+    cfg = RunConfig.defaults(class_aware=class_aware, g_conditioning=g_conditioning)
+    generator, discriminator = _models(g_conditioning=g_conditioning)
     strategy = build_strategy(cfg, pack_gan(generator, discriminator),
                               buffer_keys(generator, discriminator), CollectingSink(), 2,
                               num_classes=CLASSES, partitions=lambda n: COUNTS[:n])
@@ -52,10 +55,11 @@ def _stack(class_aware: bool) -> Any:
     return strategy, [m.metadata.dst_node_id for m in sent]
 
 
-def _client_arrays(seed: int) -> ArrayRecord:
+def _client_arrays(seed: int, g_conditioning: str = "input") -> ArrayRecord:
     """The reference model with every parameter moved by its own random update."""
-    state = pack_gan(*_models()).to_torch_state_dict()
-    buffers = buffer_keys(*_models())
+    models = _models(g_conditioning=g_conditioning)
+    state = pack_gan(*models).to_torch_state_dict()
+    buffers = buffer_keys(*models)
     rng = torch.Generator().manual_seed(seed)
     for key, value in state.items():
         if key not in buffers:
@@ -77,8 +81,9 @@ def _reply(node: int, partition: int, arrays: ArrayRecord) -> Message:
     return Message(content=content, reply_to=request)
 
 
-def _aggregate(class_aware: bool, updates: list[ArrayRecord]) -> ArrayRecord:
-    strategy, nodes = _stack(class_aware)
+def _aggregate(class_aware: bool, updates: list[ArrayRecord],
+               g_conditioning: str = "input") -> ArrayRecord:
+    strategy, nodes = _stack(class_aware, g_conditioning)
     # The in-process grid's node 101 + i holds partition i, which update i trained.
     replies = [_reply(node, node - 101, updates[node - 101]) for node in nodes]
     arrays, _ = strategy.aggregate_train(1, replies)
@@ -86,22 +91,27 @@ def _aggregate(class_aware: bool, updates: list[ArrayRecord]) -> ArrayRecord:
     return arrays
 
 
-def test_a_class_held_by_one_client_moves_by_that_clients_full_update() -> None:
+@pytest.mark.parametrize("g_conditioning", ["input", "batchnorm"])
+def test_a_class_held_by_one_client_moves_by_that_clients_full_update(
+        g_conditioning: str) -> None:
     # Prepare: two clients' updates; the class rows of G's input are the last 10
-    # of its first axis, D's embedding has one row per class
-    updates = [_client_arrays(1), _client_arrays(2)]
+    # of its first axis, D's embedding (and G's conditional BatchNorm
+    # embeddings) have one row per class
+    updates = [_client_arrays(1, g_conditioning), _client_arrays(2, g_conditioning)]
     sizes = np.array([sum(c) for c in COUNTS], dtype=np.float64)
     first = G_INPUT
+    norms = G_NORMS if g_conditioning == "batchnorm" else ()
 
     # Execute
-    aware = _aggregate(True, updates)
-    plain = _aggregate(False, updates)
+    aware = _aggregate(True, updates, g_conditioning)
+    plain = _aggregate(False, updates, g_conditioning)
 
     # Assert: class 0 is client 0's own rows, class 2 client 1's; class 1 is
     # weighted 10:30; a class no one holds, and every other parameter, is
     # FedAvg's data-size average
     latent = aware[first].numpy().shape[0] - CLASSES
-    for key, offset in ((first, latent), (D_EMBED, 0)):
+    assert all(key in aware for key in norms)
+    for key, offset in ((first, latent), (D_EMBED, 0), *((key, 0) for key in norms)):
         mine = [u[key].numpy() for u in updates]
         got = aware[key].numpy()
         np.testing.assert_allclose(got[offset + 0], mine[0][offset + 0], rtol=1e-5, atol=1e-6)

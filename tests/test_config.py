@@ -161,3 +161,11 @@ def test_client_optimizer_state_auto_keeps_it_only_when_every_client_trains_each
 
     # Assert
     assert cfg.keeps_optimizer_state is keeps
+
+
+def test_conditional_batchnorm_in_an_unconditional_gan_is_refused() -> None:
+    with pytest.raises(ConfigError, match="'g-conditioning' is 'batchnorm' but an "
+                       "unconditional GAN has no labels"):
+        RunConfig.from_run_config({"conditional": False, "g-conditioning": "batchnorm"})
+    assert RunConfig.from_run_config({"g-conditioning": "batchnorm"}).g_conditioning == \
+        "batchnorm"

@@ -70,6 +70,7 @@ def test_device_choice_follows_cuda_availability(monkeypatch: pytest.MonkeyPatch
     GANConfig(d_norm="spectral", g_width=16, d_width=16),
     GANConfig(num_classes=10, d_minibatch_std=4),
     GANConfig(d_norm="spectral", d_minibatch_std=4),
+    GANConfig(num_classes=10, g_conditioning="batchnorm"),
 ])
 def test_conditional_and_spectral_variants_shapes_and_packing(cfg: GANConfig) -> None:
     # Prepare
@@ -99,6 +100,68 @@ def test_conditional_generator_needs_labels_and_bad_settings_fail() -> None:
         GANConfig(num_classes=1)
     with pytest.raises(ModelShapeError, match="d_norm"):
         GANConfig(d_norm="layernorm")
+
+
+def test_conditional_batchnorm_gives_each_class_its_own_gain_and_bias() -> None:
+    # Prepare: a G whose BatchNorm layers take the label, and the same G without
+    cfg = GANConfig(num_classes=10, g_conditioning="batchnorm")
+    generator, _ = build_gan(cfg, 0)
+    plain, _ = build_gan(GANConfig(num_classes=10), 0)
+    layers = [generator.net[1], generator.net[4]]
+    z, labels = torch.randn(8, 100), torch.tensor([0, 1, 2, 3, 3, 2, 1, 0])
+    start = [layer.embed.weight.detach().clone() for layer in layers]
+
+    # Execute: one backward pass through G, then class 3's gains doubled
+    generator(z, labels).square().sum().backward()
+    before = generator.eval()(z, labels)
+    with torch.no_grad():
+        layers[1].embed.weight[3, :64] *= 2.0
+    after = generator(z, labels)
+
+    # Assert: every class starts as plain BatchNorm does (gain ~ N(1, 0.02), bias 0);
+    # only the rows of the classes in the batch got gradient; a class's rows
+    # change only its own images; the rest of G is plain G's, key for key
+    for layer, weight in zip(layers, start, strict=True):
+        gain, bias = weight.chunk(2, dim=1)
+        assert abs(gain.mean().item() - 1.0) < 0.01 and 0.01 < gain.std().item() < 0.03
+        assert torch.equal(bias, torch.zeros_like(bias))
+        grad = layer.embed.weight.grad.abs().sum(dim=1)
+        assert (grad[:4] > 0).all() and (grad[4:] == 0).all()
+    changed = (after - before).flatten(1).abs().amax(dim=1) > 0
+    assert changed.tolist() == [label == 3 for label in labels.tolist()]
+    assert not any(k.endswith(".weight") and k.startswith(("net.1.", "net.4."))
+                   and "embed" not in k for k in generator.state_dict())
+    others = {k: v.shape for k, v in generator.state_dict().items() if "net.1" not in k
+              and "net.4" not in k}
+    assert others == {k: v.shape for k, v in plain.state_dict().items() if "net.1" not in k
+                      and "net.4" not in k}
+
+
+def test_conditional_batchnorm_statistics_are_recalibrated_from_noise() -> None:
+    # Prepare: a conditional-BatchNorm G with stale statistics (mean 0, var 1)
+    generator, _ = build_gan(GANConfig(num_classes=10, g_conditioning="batchnorm"), 0)
+
+    # Execute
+    recalibrate_batchnorm(generator, num_batches=4, batch_size=64, seed=3)
+
+    # Assert: the first layer's statistics are its activations' over the labelled noise
+    rng = torch.Generator().manual_seed(3)
+    codes = []
+    for _ in range(4):
+        z = torch.randn(64, 100, generator=rng)
+        codes.append(generator.code(z, torch.randint(0, 10, (64,), generator=rng)))
+    with torch.no_grad():
+        acts = generator.net[0](torch.cat(codes).view(256, -1, 1, 1))
+    torch.testing.assert_close(generator.net[1].running_mean, acts.mean(dim=(0, 2, 3)),
+                               rtol=1e-4, atol=1e-5)
+    assert not generator.training
+
+
+def test_conditional_batchnorm_needs_a_conditional_gan() -> None:
+    with pytest.raises(ModelShapeError, match="g_conditioning 'batchnorm' needs a class"):
+        GANConfig(g_conditioning="batchnorm")
+    with pytest.raises(ModelShapeError, match="g_conditioning must be one of"):
+        GANConfig(num_classes=10, g_conditioning="film")
 
 
 def test_recalibrated_batchnorm_statistics_match_the_weights() -> None:

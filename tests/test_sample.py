@@ -58,6 +58,14 @@ def conditional_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _run(tmp_path_factory.mktemp("conditional"), conditional=True)
 
 
+@pytest.fixture(scope="module")
+def conditional_bn_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One round with conditional BatchNorm in G, class-aware, on skewed clients."""
+    return _run(tmp_path_factory.mktemp("conditional-bn"), conditional=True,
+                **{"g-conditioning": "batchnorm", "class-aware": "on",
+                   "partitioner": "pathological"})
+
+
 def _png(path: Path) -> np.ndarray:
     """The pixels of a PNG file."""
     with Image.open(path) as image:
@@ -70,7 +78,8 @@ def _latest(run_dir: Path) -> Path:
 
 
 @pytest.mark.parametrize(("run", "grid"), [("ema_run", "round_0002.png"),
-                                           ("conditional_run", "round_0001.png")])
+                                           ("conditional_run", "round_0001.png"),
+                                           ("conditional_bn_run", "round_0001.png")])
 def test_default_sample_is_the_grid_the_run_drew(
     run: str, grid: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
@@ -107,11 +116,12 @@ def test_num_and_seed_choose_the_images(ema_run: Path, tmp_path: Path,
     assert not np.array_equal(_png(out)[:30], run_grid[:30])  # other noise, other digits
 
 
-def test_class_draws_every_image_of_that_class(conditional_run: Path,
+@pytest.mark.parametrize("run", ["conditional_run", "conditional_bn_run"])
+def test_class_draws_every_image_of_that_class(run: str, request: pytest.FixtureRequest,
                                                 tmp_path: Path) -> None:
     """--class C on a conditional run: all labels C; same noise, other class, other images."""
     # Prepare
-    checkpoint = _latest(conditional_run)
+    checkpoint = _latest(request.getfixturevalue(run))
     out = tmp_path / "threes.png"
 
     # Execute
