@@ -43,6 +43,7 @@ class RunConfig:
     lr_decay_factor: float
     latent_dim: int
     g_width: int
+    g_depth: int
     d_width: int
     d_norm: str
     gan_loss: str

@@ -119,6 +119,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("g-width", int, 32,
             "Generator width (DCGAN's ngf): its widest layer has 4x this many feature "
             "maps.", low=1, high=1024),
+    Setting("g-depth", int, 0,
+            "Extra 3x3 convolution layers (each with BatchNorm and ReLU) in G at half "
+            "the image size, before its output layer (0: DCGAN's G).", low=0, high=8),
     Setting("d-width", int, 64,
             "Discriminator width (DCGAN's ndf): its widest layer has 2x this many "
             "feature maps.", low=1, high=1024),

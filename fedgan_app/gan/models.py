@@ -37,6 +37,7 @@ class GANConfig:
     image_size: int = 28
     latent_dim: int = default("latent-dim")
     g_width: int = default("g-width")  # ngf: G's widest layer has 4 * g_width maps
+    g_depth: int = default("g-depth")  # extra 3x3 layers in G at half the image size
     d_width: int = default("d-width")  # ndf: D's widest layer has 2 * d_width maps
     d_norm: str = default("d-norm")  # or "spectral": spectral norm on every D layer, no BN
     num_classes: int = 0  # > 0: class-conditional G and D
@@ -61,6 +62,8 @@ class GANConfig:
                 f"latent_dim, g_width and d_width must be >= 1, got {self.latent_dim}, "
                 f"{self.g_width}, {self.d_width}"
             )
+        if self.g_depth < 0:
+            raise ModelShapeError(f"g_depth must be >= 0, got {self.g_depth}")
         if self.d_norm not in D_NORMS:
             raise ModelShapeError(f"d_norm must be one of {D_NORMS}, got {self.d_norm!r}")
         if self.num_classes < 0 or self.num_classes == 1:
@@ -125,7 +128,9 @@ class Generator(nn.Module):
             nn.ConvTranspose2d(w * 4, w * 2, 4, 2, 1, bias=False),
             norm(w * 2),
             nn.ReLU(True),
-            # (w*2) x 2s x 2s
+            # (w*2) x 2s x 2s, refined by g_depth more layers of the same size
+            *(layer for _ in range(cfg.g_depth) for layer in (
+                nn.Conv2d(w * 2, w * 2, 3, 1, 1, bias=False), norm(w * 2), nn.ReLU(True))),
             nn.ConvTranspose2d(w * 2, cfg.channels, 4, 2, 1, bias=False),
             nn.Tanh(),
             # C x 4s x 4s
@@ -446,7 +451,7 @@ def gan_config(
 ) -> GANConfig:
     """The GANConfig a run's settings ask for, sized for its images and classes."""
     return GANConfig.for_images(
-        image_shape, settings.latent_dim, g_width=settings.g_width,
+        image_shape, settings.latent_dim, g_width=settings.g_width, g_depth=settings.g_depth,
         d_width=settings.d_width, d_norm=settings.d_norm,
         num_classes=num_classes if settings.conditional else 0,
         conditioning=settings.conditioning, g_conditioning=settings.g_conditioning,
