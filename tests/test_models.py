@@ -71,6 +71,8 @@ def test_device_choice_follows_cuda_availability(monkeypatch: pytest.MonkeyPatch
     GANConfig(num_classes=10, d_minibatch_std=4),
     GANConfig(d_norm="spectral", d_minibatch_std=4),
     GANConfig(num_classes=10, g_conditioning="batchnorm"),
+    GANConfig(num_classes=10, g_depth=2, g_conditioning="batchnorm"),
+    GANConfig(channels=3, image_size=32, g_depth=1),
 ])
 def test_conditional_and_spectral_variants_shapes_and_packing(cfg: GANConfig) -> None:
     # Prepare
@@ -84,7 +86,10 @@ def test_conditional_and_spectral_variants_shapes_and_packing(cfg: GANConfig) ->
     unpack_gan(pack_gan(generator, discriminator), target_g, target_d)
 
     # Assert
-    assert images.shape == (6, 1, 28, 28) and logits.shape == (6,)
+    size = cfg.image_size
+    assert images.shape == (6, cfg.channels, size, size) and logits.shape == (6,)
+    extra = [m for m in generator.net if isinstance(m, torch.nn.Conv2d)]
+    assert [m.kernel_size for m in extra] == [(3, 3)] * cfg.g_depth
     for a, b in zip(discriminator.state_dict().values(), target_d.state_dict().values(),
                     strict=True):
         assert torch.equal(a, b)
@@ -100,6 +105,8 @@ def test_conditional_generator_needs_labels_and_bad_settings_fail() -> None:
         GANConfig(num_classes=1)
     with pytest.raises(ModelShapeError, match="d_norm"):
         GANConfig(d_norm="layernorm")
+    with pytest.raises(ModelShapeError, match="g_depth must be >= 0, got -1"):
+        GANConfig(g_depth=-1)
 
 
 def test_conditional_batchnorm_gives_each_class_its_own_gain_and_bias() -> None:

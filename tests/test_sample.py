@@ -59,10 +59,10 @@ def conditional_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def conditional_bn_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One round with conditional BatchNorm in G, class-aware, on skewed clients."""
-    return _run(tmp_path_factory.mktemp("conditional-bn"), conditional=True,
-                **{"g-conditioning": "batchnorm", "class-aware": "on",
+def g_variants_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One round of a deeper G with conditional BatchNorm, class-aware, on skewed clients."""
+    return _run(tmp_path_factory.mktemp("g-variants"), conditional=True,
+                **{"g-conditioning": "batchnorm", "g-depth": 1, "class-aware": "on",
                    "partitioner": "pathological"})
 
 
@@ -79,7 +79,7 @@ def _latest(run_dir: Path) -> Path:
 
 @pytest.mark.parametrize(("run", "grid"), [("ema_run", "round_0002.png"),
                                            ("conditional_run", "round_0001.png"),
-                                           ("conditional_bn_run", "round_0001.png")])
+                                           ("g_variants_run", "round_0001.png")])
 def test_default_sample_is_the_grid_the_run_drew(
     run: str, grid: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
@@ -116,7 +116,7 @@ def test_num_and_seed_choose_the_images(ema_run: Path, tmp_path: Path,
     assert not np.array_equal(_png(out)[:30], run_grid[:30])  # other noise, other digits
 
 
-@pytest.mark.parametrize("run", ["conditional_run", "conditional_bn_run"])
+@pytest.mark.parametrize("run", ["conditional_run", "g_variants_run"])
 def test_class_draws_every_image_of_that_class(run: str, request: pytest.FixtureRequest,
                                                 tmp_path: Path) -> None:
     """--class C on a conditional run: all labels C; same noise, other class, other images."""
