@@ -85,6 +85,8 @@ ARMS: dict[str, dict[str, Any]] = {
     # a deeper G: 3x3 layers at 14x14 between the upsampling and the output layer
     "g-depth-1": {"g-depth": 1},
     "g-depth-2": {"g-depth": 2},
+    "g-depth-1-mode-seeking-0.5": {"g-depth": 1, "mode-seeking": 0.5},
+    "g-depth-1-mode-seeking-1": {"g-depth": 1, "mode-seeking": 1.0},
 }
 METRICS = ("fid", "precision", "recall", "density", "coverage")
 STEP_ARMS = ("default", "minibatch-std-4", "mode-seeking-0.3")  # the arms that change a step
