@@ -89,7 +89,9 @@ ARMS: dict[str, dict[str, Any]] = {
     "g-depth-1-mode-seeking-1": {"g-depth": 1, "mode-seeking": 1.0},
 }
 METRICS = ("fid", "precision", "recall", "density", "coverage")
-STEP_ARMS = ("default", "minibatch-std-4", "mode-seeking-0.3")  # the arms that change a step
+# the arms that change a step
+STEP_ARMS = ("default", "minibatch-std-4", "mode-seeking-0.3", "g-depth-1",
+             "g-depth-1-mode-seeking-0.5")
 STEP_COUNT, STEP_REPEATS = 50, 7
 GOALS = {"recall": 0.9, "coverage": 0.92}
 

@@ -179,7 +179,7 @@ class ConditionalBatchNorm2d(nn.BatchNorm2d):
     The statistics are the batch's over every class, as in plain BatchNorm
     (they stay buffers, recomputed from noise on the server); the affine step
     is per class: gain and bias are the two halves of `embed(label)`
-    (Miyato & Koyama 2018; BigGAN's G uses the same). Each class's row gets
+    (the G of Miyato & Koyama 2018; BigGAN's is a variant). Each class's row gets
     gradient only from its own images, which makes it a class row for
     class-aware aggregation (`fedgan_app.federation.classes`).
     """
@@ -193,7 +193,10 @@ class ConditionalBatchNorm2d(nn.BatchNorm2d):
         """Gains ~ N(1, std), biases 0: plain BatchNorm's start for every class."""
         with torch.no_grad():
             gain, bias = self.embed.weight.chunk(2, dim=1)
-            gain.normal_(1.0, std) if std else gain.fill_(1.0)
+            if std:
+                gain.normal_(1.0, std)
+            else:
+                gain.fill_(1.0)
             bias.zero_()
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
