@@ -87,6 +87,7 @@ ARMS: dict[str, dict[str, Any]] = {
     "g-depth-2": {"g-depth": 2},
     "g-depth-1-mode-seeking-0.5": {"g-depth": 1, "mode-seeking": 0.5},
     "g-depth-1-mode-seeking-1": {"g-depth": 1, "mode-seeking": 1.0},
+    "g-depth-1-mode-seeking-0.75": {"g-depth": 1, "mode-seeking": 0.75},
     # the server's EMA of G, to steady the mode-seeking runs' last round
     "g-depth-1-mode-seeking-0.5-ema-0.5": {"g-depth": 1, "mode-seeking": 0.5,
                                            "generator-ema": 0.5},
