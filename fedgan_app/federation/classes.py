@@ -59,13 +59,18 @@ def class_rows(reference: ArrayRecord, num_classes: int, latent_dim: int,
             continue
         if key == G_INPUT_KEY and num_classes and shape[0] == latent_dim + num_classes:
             rows[key] = slice(latent_dim, latent_dim + num_classes)
-        elif (key.startswith(D_CLASS_LAYERS) or (key.startswith(G_PREFIX) and key.endswith(
-                G_CLASS_SUFFIX))) and shape[0] == num_classes:
+        elif _per_class_layer(key) and shape[0] == num_classes:
             rows[key] = slice(0, num_classes)
     if G_INPUT_KEY not in rows:
         raise ValueError("class-aware aggregation needs a conditional GAN: the model has no "
                          "class rows (set conditional = true)")
     return rows
+
+
+def _per_class_layer(key: str) -> bool:
+    """Whether a packed key is a layer with one row per class (G's or D's)."""
+    return key.startswith(D_CLASS_LAYERS) or (key.startswith(G_PREFIX)
+                                              and key.endswith(G_CLASS_SUFFIX))
 
 
 def per_class_average(rows: list[np.ndarray], counts: list[list[int]],
