@@ -91,6 +91,10 @@ ARMS: dict[str, dict[str, Any]] = {
     # the server's EMA of G, to steady the mode-seeking runs' last round
     "g-depth-1-mode-seeking-0.5-ema-0.5": {"g-depth": 1, "mode-seeking": 0.5,
                                            "generator-ema": 0.5},
+    # depth and budget, the two changes that raised coverage, together
+    "320k-g-depth-1": {"num-server-rounds": 40, "g-depth": 1},
+    "320k-g-depth-1-mode-seeking-0.5": {"num-server-rounds": 40, "g-depth": 1,
+                                        "mode-seeking": 0.5},
 }
 METRICS = ("fid", "precision", "recall", "density", "coverage")
 # the arms that change a step
