@@ -193,10 +193,7 @@ class ConditionalBatchNorm2d(nn.BatchNorm2d):
         """Gains ~ N(1, std), biases 0: plain BatchNorm's start for every class."""
         with torch.no_grad():
             gain, bias = self.embed.weight.chunk(2, dim=1)
-            if std:
-                gain.normal_(1.0, std)
-            else:
-                gain.fill_(1.0)
+            gain.normal_(1.0, std)  # std 0: every gain exactly 1
             bias.zero_()
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
